@@ -1,0 +1,72 @@
+"""Fake-quant forward: modules compute with NVFP4 quantize-dequantized weights.
+
+The parameter itself is untouched (nothing is lost, and QAT keeps training the high-precision
+weight): a forward pre-hook swaps the parameter attribute for its fake-quant image and a forward
+hook puts the parameter back. With autograd enabled the image is a straight-through estimator,
+``w + (fq(w) - w).detach()``, so gradients reach the weight unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import KernelBackend
+from ..kernels.dispatch import fake_quant_weight
+from .state import has_state, read_state
+
+_HANDLES_ATTR = "_nvfp4_fake_quant_handles"
+
+
+def _local(t):
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def fake_quant_param(module: nn.Module, param_name: str, weight: torch.Tensor,
+                     backend: KernelBackend = KernelBackend.AUTO) -> torch.Tensor:
+    """Fake-quant image of ``weight`` (the module's parameter, 2-D or 3-D experts)."""
+    state = read_state(module, param_name)
+    g, bamax, beta = state["global_amax"], state["block_amax"], state.get("dss_beta")
+    if weight.dim() == 2:
+        fq = fake_quant_weight(weight.detach(), _local(bamax), _local(g), _local(beta) if beta is not None else None,
+                               backend=backend)
+    else:  # [E, rows, cin] fused experts: one global amax per expert
+        fq = torch.stack([
+            fake_quant_weight(weight[e].detach(), bamax[e], g[e], None if beta is None else beta[e],
+                              backend=backend)
+            for e in range(weight.shape[0])])
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return weight + (fq - weight).detach()
+    return fq
+
+
+def install_fake_quant(module: nn.Module, param_names: list[str],
+                       backend: KernelBackend = KernelBackend.AUTO) -> None:
+    """Make ``module`` compute with fake-quant images of ``param_names`` (idempotent)."""
+    remove_fake_quant(module)
+    params = [p for p in param_names if has_state(module, p)]
+    stash: dict[str, nn.Parameter] = {}
+
+    def pre_hook(mod, args):
+        for p in params:
+            param = mod._parameters[p]
+            stash[p] = param
+            del mod._parameters[p]
+            setattr(mod, p, fake_quant_param(mod, p, param, backend))
+
+    def post_hook(mod, args, output):
+        for p, param in stash.items():
+            delattr(mod, p)
+            mod._parameters[p] = param
+        stash.clear()
+
+    handles = [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(post_hook, always_call=True)]
+    setattr(module, _HANDLES_ATTR, handles)
+
+
+def remove_fake_quant(module: nn.Module) -> None:
+    for handle in getattr(module, _HANDLES_ATTR, []):
+        handle.remove()
+    if hasattr(module, _HANDLES_ATTR):
+        delattr(module, _HANDLES_ATTR)

@@ -1,0 +1,82 @@
+"""Input statistics for calibration: per-16-channel-block Hessians, token counts, input amax.
+
+``H_b = sum_tokens x_b x_b^T`` is accumulated unnormalised in fp32 so that data-parallel ranks
+can sum their partial Hessians and token counts; :meth:`InputStats.hessian` normalises by the
+reduced token count afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..numerics.constants import BLOCK_SIZE
+
+# Tokens per chunk when forming x_b x_b^T, bounding the temporary to ~chunk * cin floats.
+_TOKEN_CHUNK = 4096
+
+
+@dataclass
+class InputStats:
+    """Statistics of the inputs of one weight (or of one expert)."""
+
+    cin: int
+    with_hessian: bool
+    hessian_sum: torch.Tensor | None = field(default=None, repr=False)  # [cin/16, 16, 16] fp32
+    tokens: int = 0
+    amax: torch.Tensor | None = field(default=None, repr=False)  # 0-d fp32
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add tokens ``x [..., cin]`` (any float dtype)."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.cin:
+            raise ValueError(f"observed input has {x.shape[-1]} channels, expected {self.cin}")
+        amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+        self.tokens += x.shape[0]
+        if not self.with_hessian or x.shape[0] == 0:
+            return
+        if self.hessian_sum is None:
+            nb = self.cin // BLOCK_SIZE
+            self.hessian_sum = torch.zeros(nb, BLOCK_SIZE, BLOCK_SIZE, dtype=torch.float32, device=x.device)
+        for start in range(0, x.shape[0], _TOKEN_CHUNK):
+            xb = x[start:start + _TOKEN_CHUNK].float().reshape(-1, self.cin // BLOCK_SIZE, BLOCK_SIZE)
+            # [nb, n, 16]^T @ [nb, n, 16] -> [nb, 16, 16]
+            xb = xb.transpose(0, 1)
+            self.hessian_sum += torch.bmm(xb.transpose(1, 2), xb)
+
+    def hessian(self) -> torch.Tensor | None:
+        """Normalised Hessian ``H_b / tokens`` (None when no token was seen)."""
+        if self.hessian_sum is None or self.tokens == 0:
+            return None
+        return self.hessian_sum / self.tokens
+
+    def ensure_allocated(self, device: torch.device) -> None:
+        """Materialise zero statistics (a rank that saw no token still joins the reduce)."""
+        if self.amax is None:
+            self.amax = torch.zeros((), dtype=torch.float32, device=device)
+        if self.with_hessian and self.hessian_sum is None:
+            nb = self.cin // BLOCK_SIZE
+            self.hessian_sum = torch.zeros(nb, BLOCK_SIZE, BLOCK_SIZE, dtype=torch.float32, device=device)
+
+
+class StatsStore(dict):
+    """stats_key -> InputStats."""
+
+    def get_or_create(self, key: str, cin: int, with_hessian: bool) -> InputStats:
+        if key not in self:
+            self[key] = InputStats(cin=cin, with_hessian=with_hessian)
+        return self[key]
+
+
+def observe_first_input(module: torch.nn.Module, stats: InputStats):
+    """Forward pre-hook feeding ``module``'s first positional (or ``input``/``hidden_states``)
+    argument into ``stats``; returns the handle."""
+
+    def hook(mod, args, kwargs):
+        x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
+        if x is not None:
+            stats.update(x)
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)

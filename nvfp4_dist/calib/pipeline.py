@@ -1,0 +1,206 @@
+"""quantize(): discover -> observe -> reduce -> search -> apply.
+
+Stages (every rank runs every stage on what it holds):
+  1. discover  (local)      modules -> WeightSlots via layout adapters; validate weights.
+  2. observe   (local)      forward hooks accumulate per-block Hessians, token counts, input amax
+                            while ``forward_loop(model)`` runs.
+  3. reduce    (collective) statistics SUM/MAX over data-parallel (and sequence-parallel) groups;
+                            global amax MAX over shards and fused groups (parallel.reduce).
+  4. search    (local)      block scales of each rank's own shard (kernels.search_block_scales).
+  5. apply     (local)      quantizer state stored as module buffers; fake-quant forward hooks.
+  6. report    (collective) error sums over each weight's shard group.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import ConfigError
+from ..kernels.dispatch import fake_quant_weight, search_block_scales
+from ..kernels.reference import beta_grid
+from ..kernels.types import Method
+from ..numerics import nvfp4
+from ..parallel.access import local_weight
+from ..parallel.context import SINGLE_PROCESS, ParallelContext
+from ..parallel.reduce import reduce_global_amax, reduce_report_sums, reduce_stats
+from ..progress import progress
+from .apply import install_fake_quant
+from .discover import Inventory, discover, validate_weights
+from .observers import StatsStore
+from .report import LayerReport, error_sums, format_table
+from .state import SlotState, attach_state
+
+
+@dataclass
+class QuantResult:
+    """What a quantize() run produced (states are also stored on the modules as buffers)."""
+
+    config: QuantConfig
+    inventory: Inventory = field(repr=False)
+    states: dict[str, SlotState] = field(repr=False)
+    report: list[LayerReport] = field(repr=False)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def slots(self):
+        return self.inventory.slots
+
+    @property
+    def ignored(self) -> list[str]:
+        return self.inventory.ignored
+
+    @property
+    def dead(self) -> list[str]:
+        return [name for name, s in self.states.items() if s.dead]
+
+    def table(self) -> str:
+        return format_table(self.report)
+
+
+def default_context() -> ParallelContext:
+    """Single process, or every rank a data-parallel replica when torch.distributed is up."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return ParallelContext(dp=dist.group.WORLD)
+    return SINGLE_PROCESS
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def observe(model: nn.Module, inv: Inventory, config: QuantConfig,
+            forward_loop: Callable[[nn.Module], None]) -> StatsStore:
+    """Run ``forward_loop(model)`` with observers installed; hooks are always removed."""
+    store = StatsStore()
+    handles = []
+    try:
+        for module, adapter, slots in inv.modules.values():
+            handles += adapter.observe(module, slots, store, config.needs_hessian)
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return store
+
+
+def _input_amax_fallback(slots, states) -> dict[str, torch.Tensor]:
+    """Input amax for weights no token reached: the max over live siblings in the same module
+    (other experts), else over every live weight of the model; documented as the safe value."""
+    by_module = defaultdict(list)
+    for slot in slots:
+        by_module[id(slot.module)].append(slot)
+    live_all = [s.input_amax for s in states.values() if not s.dead and s.input_amax is not None]
+    model_max = torch.stack(live_all).amax() if live_all else torch.ones(())
+    out = {}
+    for slot in slots:
+        if not states[slot.name].dead:
+            continue
+        live = [states[s.name].input_amax for s in by_module[id(slot.module)]
+                if not states[s.name].dead and states[s.name].input_amax is not None]
+        out[slot.name] = torch.stack(live).amax() if live else model_max
+    return out
+
+
+def quantize(model: nn.Module, config: QuantConfig | None = None,
+             forward_loop: Callable[[nn.Module], None] | None = None,
+             ctx: ParallelContext | None = None, show_progress: bool = True) -> QuantResult:
+    """Calibrate NVFP4 scales for ``model`` in place and make it compute with fake-quant weights.
+
+    ``forward_loop(model)`` runs the calibration data through the model (needed for
+    ``local_hessian`` and for W4A4 input scales). ``ctx`` names the process groups of a
+    distributed layout (default: single process, or pure data parallel over WORLD).
+    Returns a :class:`QuantResult` with per-slot states and a per-layer report.
+    """
+    config = config or QuantConfig()
+    ctx = ctx or default_context()
+    seconds = {}
+    t0 = time.perf_counter()
+    inv = discover(model, config, ctx)
+    validate_weights(inv.slots, local_weight)
+    device = _model_device(model)
+    needs_stats = config.needs_hessian or config.quantize_inputs
+    if needs_stats and forward_loop is None:
+        raise ConfigError(f"method={config.method.value!r} with quantize_inputs={config.quantize_inputs} "
+                          "needs calibration data: pass forward_loop=lambda model: ...")
+    seconds["discover"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    store = observe(model, inv, config, forward_loop) if needs_stats else StatsStore()
+    seconds["observe"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if needs_stats:
+        reduce_stats(store, inv.slots, ctx, device)
+    local_amax = {}
+    for slot in inv.slots:
+        w = local_weight(slot)
+        local_amax[slot.name] = (w.detach().abs().amax().float() if w.numel()
+                                 else torch.zeros((), dtype=torch.float32, device=w.device))
+    global_amax = reduce_global_amax(inv.slots, local_amax, ctx)
+    seconds["reduce"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
+    states: dict[str, SlotState] = {}
+    sums = {}
+    hessians = {}
+    for slot in progress(inv.slots, desc="search", enabled=show_progress):
+        stats = store.get(slot.stats_key)
+        tokens = stats.tokens if stats is not None else 0
+        dead = needs_stats and tokens == 0
+        hessian = stats.hessian() if (stats is not None and config.needs_hessian) else None
+        method = config.method
+        if method is Method.LOCAL_HESSIAN and hessian is None:
+            method = Method.MSE  # weight-only objective for weights no token reached
+        g = global_amax[slot.fused_group]
+        w = local_weight(slot).detach()
+        if w.numel():
+            choice = search_block_scales(w, g, method, hessian=hessian,
+                                         dss_betas=betas if method is Method.LOCAL_HESSIAN else None,
+                                         backend=config.backend)
+            block_amax, beta = choice.block_amax, choice.dss_beta
+        else:
+            block_amax = torch.zeros(w.shape[0], w.shape[1] // 16, device=w.device)
+            beta = None
+        states[slot.name] = SlotState(
+            global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
+            input_amax=stats.amax.clone() if (config.quantize_inputs and stats is not None) else None,
+            tokens=tokens, dead=dead)
+        hessians[slot.name] = hessian
+        fq = fake_quant_weight(w, block_amax, g, beta, backend=config.backend)
+        fq_max = fake_quant_weight(w, nvfp4.block_amax(w), g, backend=config.backend)
+        sums[slot.name] = error_sums(w, fq, fq_max, hessian)
+    seconds["search"] = time.perf_counter() - t0
+
+    if config.quantize_inputs:
+        for name, amax in _input_amax_fallback(inv.slots, states).items():
+            states[name].input_amax = amax.clone()
+    dead = [s.name for s in inv.slots if states[s.name].dead]
+    if dead:
+        warnings.warn(f"nvfp4_dist: {len(dead)} weight(s) saw no calibration token and were "
+                      f"calibrated weight-only (MSE): {', '.join(dead[:8])}"
+                      + (" ..." if len(dead) > 8 else ""), stacklevel=2)
+
+    t0 = time.perf_counter()
+    for slot in inv.slots:
+        attach_state(slot, states[slot.name])
+    for module, _adapter, slots in inv.modules.values():
+        install_fake_quant(module, sorted({s.param_name for s in slots}), backend=config.backend)
+    reduce_report_sums(inv.slots, sums, ctx)
+    report = [LayerReport(name=s.name, shape=s.layout.global_shape, method=states[s.name].method.value,
+                          tokens=states[s.name].tokens, dead=states[s.name].dead, sums=sums[s.name])
+              for s in inv.slots]
+    seconds["apply"] = time.perf_counter() - t0
+    return QuantResult(config=config, inventory=inv, states=states, report=report, seconds=seconds)

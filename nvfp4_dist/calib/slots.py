@@ -1,0 +1,115 @@
+"""WeightSlot and ShardLayout: the one description of a quantizable weight, as this rank sees it.
+
+Everything downstream of discovery (observers, reduce, search, apply, persist, export) reads the
+layout from the slot; no other module asks which framework a module came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import LayoutError
+from ..numerics.constants import BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where this rank's shard sits in the logical ``[cout, cin]`` weight.
+
+    shard_axis: 0 when rows (cout) are split (column-parallel, FSDP dim-0), 1 when input
+        channels are split (row-parallel), None when this rank holds the whole weight.
+    shard_group: name of the process group the shards are spread over (a key of
+        :class:`~nvfp4_dist.parallel.context.ParallelContext`), None when not split.
+    """
+
+    global_shape: tuple[int, int]
+    local_shape: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)
+    shard_axis: int | None = None
+    shard_group: str | None = None
+
+    def __post_init__(self):
+        if self.shard_axis not in (None, 0, 1):
+            raise LayoutError(f"shard_axis must be None, 0 or 1, got {self.shard_axis}")
+        for axis in (0, 1):
+            if self.offset[axis] + self.local_shape[axis] > self.global_shape[axis]:
+                raise LayoutError(f"shard {self.local_shape} at {self.offset} exceeds {self.global_shape}")
+        if self.offset[1] % BLOCK_SIZE or self.local_shape[1] % BLOCK_SIZE:
+            raise LayoutError(
+                f"input-channel shard [{self.offset[1]}, {self.offset[1] + self.local_shape[1]}) of a "
+                f"weight with cin={self.global_shape[1]} does not fall on 16-channel NVFP4 block "
+                "boundaries; choose a tensor-parallel size that divides cin/16")
+
+    @classmethod
+    def whole(cls, shape) -> "ShardLayout":
+        shape = (int(shape[0]), int(shape[1]))
+        return cls(global_shape=shape, local_shape=shape)
+
+    @classmethod
+    def split(cls, global_shape, axis: int, rank: int, world: int, group: str) -> "ShardLayout":
+        """Even split of ``global_shape`` along ``axis`` into ``world`` parts; this is part ``rank``."""
+        global_shape = (int(global_shape[0]), int(global_shape[1]))
+        if global_shape[axis] % world:
+            raise LayoutError(f"dimension {axis} of {global_shape} is not divisible by {world}")
+        size = global_shape[axis] // world
+        local = list(global_shape)
+        local[axis] = size
+        offset = [0, 0]
+        offset[axis] = rank * size
+        return cls(global_shape, tuple(local), tuple(offset), axis, group)
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.shard_axis is not None and self.local_shape != self.global_shape
+
+
+@dataclass(frozen=True)
+class ExportPart:
+    """One exported module cut from a slot: ``name`` (module FQN in the exported model) and the
+    slot's global rows it takes: a ``slice``, or a 1-D int64 tensor of row indices when the rows
+    are interleaved (e.g. Megatron's fused ``linear_qkv`` with grouped-query heads)."""
+
+    name: str
+    rows: object
+
+
+@dataclass(frozen=True, eq=False)
+class WeightSlot:
+    """One quantizable weight.
+
+    name: logical name of the weight's module in the full model (e.g. ``model.layers.0.mlp.down_proj``,
+        or ``...experts.3.gate_up_proj`` for an expert slice); unique per weight.
+    module / param_name: where the parameter lives on this rank.
+    expert: index into the leading dimension of a 3-D fused-experts parameter, else None.
+    layout: this rank's shard of the logical ``[cout, cin]`` weight.
+    fused_group: slots with the same key share one global amax (q/k/v, gate/up).
+    stats_key: key of the input statistics (Hessian, tokens, amax) that feed this slot.
+    sequence_parallel: inputs are split over the sequence across ``layout.shard_group`` ranks
+        (the statistics are then summed over that group too).
+    export_parts: how the slot's rows map to exported module names.
+    """
+
+    name: str
+    module: nn.Module = field(repr=False)
+    param_name: str
+    layout: ShardLayout
+    fused_group: str
+    stats_key: str
+    expert: int | None = None
+    sequence_parallel: bool = False
+    stats_group: str | None = None
+    export_parts: tuple[ExportPart, ...] = ()
+
+    def parameter(self) -> torch.Tensor:
+        return getattr(self.module, self.param_name)
+
+    @property
+    def state_prefix(self) -> str:
+        """Prefix of this slot's quantizer buffers on ``module`` (per parameter)."""
+        return self.param_name
+
+    def parts(self) -> tuple[ExportPart, ...]:
+        return self.export_parts or (ExportPart(self.name, slice(0, self.layout.global_shape[0])),)

@@ -1,0 +1,72 @@
+"""Per-slot quantizer state and its home on the module (buffers that checkpoints carry).
+
+For a parameter ``p`` of a module, the buffers are (all fp32, sharded like the weight):
+  ``{p}_nvfp4_global_amax``  0-d (or [E] for fused experts)
+  ``{p}_nvfp4_block_amax``   [rows, cin/16] (or [E, rows, cin/16])
+  ``{p}_nvfp4_dss_beta``     like block_amax, only when DSS ran
+  ``{p}_nvfp4_input_amax``   0-d (or [E]), only for W4A4
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels.types import Method
+from .slots import WeightSlot
+
+SUFFIXES = ("global_amax", "block_amax", "dss_beta", "input_amax")
+
+
+def buffer_name(param_name: str, suffix: str) -> str:
+    return f"{param_name}_nvfp4_{suffix}"
+
+
+@dataclass
+class SlotState:
+    """Calibration result of one slot (local shard)."""
+
+    global_amax: torch.Tensor = field(repr=False)  # fp32 0-d
+    block_amax: torch.Tensor = field(repr=False)  # fp32 [rows, cin/16]
+    method: Method = Method.MAX
+    dss_beta: torch.Tensor | None = field(default=None, repr=False)
+    input_amax: torch.Tensor | None = field(default=None, repr=False)
+    tokens: int = 0
+    dead: bool = False  # no calibration token reached this weight (after the reduce)
+
+
+def attach_state(slot: WeightSlot, state: SlotState) -> None:
+    """Store ``state`` as buffers on ``slot.module`` (expert slots fill their index)."""
+    module, param = slot.module, slot.param_name
+    values = {"global_amax": state.global_amax, "block_amax": state.block_amax,
+              "dss_beta": state.dss_beta, "input_amax": state.input_amax}
+    n_experts = slot.parameter().shape[0] if slot.expert is not None else None
+    for suffix, value in values.items():
+        if value is None:
+            continue
+        name = buffer_name(param, suffix)
+        value = value.detach().float()
+        if n_experts is None:
+            module.register_buffer(name, value.clone(), persistent=True)
+            continue
+        buf = getattr(module, name, None)
+        if buf is None or buf.shape[1:] != value.shape:
+            fill = 1.0 if suffix == "dss_beta" else 0.0
+            buf = torch.full((n_experts, *value.shape), fill, dtype=torch.float32, device=value.device)
+            module.register_buffer(name, buf, persistent=True)
+        buf[slot.expert] = value
+
+
+def read_state(module: torch.nn.Module, param_name: str, expert: int | None = None) -> dict:
+    """The quantizer buffers of one parameter (one expert's slice when ``expert`` is given)."""
+    out = {}
+    for suffix in SUFFIXES:
+        buf = getattr(module, buffer_name(param_name, suffix), None)
+        if buf is not None:
+            out[suffix] = buf if expert is None else buf[expert]
+    return out
+
+
+def has_state(module: torch.nn.Module, param_name: str) -> bool:
+    return hasattr(module, buffer_name(param_name, "block_amax"))

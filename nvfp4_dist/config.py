@@ -1,0 +1,76 @@
+"""QuantConfig: every behaviour switch of a quantization run, frozen and validated."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .kernels.types import KernelBackend, Method
+
+# Module-name patterns (fnmatch) that are never quantized unless the user targets them:
+# output heads and embeddings (accuracy-critical, usually kept in high precision by engines)
+# and MoE routers (tiny, and their logits decide routing).
+DEFAULT_EXCLUDES = ("*lm_head", "*embed_tokens", "*embeddings*", "*.router", "*.mlp.gate",
+                    "*output_layer", "*word_embeddings")
+
+
+class DeadExpertPolicy(str, enum.Enum):
+    """What happens to an MoE expert that received no calibration token."""
+
+    WEIGHT_ONLY = "weight_only"  # MSE sweep instead of the Hessian; input amax from sibling experts
+    ROUTE_ALL = "route_all"  # statistics from every token through every expert (costs E/topk forwards)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Options of :func:`nvfp4_dist.quantize`.
+
+    method: block-scale objective (``max`` | ``mse`` | ``local_hessian``).
+    dss: decoupled scale search on top of ``local_hessian``.
+    dss_beta_min/max/step: the DSS beta grid (default [0.5, 1.5] step 0.05).
+    quantize_inputs: W4A4 (True) records a static input scale from the observed input amax;
+        W4A16 (False) is weight-only.
+    include: fnmatch patterns of module names to quantize (empty: every supported linear).
+    exclude: patterns never quantized (applied after ``include``).
+    backend: where the search runs (see :class:`KernelBackend`).
+    dead_experts: policy for MoE experts that no calibration token reaches.
+    """
+
+    method: Method = Method.LOCAL_HESSIAN
+    dss: bool = False
+    dss_beta_min: float = 0.5
+    dss_beta_max: float = 1.5
+    dss_beta_step: float = 0.05
+    quantize_inputs: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDES)
+    backend: KernelBackend = KernelBackend.AUTO
+    dead_experts: DeadExpertPolicy = DeadExpertPolicy.WEIGHT_ONLY
+
+    def __post_init__(self):
+        # Accept the enums' string values at the API edge, without changing any meaning.
+        for name, kind in (("method", Method), ("backend", KernelBackend),
+                           ("dead_experts", DeadExpertPolicy)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    choices = ", ".join(m.value for m in kind)
+                    raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.dss and self.method is not Method.LOCAL_HESSIAN:
+            raise ConfigError(
+                f"dss=True needs method='local_hessian' (got {self.method.value!r}): decoupled "
+                "scales only pay under the Hessian objective; for the plain L2 objective the "
+                "126-candidate sweep is already optimal")
+        if not (0 < self.dss_beta_min <= 1.0 <= self.dss_beta_max) or self.dss_beta_step <= 0:
+            raise ConfigError(
+                f"DSS beta grid [{self.dss_beta_min}, {self.dss_beta_max}] step "
+                f"{self.dss_beta_step} must be positive and contain 1.0")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method is Method.LOCAL_HESSIAN

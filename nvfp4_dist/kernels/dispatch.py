@@ -1,0 +1,72 @@
+"""Backend choice for the searches and fake-quant (see the package docstring)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..errors import ConfigError
+from ..numerics import nvfp4
+from . import reference
+from .types import KernelBackend, Method, ScaleChoice
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_module():
+    """The Triton implementation, or None when this build has none yet for the request."""
+    if not triton_available():
+        return None
+    try:
+        from . import triton_ops  # noqa: F401  (present once the kernels are built)
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def _use_triton(w: torch.Tensor, backend: KernelBackend) -> bool:
+    backend = KernelBackend(backend)
+    if backend is KernelBackend.TORCH:
+        return False
+    if backend is KernelBackend.AUTO:
+        return w.is_cuda and _triton_module() is not None
+    if _triton_module() is None:
+        raise ConfigError("backend='triton' was requested but triton (or its kernels) is not importable")
+    return True
+
+
+def search_block_scales(w: torch.Tensor, global_amax: torch.Tensor, method: Method,
+                        hessian: torch.Tensor | None = None, dss_betas: torch.Tensor | None = None,
+                        backend: KernelBackend = KernelBackend.AUTO) -> ScaleChoice:
+    """Search NVFP4 block scales of ``w [rows, cin]``.
+
+    ``global_amax``: fp32 0-d, already reduced over the fused group. ``hessian``: fp32
+    ``[cin // 16, 16, 16]`` (required for local_hessian). ``dss_betas``: fp32 beta grid; when
+    given, DSS runs on top of the local-Hessian search.
+    """
+    method = Method(method)
+    global_amax = global_amax.to(device=w.device, dtype=torch.float32)
+    if method is Method.LOCAL_HESSIAN and hessian is None:
+        raise ValueError("local_hessian search needs a hessian")
+    if dss_betas is not None and method is not Method.LOCAL_HESSIAN:
+        raise ValueError("DSS runs on top of the local_hessian search only")
+    impl = _triton_module() if _use_triton(w, backend) else reference
+    if method is Method.MAX:
+        return reference.search_max(w, global_amax)
+    if method is Method.MSE:
+        return impl.search_mse(w, global_amax)
+    if dss_betas is not None:
+        return impl.search_dss(w, global_amax, hessian.to(w.device), dss_betas)
+    return impl.search_local_hessian(w, global_amax, hessian.to(w.device))
+
+
+def fake_quant_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+                      dss_beta: torch.Tensor | None = None,
+                      backend: KernelBackend = KernelBackend.AUTO) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of ``w [..., cin]`` with static scales, in ``w.dtype``."""
+    if _use_triton(w, backend):
+        return _triton_module().fake_quant(w, block_amax, global_amax, dss_beta)
+    return nvfp4.fake_quant(w, block_amax, global_amax, dss_beta)
