@@ -1,0 +1,141 @@
+"""`nvfp4-dist` command line: quantize a model and export it, or inspect an export.
+
+    nvfp4-dist quantize --model {tiny-dense | PATH} --method {max,mse,local_hessian} [--dss]
+                        --format {modelopt,compressed-tensors} --out DIR [--calib-samples N]
+                        [--seq-len L] [--seed S] [--overwrite]
+    nvfp4-dist inspect DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import KernelBackend, QuantConfig
+from .errors import NVFP4DistError
+from .kernels.types import Method
+from .progress import is_main_rank, progress
+
+FORMATS = ("modelopt", "compressed-tensors")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvfp4-dist", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate NVFP4 scales and export a checkpoint")
+    q.add_argument("--model", required=True, help="embedded model name (tiny-dense) or a local HF directory")
+    q.add_argument("--method", choices=[m.value for m in Method], default=Method.LOCAL_HESSIAN.value)
+    q.add_argument("--dss", action="store_true", help="decoupled scale search (needs local_hessian)")
+    q.add_argument("--dss-beta", nargs=3, type=float, metavar=("MIN", "MAX", "STEP"),
+                   default=(0.5, 1.5, 0.05), help="DSS beta grid (default 0.5 1.5 0.05)")
+    q.add_argument("--format", choices=FORMATS, default="modelopt")
+    q.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--calib-samples", type=int, default=32)
+    q.add_argument("--seq-len", type=int, default=128)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--calib-file", type=Path, default=None,
+                   help="text (.txt) or JSON-lines (.jsonl, 'text' field) calibration data; "
+                        "default: seeded synthetic tokens")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--weight-only", action="store_true", help="W4A16: no static input scales")
+    q.add_argument("--include", nargs="*", default=[], help="fnmatch patterns of modules to quantize")
+    q.add_argument("--exclude", nargs="*", default=None, help="fnmatch patterns never quantized")
+    q.add_argument("--kernel-backend", choices=[b.value for b in KernelBackend], default="auto")
+    q.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    q.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="model dtype (auto: the checkpoint's; float32 for embedded models)")
+    q.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("inspect", help="validate an exported checkpoint and summarise it")
+    i.add_argument("dir", type=Path)
+    return parser
+
+
+def _config_from_args(args) -> QuantConfig:
+    kwargs = dict(method=args.method, dss=args.dss, dss_beta_min=args.dss_beta[0],
+                  dss_beta_max=args.dss_beta[1], dss_beta_step=args.dss_beta[2],
+                  quantize_inputs=not args.weight_only, include=tuple(args.include),
+                  backend=args.kernel_backend)
+    if args.exclude is not None:
+        kwargs["exclude"] = tuple(args.exclude)
+    return QuantConfig(**kwargs)
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def make_forward_loop(tokens: torch.Tensor, batch_size: int, show_progress: bool):
+    """A forward loop over ``tokens [samples, seq_len]`` in batches, on the model's device."""
+
+    def forward_loop(model):
+        device = next(model.parameters()).device
+        batches = range(0, tokens.shape[0], batch_size)
+        for start in progress(batches, desc="calibrate", enabled=show_progress):
+            model(input_ids=tokens[start:start + batch_size].to(device))
+
+    return forward_loop
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise NVFP4DistError(f"--out {out} exists; pass --overwrite to replace it "
+                             "(it is replaced only once the new export is complete)")
+
+
+def cmd_quantize(args) -> int:
+    from .calib.pipeline import quantize
+    from .export.hf import export_hf
+    from .models.loading import load_calibration, load_model
+
+    config = _config_from_args(args)
+    _check_out_dir(args.out, args.overwrite)
+    show = not args.no_progress
+    t_start = time.perf_counter()
+    loaded = load_model(args.model, seed=args.seed, dtype=DTYPES[args.dtype], device=_device(args.device))
+    tokens = load_calibration(loaded, args.calib_samples, args.seq_len, args.seed, args.calib_file)
+    result = quantize(loaded.model, config, make_forward_loop(tokens, args.batch_size, show),
+                      show_progress=show)
+    out = export_hf(loaded.model, result, args.out, fmt=args.format, source_dir=loaded.source_dir,
+                    overwrite=args.overwrite)
+    if is_main_rank():
+        print(result.table())
+        dss = " + DSS" if config.dss else ""
+        print(f"\n{len(result.slots)} weights quantized ({config.method.value}{dss}), "
+              f"{len(result.ignored)} modules kept in high precision, {len(result.dead)} dead; "
+              f"calibration {tokens.shape[0]}x{tokens.shape[1]} tokens; "
+              f"{time.perf_counter() - t_start:.1f} s")
+        print(f"{args.format} checkpoint written to {out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .export.reader import inspect_checkpoint
+
+    report = inspect_checkpoint(args.dir)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "quantize":
+            return cmd_quantize(args)
+        return cmd_inspect(args)
+    except NVFP4DistError as exc:
+        print(f"nvfp4-dist: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
