@@ -37,7 +37,9 @@ class ShardLayout:
         for axis in (0, 1):
             if self.offset[axis] + self.local_shape[axis] > self.global_shape[axis]:
                 raise LayoutError(f"shard {self.local_shape} at {self.offset} exceeds {self.global_shape}")
-        if self.offset[1] % BLOCK_SIZE or self.local_shape[1] % BLOCK_SIZE:
+        # Only a split of the input channels has block boundaries to respect; a whole weight whose
+        # cin is not a multiple of 16 is skipped (or refused) by discovery, with its name.
+        if self.shard_axis == 1 and (self.offset[1] % BLOCK_SIZE or self.local_shape[1] % BLOCK_SIZE):
             raise LayoutError(
                 f"input-channel shard [{self.offset[1]}, {self.offset[1] + self.local_shape[1]}) of a "
                 f"weight with cin={self.global_shape[1]} does not fall on 16-channel NVFP4 block "
@@ -76,6 +78,24 @@ class ExportPart:
     rows: object
 
 
+@dataclass(frozen=True)
+class ExpertInfo:
+    """Where an MoE expert's weight sits among its siblings (the same at every EP size).
+
+    index: global expert index in its layer (0 .. count-1), whichever rank holds it.
+    count: experts in the layer (global).
+    family: key shared by the same projection of every expert of one layer (e.g.
+        ``model.layers.0.mlp.experts.gate_up_proj``): dead-expert fallbacks and the report group by it.
+    group: name of the process group the layer's experts are spread over (expert parallel, a key
+        of :class:`~nvfp4_dist.parallel.context.ParallelContext`), None when every expert is local.
+    """
+
+    index: int
+    count: int
+    family: str
+    group: str | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class WeightSlot:
     """One quantizable weight.
@@ -90,6 +110,7 @@ class WeightSlot:
     sequence_parallel: inputs are split over the sequence across ``layout.shard_group`` ranks
         (the statistics are then summed over that group too).
     export_parts: how the slot's rows map to exported module names.
+    moe: the expert this weight belongs to (None for dense weights).
     """
 
     name: str
@@ -102,6 +123,7 @@ class WeightSlot:
     sequence_parallel: bool = False
     stats_group: str | None = None
     export_parts: tuple[ExportPart, ...] = ()
+    moe: ExpertInfo | None = None
 
     def parameter(self) -> torch.Tensor:
         return getattr(self.module, self.param_name)
