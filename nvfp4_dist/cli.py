@@ -105,8 +105,8 @@ def cmd_quantize(args) -> int:
     tokens = load_calibration(loaded, args.calib_samples, args.seq_len, args.seed, args.calib_file)
     result = quantize(loaded.model, config, make_forward_loop(tokens, args.batch_size, show),
                       show_progress=show)
-    out = export_hf(loaded.model, result, args.out, fmt=args.format, source_dir=loaded.source_dir,
-                    overwrite=args.overwrite)
+    summary = export_hf(loaded.model, result, args.out, fmt=args.format, source_dir=loaded.source_dir,
+                        overwrite=args.overwrite, backend=config.backend)
     if is_main_rank():
         print(result.table())
         dss = " + DSS" if config.dss else ""
@@ -114,12 +114,13 @@ def cmd_quantize(args) -> int:
               f"{len(result.ignored)} modules kept in high precision, {len(result.dead)} dead; "
               f"calibration {tokens.shape[0]}x{tokens.shape[1]} tokens; "
               f"{time.perf_counter() - t_start:.1f} s")
-        print(f"{args.format} checkpoint written to {out}")
+        print(f"{args.format} checkpoint ({len(summary.quantized)} NVFP4 modules, "
+              f"{len(summary.files)} files) written to {summary.path}")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .export.reader import inspect_checkpoint
+    from .export.inspect import inspect_checkpoint
 
     report = inspect_checkpoint(args.dir)
     print(report.format())
