@@ -13,6 +13,7 @@ from ..config import QuantConfig
 from ..errors import LayoutError
 from ..numerics.constants import BLOCK_SIZE
 from ..parallel.context import ParallelContext
+from ..parallel import hf_experts  # noqa: F401  (registers the transformers fused-experts adapter)
 from ..parallel.layouts import LayoutAdapter, find_adapter
 from .slots import WeightSlot
 
@@ -64,6 +65,7 @@ def discover(model: nn.Module, config: QuantConfig, ctx: ParallelContext) -> Inv
             inv.ignored.append(name)
             inv.skipped_reasons[name] = reason
             continue
+        slots = adapter.with_export_names(model, slots)
         inv.slots.extend(slots)
         inv.modules[name] = (module, adapter, slots)
     if bad_targets:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,11 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import DeadExpertPolicy, QuantConfig
 from ..errors import ConfigError
 from ..kernels.dispatch import fake_quant_weight, search_block_scales
 from ..kernels.reference import beta_grid
 from ..kernels.types import Method
+from ..moe import ExpertSummary, dead_input_amax, summarize_experts
 from ..numerics import nvfp4
 from ..parallel.access import local_weight
 from ..parallel.context import SINGLE_PROCESS, ParallelContext
@@ -49,6 +49,7 @@ class QuantResult:
     states: dict[str, SlotState] = field(repr=False)
     report: list[LayerReport] = field(repr=False)
     seconds: dict[str, float] = field(default_factory=dict)
+    experts: ExpertSummary = field(default_factory=lambda: ExpertSummary(()), repr=False)
 
     @property
     def slots(self):
@@ -60,10 +61,18 @@ class QuantResult:
 
     @property
     def dead(self) -> list[str]:
-        return [name for name, s in self.states.items() if s.dead]
+        """Weights no calibration token reached: this rank's dense weights, and the experts of
+        every expert-parallel rank."""
+        return _dead_names(self.inventory.slots, self.states, self.experts)
 
     def table(self) -> str:
-        return format_table(self.report)
+        experts = self.experts.format()
+        return format_table(self.report) + ("\n" + experts if experts else "")
+
+
+def _dead_names(slots, states, experts: ExpertSummary) -> list[str]:
+    dense = [s.name for s in slots if s.moe is None and states[s.name].dead]
+    return dense + [r.name for r in experts.dead]
 
 
 def default_context() -> ParallelContext:
@@ -84,33 +93,17 @@ def observe(model: nn.Module, inv: Inventory, config: QuantConfig,
     """Run ``forward_loop(model)`` with observers installed; hooks are always removed."""
     store = StatsStore()
     handles = []
+    route_all = config.dead_experts is DeadExpertPolicy.ROUTE_ALL
     try:
         for module, adapter, slots in inv.modules.values():
-            handles += adapter.observe(module, slots, store, config.needs_hessian)
+            extra = {"route_all": route_all} if adapter.observes_experts else {}
+            handles += adapter.observe(module, slots, store, config.needs_hessian, **extra)
         with torch.no_grad():
             forward_loop(model)
     finally:
         for handle in handles:
             handle.remove()
     return store
-
-
-def _input_amax_fallback(slots, states) -> dict[str, torch.Tensor]:
-    """Input amax for weights no token reached: the max over live siblings in the same module
-    (other experts), else over every live weight of the model; documented as the safe value."""
-    by_module = defaultdict(list)
-    for slot in slots:
-        by_module[id(slot.module)].append(slot)
-    live_all = [s.input_amax for s in states.values() if not s.dead and s.input_amax is not None]
-    model_max = torch.stack(live_all).amax() if live_all else torch.ones(())
-    out = {}
-    for slot in slots:
-        if not states[slot.name].dead:
-            continue
-        live = [states[s.name].input_amax for s in by_module[id(slot.module)]
-                if not states[s.name].dead and states[s.name].input_amax is not None]
-        out[slot.name] = torch.stack(live).amax() if live else model_max
-    return out
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None,
@@ -185,9 +178,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
     seconds["search"] = time.perf_counter() - t0
 
     if config.quantize_inputs:
-        for name, amax in _input_amax_fallback(inv.slots, states).items():
-            states[name].input_amax = amax.clone()
-    dead = [s.name for s in inv.slots if states[s.name].dead]
+        for name, amax in dead_input_amax(inv.slots, states, ctx).items():
+            states[name].input_amax = amax
+    experts = summarize_experts(inv.slots, states, ctx)
+    dead = _dead_names(inv.slots, states, experts)
     if dead:
         warnings.warn(f"nvfp4_dist: {len(dead)} weight(s) saw no calibration token and were "
                       f"calibrated weight-only (MSE): {', '.join(dead[:8])}"
@@ -203,4 +197,5 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
                           tokens=states[s.name].tokens, dead=states[s.name].dead, sums=sums[s.name])
               for s in inv.slots]
     seconds["apply"] = time.perf_counter() - t0
-    return QuantResult(config=config, inventory=inv, states=states, report=report, seconds=seconds)
+    return QuantResult(config=config, inventory=inv, states=states, report=report, seconds=seconds,
+                       experts=experts)

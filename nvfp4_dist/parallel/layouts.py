@@ -41,6 +41,12 @@ class LayoutAdapter(abc.ABC):
     """Turns one module family into WeightSlots and observes their inputs."""
 
     module_types: tuple[type, ...] = ()
+    # MoE expert adapters take ``route_all`` in :meth:`observe` (DeadExpertPolicy.ROUTE_ALL).
+    observes_experts: bool = False
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether this adapter handles ``module`` (default: an instance of ``module_types``)."""
+        return isinstance(module, self.module_types)
 
     @abc.abstractmethod
     def slots(self, name: str, module: nn.Module, ctx: ParallelContext) -> list[WeightSlot]:
@@ -60,6 +66,11 @@ class LayoutAdapter(abc.ABC):
         stats = store.get_or_create(key, cin, with_hessian)
         return [observe_first_input(module, stats)]
 
+    def with_export_names(self, model: nn.Module, slots: list[WeightSlot]) -> list[WeightSlot]:
+        """``slots`` with ``export_parts`` naming the modules of the exported checkpoint, for
+        adapters whose names depend on the whole model (default: unchanged)."""
+        return slots
+
 
 _ADAPTERS: list[LayoutAdapter] = []
 
@@ -72,7 +83,7 @@ def register_adapter(adapter_cls: type[LayoutAdapter]) -> type[LayoutAdapter]:
 
 def find_adapter(module: nn.Module) -> LayoutAdapter | None:
     for adapter in _ADAPTERS:
-        if isinstance(module, adapter.module_types):
+        if adapter.matches(module):
             return adapter
     return None
 

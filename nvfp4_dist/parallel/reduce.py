@@ -94,3 +94,25 @@ def _group_device(group) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def reduce_max_by_key(values: dict[str, torch.Tensor], groups: dict[str, str | None],
+                      ctx: ParallelContext) -> None:
+    """MAX-reduce each 0-d ``values[key]`` over the group named ``groups[key]``, in place.
+
+    Keys are visited in sorted order, so every rank of a group must hold the same keys for it
+    (MoE: the expert families of a layer exist on every expert-parallel rank).
+    """
+    for key in sorted(values):
+        _all_reduce(values[key], dist.ReduceOp.MAX, ctx.group(groups.get(key)))
+
+
+def gather_objects(obj, group_name: str | None, ctx: ParallelContext) -> list:
+    """``obj`` from every rank of the group named ``group_name``, in group-rank order
+    (``[obj]`` when the group has one rank)."""
+    group = ctx.group(group_name)
+    if group_size(group) == 1:
+        return [obj]
+    out = [None] * group_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -1,0 +1,202 @@
+"""Layout adapter for transformers' fused MoE experts (``Qwen3MoeExperts``, ``MixtralExperts``, ...).
+
+transformers 5.x stores the experts of a layer as 3-D parameters on one module (classes decorated
+with ``use_experts_implementation``; checked on 5.23):
+
+* ``gate_up_proj [E, 2I, H]``: per expert, gate rows then up rows (``is_concatenated``), or gate
+  and up interleaved row by row; ``up_proj [E, I, H]`` instead when ``has_gate`` is False;
+* ``down_proj [E, H, I]``;
+* forward ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``, dispatched to an
+  eager loop, ``batched_mm``, ``grouped_mm`` (the default) ... by ``config._experts_implementation``.
+
+Each expert and projection is one WeightSlot (``slot.expert = e`` slices the 3-D parameter). A
+gate_up slot covers both halves of one expert, so gate and up share one global amax by
+construction; its export parts split the rows into the per-expert modules ``save_pretrained``
+writes. Transposed layouts (``is_transposed``, e.g. gpt-oss) and transformers' own expert
+parallelism are refused with a LayoutError.
+
+Observation does not touch the model's computation, whatever the implementation: a forward
+pre-hook on the experts module reads its inputs, takes each expert's routed rows (moe.routed_tokens)
+as the gate_up input, and recomputes the expert's intermediate activation from those rows with
+the expert's own weights and the module's own gate function as the down_proj input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calib.observers import StatsStore
+from ..calib.slots import ExpertInfo, ExportPart, ShardLayout, WeightSlot
+from ..errors import LayoutError
+from ..moe import routed_tokens
+from .context import ParallelContext
+from .layouts import LayoutAdapter, register_adapter
+
+# Per-expert module names used when transformers has no save-time conversion for the model
+# (it then saves the fused 3-D tensors): the convention of Qwen-style checkpoints and vLLM.
+_DEFAULT_PART_NAMES = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",),
+                       "down_proj": ("down_proj",)}
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers experts module: the ``use_experts_implementation`` attributes and 3-D
+    ``down_proj`` plus ``gate_up_proj`` (or ``up_proj``) parameters."""
+    if not hasattr(module, "is_transposed") or not hasattr(module, "has_gate"):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    return all(name in params and params[name].dim() == 3 for name in (first, "down_proj"))
+
+
+def _param_names(module: nn.Module) -> tuple[str, str]:
+    return ("gate_up_proj" if module.has_gate else "up_proj"), "down_proj"
+
+
+def _default_parts(name: str, param: str, expert: int, rows: int, interleaved: bool) -> tuple[ExportPart, ...]:
+    names = _DEFAULT_PART_NAMES[param]
+    if len(names) == 1:
+        return (ExportPart(f"{name}.{expert}.{names[0]}", slice(0, rows)),)
+    half = rows // 2
+    if interleaved:  # gate rows 0, 2, 4, ...; up rows 1, 3, 5, ...
+        return tuple(ExportPart(f"{name}.{expert}.{n}", torch.arange(i, rows, 2)) for i, n in enumerate(names))
+    return tuple(ExportPart(f"{name}.{expert}.{n}", slice(i * half, (i + 1) * half)) for i, n in enumerate(names))
+
+
+def _rows(values: torch.Tensor):
+    """A slice when ``values`` are consecutive ascending rows, else the int64 index tensor."""
+    start = int(values[0])
+    if torch.equal(values, torch.arange(start, start + values.numel(), dtype=values.dtype)):
+        return slice(start, start + values.numel())
+    return values.clone()
+
+
+def saved_expert_names(model: nn.Module, name: str, module: nn.Module) -> dict | None:
+    """(param, expert) -> ExportParts exactly as ``model.save_pretrained`` names the experts'
+    weights, or None when transformers saves the fused parameters unchanged.
+
+    Asks transformers itself: its save path reverts the load-time weight conversions
+    (``revert_weight_conversion``: e.g. Mixtral's ``mlp.experts.gate_up_proj`` ->
+    ``block_sparse_moe.experts.{i}.w1/w3``). We run that on probe tensors ``[E, rows, 1]`` that
+    number every row of both parameters (disjoint ranges), so each saved tensor tells which
+    parameter, expert and rows it holds.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probes, ranges = {}, []
+    offset = 0
+    for param in _param_names(module):
+        n_experts, rows = getattr(module, param).shape[:2]
+        probes[f"{name}.{param}"] = (offset + torch.arange(n_experts * rows, dtype=torch.float64)
+                                     ).reshape(n_experts, rows, 1)
+        ranges.append((param, offset, rows))
+        offset += n_experts * rows
+    saved = revert_weight_conversion(model, dict(probes))
+    if any(key in saved for key in probes):
+        return None
+    found: dict[tuple[str, int], list[ExportPart]] = {}
+    for key, tensor in saved.items():
+        if not key.endswith(".weight") or tensor.dim() != 2 or tensor.shape[1] != 1:
+            raise LayoutError(f"{name}: transformers saves this experts module as {key} "
+                              f"{tuple(tensor.shape)}, a layout nvfp4_dist cannot map to per-expert "
+                              f"weights; exclude the module (exclude=['{name}'])")
+        values = tensor[:, 0].long()
+        param, start, rows = next(r for r in reversed(ranges) if int(values[0]) >= r[1])
+        local = values - start
+        experts = torch.unique(local // rows)
+        if experts.numel() != 1 or int(local.min()) < 0:
+            raise LayoutError(f"{name}: saved tensor {key} mixes experts or parameters; "
+                              f"exclude the module (exclude=['{name}'])")
+        found.setdefault((param, int(experts)), []).append(
+            ExportPart(key.removesuffix(".weight"), _rows(local % rows)))
+    for param, start, rows in ranges:
+        for e in range(getattr(module, param).shape[0]):
+            covered = torch.cat([_as_index(p.rows) for p in found.get((param, e), [])] or [torch.empty(0)])
+            if not torch.equal(torch.sort(covered.long()).values, torch.arange(rows)):
+                raise LayoutError(f"{name}: transformers' saved names do not cover every row of "
+                                  f"expert {e}'s {param} exactly once; exclude the module "
+                                  f"(exclude=['{name}'])")
+    return {k: tuple(sorted(v, key=lambda part: _first_row(part.rows))) for k, v in found.items()}
+
+
+def _as_index(rows) -> torch.Tensor:
+    return torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+
+
+def _first_row(rows) -> int:
+    return rows.start if isinstance(rows, slice) else int(rows[0])
+
+
+@register_adapter
+class HFExpertsAdapter(LayoutAdapter):
+    """transformers fused experts: one slot per expert and projection (see the module docstring)."""
+
+    observes_experts = True
+
+    def matches(self, module):
+        return is_fused_experts(module)
+
+    def slots(self, name, module, ctx: ParallelContext):
+        if module.is_transposed:
+            raise LayoutError(f"{name}: {type(module).__name__} stores transposed expert weights "
+                              "([E, in, out]), which nvfp4_dist does not quantize yet; exclude it "
+                              f"(exclude=['{name}']) to keep it in high precision")
+        if getattr(module, "_is_expert_parallel", False):
+            raise LayoutError(f"{name}: transformers expert parallelism is not supported; load the "
+                              "model without an 'ep' plan (or use the Megatron backend with --ep)")
+        out = []
+        for param in _param_names(module):
+            weight = getattr(module, param)
+            n_experts, rows, cin = weight.shape
+            for e in range(n_experts):
+                slot_name = f"{name}.{e}.{param}"
+                out.append(WeightSlot(
+                    name=slot_name, module=module, param_name=param,
+                    layout=ShardLayout.whole((rows, cin)), fused_group=slot_name,
+                    stats_key=f"{slot_name}.input", expert=e,
+                    export_parts=_default_parts(name, param, e, rows, not module.is_concatenated),
+                    moe=ExpertInfo(index=e, count=n_experts, family=f"{name}.{param}")))
+        return out
+
+    def with_export_names(self, model, slots):
+        name = slots[0].moe.family.rpartition(".")[0]
+        names = saved_expert_names(model, name, slots[0].module)
+        if names is None:
+            return slots
+        return [dataclasses.replace(s, export_parts=names[(s.param_name, s.expert)]) for s in slots]
+
+    def observe(self, module, slots, store: StatsStore, with_hessian: bool, route_all: bool = False):
+        first, down = _param_names(module)
+        by_key = {(s.param_name, s.expert): store.get_or_create(s.stats_key, s.layout.local_shape[1], with_hessian)
+                  for s in slots}
+        n_experts = getattr(module, first).shape[0]
+
+        def hook(mod, args, kwargs):
+            hidden, top_k_index = _experts_inputs(args, kwargs)
+            for e, rows in enumerate(routed_tokens(top_k_index, n_experts, route_all)):
+                x = hidden[rows]
+                by_key[(first, e)].update(x)
+                by_key[(down, e)].update(expert_activation(mod, e, x))
+
+        return [module.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+def _experts_inputs(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    names = ("hidden_states", "top_k_index")
+    values = list(args[:2]) + [kwargs.get(n) for n in names[len(args[:2]):]]
+    return values[0].detach(), values[1]
+
+
+@torch.no_grad()
+def expert_activation(module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """Input of expert ``expert``'s down projection for its routed rows ``x [n, H]``: the
+    expert's gate/up projection (plus bias) followed by the module's own gate function
+    (``act(gate) * up`` for Qwen3-MoE and Mixtral), in the model's dtype."""
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    weight = getattr(module, first)[expert]
+    bias = getattr(module, f"{first}_bias")[expert] if getattr(module, "has_bias", False) else None
+    h = F.linear(x.to(weight.dtype), weight, bias)
+    return module._apply_gate(h) if module.has_gate else module.act_fn(h)
