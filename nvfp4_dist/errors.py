@@ -23,3 +23,7 @@ class ExportError(NVFP4DistError):
 
 class ModelLoadError(NVFP4DistError):
     """A model path or model name could not be loaded."""
+
+
+class DistributedError(NVFP4DistError):
+    """A collective failed or timed out: another rank raised, died or never joined."""

@@ -13,14 +13,15 @@ from torch import nn
 
 from ..config import KernelBackend
 from ..kernels.dispatch import fake_quant_weight
+from ..parallel.fsdp import state_for_weight
 from .state import has_state, read_state
 
 _HANDLES_ATTR = "_nvfp4_fake_quant_handles"
 
 
-def _local(t):
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+def _local(t, weight):
+    # FSDP2: the state is a DTensor sharded like the weight; the forward sees the whole weight.
+    return None if t is None else state_for_weight(t, weight)
 
 
 def fake_quant_param(module: nn.Module, param_name: str, weight: torch.Tensor,
@@ -29,7 +30,7 @@ def fake_quant_param(module: nn.Module, param_name: str, weight: torch.Tensor,
     state = read_state(module, param_name)
     g, bamax, beta = state["global_amax"], state["block_amax"], state.get("dss_beta")
     if weight.dim() == 2:
-        fq = fake_quant_weight(weight.detach(), _local(bamax), _local(g), _local(beta) if beta is not None else None,
+        fq = fake_quant_weight(weight.detach(), _local(bamax, weight), _local(g, weight), _local(beta, weight),
                                backend=backend)
     else:  # [E, rows, cin] fused experts: one global amax per expert
         fq = torch.stack([

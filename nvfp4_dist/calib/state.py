@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.types import Method
+from ..parallel.fsdp import state_like
 from .slots import WeightSlot
 
 SUFFIXES = ("global_amax", "block_amax", "dss_beta", "input_amax")
@@ -48,7 +49,8 @@ def attach_state(slot: WeightSlot, state: SlotState) -> None:
         name = buffer_name(param, suffix)
         value = value.detach().float()
         if n_experts is None:
-            module.register_buffer(name, value.clone(), persistent=True)
+            # FSDP2: a DTensor sharded like the weight (plain tensors stay plain).
+            module.register_buffer(name, state_like(slot.parameter(), value.clone()), persistent=True)
             continue
         buf = getattr(module, name, None)
         if buf is None or buf.shape[1:] != value.shape:

@@ -2,7 +2,11 @@
 
 * plain parameters and Megatron local partitions: the parameter itself (a view);
 * FSDP2 DTensors: ``to_local()``, the shard this rank owns (no unshard, no gather); writes into
-  it reach the sharded parameter;
+  it reach the sharded parameter. FSDP2 leaves the ROOT module's weights unsharded after a
+  forward, so :func:`local_shards` reshards (frees, no communication) before shards are read;
+* FSDP1 (``FullyShardedDataParallel``, flat parameters): no per-weight shard exists, so
+  :func:`local_shards` falls back to ``summon_full_params(writeback=True)``: every rank sees the
+  whole weights (a gather, documented as the FSDP1 cost) and writes reach the flat shards;
 * fused experts: the expert's slice of the 3-D parameter.
 Writes into the yielded tensor land in the model (the context writes back where the tensor is a
 copy).
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 from ..calib.slots import WeightSlot
 
@@ -39,3 +44,28 @@ def weight_access(slot: WeightSlot, writeback: bool = False):
         if target.data_ptr() != w.data_ptr():
             with torch.no_grad():
                 target.copy_(w)
+
+
+def expose_local_shards(model: nn.Module) -> None:
+    """Make every FSDP2 module expose its DTensor shard again (frees the unsharded weights the
+    root keeps after a forward; no communication). FSDP1 has no per-weight shard: see
+    :func:`local_shards`."""
+    from .fsdp import reshard_all
+
+    reshard_all(model)
+
+
+@contextlib.contextmanager
+def local_shards(model: nn.Module):
+    """Context in which every module exposes the weight this rank calibrates (see module
+    docstring): FSDP2 resharded, FSDP1 summoned with writeback, others untouched."""
+    from .fsdp import is_fsdp1, reshard_all
+
+    if is_fsdp1(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=True):
+            yield
+        return
+    reshard_all(model)
+    yield

@@ -1,12 +1,15 @@
-"""Reduce: the only module that talks to torch.distributed during calibration.
+"""Reduce: the only module that talks to torch.distributed (thin calls on the framework's groups).
 
 * Input statistics (unnormalised Hessians, token counts) are SUMMED over the data-parallel group,
   and also over the slot's shard group when its inputs are sequence-parallel; input amax is a MAX
-  over the same groups.
+  over the same groups, and also over the shard group when input channels are split (row
+  parallel: each rank sees its channels of every token).
 * Global weight amax is a MAX over the local shards of one logical weight (its shard group) and
   over the members of its fused group (q/k/v, gate/up).
-Collectives are issued in sorted key order so every rank of a group makes the same calls. In a
-single process every function here is a pure local computation.
+* Gathers (export and tests only): the whole of a slot's per-shard tensor along its shard axis.
+Collectives are issued in sorted key order so every rank of a group makes the same calls, batched
+into one collective per group and kind. In a single process every function here is a pure local
+computation.
 """
 
 from __future__ import annotations
@@ -17,13 +20,36 @@ import torch
 import torch.distributed as dist
 
 from ..calib.observers import StatsStore
-from ..calib.slots import WeightSlot
+from ..calib.slots import ShardLayout, WeightSlot
 from .context import ParallelContext, group_size
+
+
+# Elements per batched collective (64 MiB of fp32): bounds the temporary concatenation.
+_BUCKET_ELEMS = 1 << 24
 
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> None:
     if group_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
+
+
+def _batched_all_reduce(tensors: list[torch.Tensor], op, group) -> None:
+    """All-reduce ``tensors`` (same dtype and device) in place with as few collectives as the
+    bucket bound allows: flattened, concatenated, reduced, copied back. Element-wise results are
+    those of one collective per tensor."""
+    if group_size(group) == 1 or not tensors:
+        return
+    bucket, size = [], 0
+    for tensor in tensors + [None]:
+        if tensor is None or (bucket and size + tensor.numel() > _BUCKET_ELEMS):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat, op=op, group=group)
+            for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                t.copy_(part.view_as(t))
+            bucket, size = [], 0
+        if tensor is not None:
+            bucket.append(tensor)
+            size += tensor.numel()
 
 
 def _stats_groups(slot: WeightSlot, ctx: ParallelContext) -> list:
@@ -35,43 +61,82 @@ def _stats_groups(slot: WeightSlot, ctx: ParallelContext) -> list:
     return groups
 
 
+def _by_group(keyed_groups) -> list[tuple[object, list[str]]]:
+    """``(key, [groups])`` pairs -> ``[(group, [keys])]`` for groups of more than one rank, in
+    order of first appearance (the same on every rank: keys come sorted)."""
+    order: list = []
+    keys: dict[int, list[str]] = {}
+    for key, groups in keyed_groups:
+        for group in groups:
+            if group_size(group) == 1:
+                continue
+            if id(group) not in keys:
+                order.append(group)
+                keys[id(group)] = []
+            keys[id(group)].append(key)
+    return [(group, keys[id(group)]) for group in order]
+
+
 def reduce_stats(store: StatsStore, slots: list[WeightSlot], ctx: ParallelContext,
                  device: torch.device) -> None:
-    """Sum Hessians/token counts and MAX input amax over the right groups, in place."""
+    """Sum Hessians/token counts and MAX input amax over the right groups, in place.
+
+    One batched collective per group and kind (tokens, amax, Hessians) instead of one per
+    weight; the sums are the same numbers a per-weight all-reduce gives.
+    """
     slot_of_key = {}
     for slot in slots:
         slot_of_key.setdefault(slot.stats_key, slot)
-    for key in sorted(store):
-        stats = store[key]
-        stats.ensure_allocated(device)
-        for group in _stats_groups(slot_of_key[key], ctx):
-            if group_size(group) == 1:
-                continue
-            tokens = torch.tensor([stats.tokens], dtype=torch.float64, device=stats.amax.device)
-            _all_reduce(tokens, dist.ReduceOp.SUM, group)
-            stats.tokens = int(tokens.item())
-            _all_reduce(stats.amax, dist.ReduceOp.MAX, group)
-            if stats.hessian_sum is not None:
-                _all_reduce(stats.hessian_sum, dist.ReduceOp.SUM, group)
+    for key in store:
+        store[key].ensure_allocated(device)
+    plan = _by_group((key, _stats_groups(slot_of_key[key], ctx)) for key in sorted(store))
+    for group, keys in plan:
+        stats = [store[key] for key in keys]
+        # Token counts travel as float64: exact for any count below 2^53.
+        tokens = torch.tensor([s.tokens for s in stats], dtype=torch.float64, device=stats[0].amax.device)
+        _all_reduce(tokens, dist.ReduceOp.SUM, group)
+        for s, n in zip(stats, tokens.tolist()):
+            s.tokens = int(n)
+        amax = torch.stack([s.amax for s in stats])
+        _all_reduce(amax, dist.ReduceOp.MAX, group)
+        for s, a in zip(stats, amax):
+            s.amax = a.clone()
+        _batched_all_reduce([s.hessian_sum for s in stats if s.hessian_sum is not None],
+                            dist.ReduceOp.SUM, group)
+    # A weight whose input channels are split (row parallel) sees part of each token: its
+    # Hessian blocks are its own, but the input amax is the MAX over the whole input.
+    channel_split = ((key, [ctx.group(slot_of_key[key].layout.shard_group)]) for key in sorted(store)
+                     if slot_of_key[key].layout.shard_axis == 1)
+    for group, keys in _by_group(channel_split):
+        amax = torch.stack([store[key].amax for key in keys])
+        _all_reduce(amax, dist.ReduceOp.MAX, group)
+        for key, a in zip(keys, amax):
+            store[key].amax = a.clone()
 
 
 def reduce_global_amax(slots: list[WeightSlot], local_amax: dict[str, torch.Tensor],
                        ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """fused_group -> fp32 0-d global amax (MAX over members and their shards).
 
-    ``local_amax``: slot name -> max |w| of this rank's shard (fp32 0-d).
+    ``local_amax``: slot name -> max |w| of this rank's shard (fp32 0-d). One MAX collective per
+    shard group, over every fused group sharded on it.
     """
     members = defaultdict(list)
     for slot in slots:
         members[slot.fused_group].append(slot)
     result = {}
+    shard_groups = {}
     for group_key in sorted(members):
         group_slots = members[group_key]
-        amax = torch.stack([local_amax[s.name] for s in group_slots]).amax()
-        shard_groups = {s.layout.shard_group for s in group_slots if s.layout.shard_axis is not None}
-        for name in sorted(shard_groups):
-            _all_reduce(amax, dist.ReduceOp.MAX, ctx.group(name))
-        result[group_key] = amax
+        result[group_key] = torch.stack([local_amax[s.name] for s in group_slots]).amax()
+        shard_groups[group_key] = sorted({s.layout.shard_group for s in group_slots
+                                          if s.layout.shard_axis is not None})
+    for name in sorted({n for names in shard_groups.values() for n in names}):
+        keys = [k for k in sorted(result) if name in shard_groups[k]]
+        amax = torch.stack([result[k] for k in keys])
+        _all_reduce(amax, dist.ReduceOp.MAX, ctx.group(name))
+        for k, a in zip(keys, amax):
+            result[k] = a.clone()
     return result
 
 
@@ -116,3 +181,69 @@ def gather_objects(obj, group_name: str | None, ctx: ParallelContext) -> list:
     out = [None] * group_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+# Gathers: export (and tests) only, never calibration, which works on local shards. A file
+# format that stores a tensor whole gets the small packed results (codes, FP8 scales) gathered,
+# never the high-precision weight. Shards may be uneven (FSDP2's torch.chunk split) or empty:
+# ranks first share (offset, size) along the shard axis, pieces are padded to the largest,
+# gathered, trimmed and placed by offset.
+
+
+def _device_for(group, tensor: torch.Tensor) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device if tensor.device.type == "cpu" else torch.device("cpu")
+
+
+def gather_along(tensor: torch.Tensor, axis: int, offset: int, group, dst: int | None = None):
+    """Concatenate every group rank's ``tensor`` along ``axis`` by its ``offset``.
+
+    ``dst``: global rank that receives the result (others get None); None: every rank does.
+    The tensors must agree on every other dimension and on dtype.
+    """
+    world = group_size(group)
+    if world == 1:
+        return tensor
+    device = _device_for(group, tensor)
+    meta = torch.tensor([offset, tensor.shape[axis]], dtype=torch.int64, device=device)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=group)
+    sizes = [int(m[1]) for m in metas]
+    offsets = [int(m[0]) for m in metas]
+    width = max(sizes)
+    # uint8/float8 travel as uint8 bytes: not every backend reduces or gathers float8.
+    carrier = tensor.view(torch.uint8) if tensor.dtype.itemsize == 1 else tensor
+    padded_shape = list(carrier.shape)
+    padded_shape[axis] = width
+    padded = torch.zeros(padded_shape, dtype=carrier.dtype, device=device)
+    padded.narrow(axis, 0, carrier.shape[axis]).copy_(carrier)
+    me = dist.get_rank()
+    if dst is None:
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(pieces, padded, group=group)
+    else:
+        pieces = [torch.empty_like(padded) for _ in range(world)] if me == dst else None
+        dist.gather(padded, pieces, dst=dst, group=group)
+        if me != dst:
+            return None
+    order = sorted(range(world), key=lambda r: offsets[r])
+    whole = torch.cat([pieces[r].narrow(axis, 0, sizes[r]) for r in order], dim=axis)
+    whole = whole.to(tensor.device)
+    return whole.view(tensor.dtype) if carrier is not tensor else whole
+
+
+def gather_slot_tensor(tensor: torch.Tensor, layout: ShardLayout, ctx: ParallelContext,
+                       dst: int | None = None, elems_per_col: int = 1):
+    """The whole of a per-shard tensor of a slot (weight, codes or block scales), gathered over
+    the slot's shard group along its shard axis.
+
+    ``elems_per_col``: weight input channels per column of ``tensor`` along axis 1 (1 for the
+    weight, 2 for packed codes, 16 for block scales), to turn the layout's channel offset into a
+    column offset.
+    """
+    if not layout.is_sharded:
+        return tensor
+    axis = layout.shard_axis
+    offset = layout.offset[axis] // (elems_per_col if axis == 1 else 1)
+    return gather_along(tensor, axis, offset, ctx.group(layout.shard_group), dst=dst)

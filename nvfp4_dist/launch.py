@@ -1,0 +1,154 @@
+"""Distributed launch: join torchrun's process group and lay a model out for calibration.
+
+    info = init_distributed(timeout_s=600)          # gloo on CPU, NCCL with one GPU per rank
+    ctx = init_megatron(tp=2)                       # Megatron parallel_state, TP=2, DP=rest
+    model = shard_fsdp2(hf_model)                   # or: FSDP2 over all ranks
+
+Every collective runs under the process-group timeout given here (an explicit option, also
+``--dist-timeout`` on the CLI), so a rank that raises or dies makes the others fail within that
+bound instead of hanging: gloo raises on timeout or on a closed peer connection, NCCL's watchdog
+aborts the communicator. :func:`collective_failures` turns those errors into a
+:class:`~nvfp4_dist.errors.DistributedError` that says what happened and where to look.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError, DistributedError
+from .parallel.context import ParallelContext
+
+DEFAULT_TIMEOUT_S = 600.0
+
+# Messages of transport failures raised as plain RuntimeError by gloo (and NCCL wrappers).
+_TRANSPORT_MARKERS = ("Timed out", "timed out", "Connection closed", "Connection reset",
+                      "NCCL", "gloo", "Broken pipe", "ProcessGroup")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank/size, rank on its node, backend and device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+    device: torch.device
+
+
+def pick_backend() -> str:
+    """NCCL when CUDA is available, gloo otherwise (the CPU test path)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT); a plain process (no WORLD_SIZE) stays single. ``timeout_s`` bounds every
+    collective. With NCCL each rank uses ``cuda:LOCAL_RANK``."""
+    if timeout_s <= 0:
+        raise ConfigError(f"timeout_s={timeout_s} must be positive")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = backend or pick_backend()
+    if backend == "nccl":
+        if not torch.cuda.is_available() or torch.cuda.device_count() <= local_rank:
+            raise ConfigError(f"backend 'nccl' needs a GPU per rank: local rank {local_rank}, "
+                              f"{torch.cuda.device_count()} visible GPU(s); use backend='gloo' on CPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world == 1 and not dist.is_initialized():
+        return DistInfo(0, 1, 0, None, device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
+
+
+def init_megatron(tp: int, timeout_s: float = DEFAULT_TIMEOUT_S, data_split: bool = True) -> ParallelContext:
+    """Initialise Megatron's ``parallel_state`` with tensor-parallel size ``tp`` (the remaining
+    ranks are data parallel) and return its context.
+
+    The RNG tracker is Megatron's inference tracker: calibration runs without dropout, and its
+    training tracker would seed CUDA generators.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+    from .parallel.megatron import megatron_context
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not dist.is_initialized():
+        raise ConfigError("init_megatron needs torch.distributed: call init_distributed() first "
+                          "(a single process needs WORLD_SIZE=1 MASTER_ADDR/MASTER_PORT set and "
+                          "init_distributed(backend='gloo'), or torchrun --nproc-per-node 1)")
+    if tp < 1 or world % tp:
+        raise ConfigError(f"--tp {tp} must divide the number of ranks ({world})")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                 distributed_timeout_minutes=timeout_s / 60.0,
+                                 create_gloo_process_groups=False)
+    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    return megatron_context(data_split=data_split)
+
+
+def shard_fsdp2(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """``fully_shard`` every decoder layer of an HF causal LM, then the root, over all ranks
+    (1-D mesh on ``device``'s type); returns the model (now an FSDPModule)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = device or next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ConfigError(f"shard_fsdp2: {type(model).__name__} has no .model.layers to shard; "
+                          "apply fully_shard yourself and pass the model to quantize()")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a failed or timed-out collective (not from this rank's own
+    code): torch's DistError family, or a transport RuntimeError from gloo/NCCL."""
+    if isinstance(exc, DistributedError) or isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TRANSPORT_MARKERS)
+
+
+@contextlib.contextmanager
+def collective_failures(timeout_s: float):
+    """Re-raise collective failures as DistributedError naming this rank and the likely cause."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_collective_failure(exc) or isinstance(exc, DistributedError):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(
+            f"rank {rank}: a collective failed ({first[:300]}). Another rank most likely raised "
+            f"or died: its log shows the cause. Collectives wait at most {timeout_s:g} s "
+            "(--dist-timeout / init_distributed(timeout_s=...)).") from exc
+
+
+def shutdown() -> None:
+    """Leave the process group (and Megatron's parallel_state) if joined."""
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

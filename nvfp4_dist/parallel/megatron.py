@@ -1,0 +1,228 @@
+"""Megatron-core layouts: ColumnParallelLinear / RowParallelLinear adapters and the context.
+
+Layouts (read from the module, never from global state):
+  * ``ColumnParallelLinear`` (incl. the fused ``linear_qkv`` and gated ``linear_fc1``): output
+    rows split evenly over the module's TP group -> ``shard_axis=0``. Every rank's shard belongs
+    to ONE parameter, so q/k/v (and gate/up) share a global amax once it is MAX-reduced over TP.
+    With sequence parallelism the module's input is this rank's slice of the sequence, so its
+    statistics are summed over TP as well (``sequence_parallel=True``).
+  * ``RowParallelLinear``: input channels split -> ``shard_axis=1``; each rank must own whole
+    16-channel blocks. Its input is the full sequence (SP or not).
+  * Expert linears (``is_expert=True``) use the expert-tensor-parallel group ("etp").
+
+Group names in :class:`~nvfp4_dist.parallel.context.ParallelContext` (see
+:func:`megatron_context`): "tp", "etp", "ep", and ``dp`` for the data-parallel group.
+
+Export naming: a GPT decoder's modules map back to Hugging Face Llama/Qwen-style names
+(``GPT_TO_HF``) so that a Megatron run exports an HF checkpoint; ``linear_qkv`` rows go to
+q_proj/k_proj/v_proj (interleaved per query group) and ``linear_fc1`` rows to gate_proj/up_proj
+(``[gate_r; up_r]`` per TP rank r). Helpers here are public for the MoE adapters.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..calib.observers import InputStats, StatsStore
+from ..calib.slots import ExportPart, ShardLayout, WeightSlot
+from ..errors import LayoutError
+from ..numerics.constants import BLOCK_SIZE
+from .context import ParallelContext, group_size
+from .layouts import LayoutAdapter, register_adapter
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+
+# Megatron GPT module name (regex) -> (HF module prefix, kind). Kinds: "qkv" (fused q/k/v rows),
+# "glu" (fused gate/up rows), "plain" (one HF module).
+GPT_TO_HF = (
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.self_attention\.linear_qkv", "model.layers.{0}.self_attn", "qkv"),
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.self_attention\.linear_proj", "model.layers.{0}.self_attn.o_proj", "plain"),
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.mlp\.linear_fc1", "model.layers.{0}.mlp", "glu"),
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.mlp\.linear_fc2", "model.layers.{0}.mlp.down_proj", "plain"),
+    (r"(?:.*\.)?output_layer", "lm_head", "plain"),
+)
+
+
+def megatron_context(data_split: bool = True) -> ParallelContext:
+    """Process groups of the initialised ``megatron.core.parallel_state``.
+
+    ``data_split``: every data-parallel rank sees its own share of the calibration data, so
+    statistics are summed over the DP group (False: every rank sees all the data; no DP reduce).
+    """
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise LayoutError("megatron parallel_state is not initialised; call "
+                          "megatron.core.parallel_state.initialize_model_parallel (or "
+                          "nvfp4_dist.launch.init_megatron) before quantize()")
+    groups = {"tp": ps.get_tensor_model_parallel_group(),
+              "ep": ps.get_expert_model_parallel_group(check_initialized=False),
+              "etp": ps.get_expert_tensor_parallel_group(check_initialized=False)}
+    groups = {k: g for k, g in groups.items() if g is not None}
+    dp = ps.get_data_parallel_group() if data_split else None
+    return ParallelContext(dp=dp, groups=groups)
+
+
+def _ranks(group) -> list[int]:
+    return dist.get_process_group_ranks(group)
+
+
+def tp_rank_size(module: nn.Module) -> tuple[int, int]:
+    """(rank, size) of ``module`` in its own tensor-parallel group."""
+    group = getattr(module, "tp_group", None)
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def tp_group_name(module: nn.Module) -> str:
+    return "etp" if getattr(module, "is_expert", False) else "tp"
+
+
+def check_context_group(name: str, module: nn.Module, ctx: ParallelContext) -> str:
+    """The context's name for ``module``'s TP group; raises unless the context holds that same
+    group (a missing or different group would reduce amax/statistics over the wrong ranks)."""
+    group_name = tp_group_name(module)
+    _, size = tp_rank_size(module)
+    if size == 1:
+        return group_name
+    group = ctx.group(group_name)
+    if group is None or _ranks(group) != _ranks(module.tp_group):
+        have = "missing" if group is None else f"ranks {_ranks(group)}"
+        raise LayoutError(
+            f"{name}: tensor-parallel over ranks {_ranks(module.tp_group)} but the ParallelContext's "
+            f"{group_name!r} group is {have}; pass ctx=nvfp4_dist.parallel.megatron.megatron_context() "
+            "(or let quantize() detect Megatron's parallel_state)")
+    return group_name
+
+
+def column_layout(name: str, module: nn.Module, ctx: ParallelContext) -> ShardLayout:
+    """Layout of a ColumnParallelLinear weight: rows split evenly over its TP group."""
+    rank, size = tp_rank_size(module)
+    shape = (module.output_size, module.input_size)
+    if size == 1:
+        return ShardLayout.whole(shape)
+    return ShardLayout.split(shape, 0, rank, size, check_context_group(name, module, ctx))
+
+
+def row_layout(name: str, module: nn.Module, ctx: ParallelContext) -> ShardLayout:
+    """Layout of a RowParallelLinear weight: input channels split evenly over its TP group,
+    each shard a whole number of 16-channel NVFP4 blocks."""
+    rank, size = tp_rank_size(module)
+    shape = (module.output_size, module.input_size)
+    if size == 1:
+        return ShardLayout.whole(shape)
+    per_rank = module.input_size // size
+    if per_rank % BLOCK_SIZE:
+        raise LayoutError(
+            f"{name}: RowParallelLinear input size {module.input_size} split over TP={size} gives "
+            f"{per_rank} channels per rank, not a multiple of {BLOCK_SIZE}: a rank would hold part "
+            "of an NVFP4 block. Choose a TP size that divides input_size / 16, or exclude this layer.")
+    return ShardLayout.split(shape, 1, rank, size, check_context_group(name, module, ctx))
+
+
+def qkv_export_parts(prefix: str, config) -> tuple[ExportPart, ...]:
+    """q_proj/k_proj/v_proj rows of Megatron's interleaved ``linear_qkv`` (TP-independent):
+    group g occupies rows ``[g*(qpg+2)*hn, (g+1)*(qpg+2)*hn)`` as ``[q heads; k; v]``."""
+    hn, groups = config.kv_channels, config.num_query_groups
+    qpg = config.num_attention_heads // groups
+    per_group = (qpg + 2) * hn
+    base = torch.arange(groups, dtype=torch.int64)[:, None] * per_group
+    q = (base + torch.arange(qpg * hn)).reshape(-1)
+    k = (base + qpg * hn + torch.arange(hn)).reshape(-1)
+    v = (base + (qpg + 1) * hn + torch.arange(hn)).reshape(-1)
+    return (ExportPart(f"{prefix}.q_proj", q), ExportPart(f"{prefix}.k_proj", k),
+            ExportPart(f"{prefix}.v_proj", v))
+
+
+def glu_export_parts(prefix: str, rows: int, tp_size: int, gate: str = "gate_proj",
+                     up: str = "up_proj") -> tuple[ExportPart, ...]:
+    """gate/up rows of a gated ``linear_fc1`` with ``rows`` = 2 * ffn rows, laid out as
+    ``[gate_0; up_0; gate_1; up_1; ...]`` over ``tp_size`` ranks."""
+    local = rows // tp_size
+    half = local // 2
+    starts = torch.arange(tp_size, dtype=torch.int64)[:, None] * local
+    gate_rows = (starts + torch.arange(half)).reshape(-1)
+    up_rows = (starts + half + torch.arange(half)).reshape(-1)
+    return (ExportPart(f"{prefix}.{gate}", gate_rows), ExportPart(f"{prefix}.{up}", up_rows))
+
+
+def hf_export_parts(name: str, module: nn.Module) -> tuple[ExportPart, ...]:
+    """Export parts of a GPT module under its HF names (() when ``name`` is not a GPT module,
+    in which case the Megatron name is exported)."""
+    for pattern, template, kind in GPT_TO_HF:
+        match = re.fullmatch(pattern, name)
+        if match is None:
+            continue
+        prefix = template.format(*match.groups())
+        if kind == "qkv":
+            return qkv_export_parts(prefix, module.config)
+        if kind == "glu":
+            if not module.config.gated_linear_unit:
+                return (ExportPart(f"{prefix}.up_proj", slice(0, module.output_size)),)
+            return glu_export_parts(prefix, module.output_size, tp_rank_size(module)[1])
+        return (ExportPart(prefix, slice(0, module.output_size)),)
+    return ()
+
+
+def _weight_or_none(module: nn.Module):
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+@register_adapter
+class ColumnParallelAdapter(LayoutAdapter):
+    """Megatron ``ColumnParallelLinear``: rows split over TP; SP inputs summed over TP."""
+
+    module_types = (ColumnParallelLinear,)
+
+    def slots(self, name, module, ctx):
+        if _weight_or_none(module) is None:  # weight passed at call time (tied output layer)
+            return []
+        layout = column_layout(name, module, ctx)
+        return [WeightSlot(name=name, module=module, param_name="weight", layout=layout,
+                           fused_group=name, stats_key=name,
+                           sequence_parallel=bool(module.sequence_parallel) and layout.is_sharded,
+                           export_parts=hf_export_parts(name, module))]
+
+
+def observe_input_columns(module: nn.Module, stats: InputStats, start: int, stop: int):
+    """Forward pre-hook feeding channels ``[start, stop)`` of ``module``'s input into ``stats``
+    (a RowParallelLinear that scatters a full input itself); returns the handle."""
+
+    def hook(mod, args):
+        stats.update(args[0][..., start:stop])
+
+    return module.register_forward_pre_hook(hook)
+
+
+@register_adapter
+class RowParallelAdapter(LayoutAdapter):
+    """Megatron ``RowParallelLinear``: input channels split over TP."""
+
+    module_types = (RowParallelLinear,)
+
+    def slots(self, name, module, ctx):
+        if _weight_or_none(module) is None:
+            return []
+        return [WeightSlot(name=name, module=module, param_name="weight",
+                           layout=row_layout(name, module, ctx), fused_group=name, stats_key=name,
+                           export_parts=hf_export_parts(name, module))]
+
+    def observe(self, module, slots, store: StatsStore, with_hessian):
+        if module.input_is_parallel or not slots[0].layout.is_sharded:
+            return super().observe(module, slots, store, with_hessian)
+        # The module scatters a full-width input itself: keep this rank's channels only.
+        layout = slots[0].layout
+        stats = store.get_or_create(slots[0].stats_key, layout.local_shape[1], with_hessian)
+        start = layout.offset[1]
+        return [observe_input_columns(module, stats, start, start + layout.local_shape[1])]
+
+
+def tp_world(ctx: ParallelContext) -> int:
+    """Size of the context's "tp" group (1 without one)."""
+    return group_size(ctx.group("tp"))

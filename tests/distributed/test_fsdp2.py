@@ -1,0 +1,198 @@
+"""torch FSDP2 (``fully_shard``) on an HF model: quantize() on DTensor shards, 2 real ranks.
+
+* every rank feeds all the calibration data, no DP reduce (``fsdp_context(data_split=False)``):
+  bit-identical to one process, scales and fake-quant forward logits alike;
+* the search phase never unshards, gathers or materialises a weight: FSDPModule.unshard,
+  DTensor.full_tensor and every all-gather are counted between the end of the calibration
+  forward and the first state write, and the tensors handed to the search are checked to be
+  this rank's rows;
+* the default context (data split over the mesh, each rank half the data): Hessians equal to
+  one process with all the data up to fp32 summation order, differing scales only near-ties.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import run_ranks
+from small_model import small_tokens
+
+from nvfp4_dist.kernels.reference import block_loss
+from nvfp4_dist.numerics import nvfp4
+
+pytestmark = pytest.mark.distributed
+
+METHODS = {"max": dict(method="max"), "mse": dict(method="mse"),
+           "local_hessian": dict(method="local_hessian"),
+           "dss": dict(method="local_hessian", dss=True)}
+
+
+class _Spy:
+    """Counts unshard / full_tensor / all-gather calls while ``active``; records search inputs."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        import nvfp4_dist.calib.pipeline as pipeline
+
+        self.active = False
+        self.calls: list[str] = []
+        self.searched: list[tuple[tuple[int, ...], torch.Tensor | None]] = []
+        for owner, name in ((FSDPModule, "unshard"), (DTensor, "full_tensor"),
+                            (dist, "all_gather"), (dist, "all_gather_into_tensor"),
+                            (dist, "all_gather_object"), (dist, "gather")):
+            self._wrap(owner, name)
+        observe, attach, search = pipeline.observe, pipeline.attach_state, pipeline.search_block_scales
+
+        def observe_then_watch(*args, **kwargs):
+            out = observe(*args, **kwargs)
+            self.active = True
+            return out
+
+        def attach_and_stop(*args, **kwargs):
+            self.active = False
+            return attach(*args, **kwargs)
+
+        def recording_search(w, g, method, hessian=None, **kwargs):
+            self.searched.append((tuple(w.shape), hessian))
+            return search(w, g, method, hessian=hessian, **kwargs)
+
+        pipeline.observe, pipeline.attach_state = observe_then_watch, attach_and_stop
+        pipeline.search_block_scales = recording_search
+
+    def _wrap(self, owner, name):
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            if self.active:
+                self.calls.append(name)
+            return original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+
+
+def _fq_whole(result, ctx):
+    from nvfp4_dist.parallel.access import local_weight
+    from nvfp4_dist.parallel.reduce import gather_slot_tensor
+
+    out = {}
+    for slot in result.slots:
+        state = result.states[slot.name]
+        fq = nvfp4.fake_quant(local_weight(slot), state.block_amax, state.global_amax, state.dss_beta)
+        out[slot.name] = gather_slot_tensor(fq, slot.layout, ctx)
+    return out
+
+
+def _fsdp_runs(methods: list[str]) -> dict:
+    """Worker: per method, one process's reference (rank 0 computes it with no collective), FSDP2
+    with replicated data, FSDP2 with the default context (data split)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from small_model import small_hf_model
+
+    from nvfp4_dist import QuantConfig, quantize
+    from nvfp4_dist.launch import init_distributed, shard_fsdp2
+    from nvfp4_dist.parallel.context import SINGLE_PROCESS, detect_context
+    from nvfp4_dist.parallel.fsdp import fsdp_context
+
+    init_distributed(timeout_s=120)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokens = small_tokens()
+    spy = _Spy()
+
+    def loop_over(data):
+        return lambda model: [model(data[i:i + 2]) for i in range(0, data.shape[0], 2)]
+
+    out = {}
+    for name in methods:
+        config = QuantConfig(**METHODS[name])
+        ref = small_hf_model()
+        spy.searched.clear()
+        ref_result = quantize(ref, config, loop_over(tokens), ctx=SINGLE_PROCESS, show_progress=False)
+        ref_hessians = {s.name: h for s, (_, h) in zip(ref_result.slots, spy.searched)}
+        with torch.no_grad():
+            ref_logits = ref(tokens).logits
+
+        model = shard_fsdp2(small_hf_model())
+        ctx = fsdp_context(model, data_split=False)
+        spy.calls.clear()
+        spy.searched.clear()
+        result = quantize(model, config, loop_over(tokens), ctx=ctx, show_progress=False)
+        search_calls = list(spy.calls)
+        local_rows_ok = all(shape == tuple(s.layout.local_shape) and s.layout.local_shape[0] < s.layout.global_shape[0]
+                            for s, (shape, _) in zip(result.slots, spy.searched))
+        state = result.slots[0].module.weight_nvfp4_block_amax
+        state_sharded = isinstance(state, DTensor) and tuple(state.to_local().shape)[0] < state.shape[0]
+        spy.calls.clear()
+        spy.active = True  # the spy must see the gathers a forward does, or it proves nothing
+        with torch.no_grad():
+            logits = model(tokens).logits  # fake-quant forward: gathers the scale buffers only
+        spy.active = False
+        forward_calls = list(spy.calls)
+        fq = _fq_whole(result, ctx)
+
+        split_model = shard_fsdp2(small_hf_model())
+        share = tokens.chunk(world)[rank]
+        spy.searched.clear()
+        split = quantize(split_model, config, loop_over(share), show_progress=False)
+        split_ctx = detect_context(split_model)
+        split_hessians = {s.name: h for s, (_, h) in zip(split.slots, spy.searched)}
+        ref_fq = _fq_whole(ref_result, SINGLE_PROCESS)
+        out[name] = dict(
+            search_calls=search_calls, forward_calls=forward_calls, local_rows_ok=local_rows_ok, state_sharded=state_sharded,
+            same_fq=set(fq) == set(ref_fq) and all(torch.equal(fq[k], ref_fq[k]) for k in fq),
+            same_logits=torch.equal(logits, ref_logits),
+            ref_fq={k: v.cpu() for k, v in ref_fq.items()},
+            split_fq={k: v.cpu() for k, v in _fq_whole(split, split_ctx).items()},
+            ref_hessians=ref_hessians, split_hessians=split_hessians,
+            weights={s.name: s.module.weight.detach().cpu() for s in ref_result.slots})
+    return out if rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_ranks(_fsdp_runs, 2, list(METHODS))[0]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fsdp2_bit_identical_to_one_process(runs, method):
+    r = runs[method]
+    assert r["same_fq"], "gathered fake-quant weights differ from the single-process run"
+    assert r["same_logits"], "fake-quant forward under FSDP2 differs from the single-process one"
+    assert r["state_sharded"], "quantizer state should be a DTensor sharded like the weight"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_search_touches_local_shards_only(runs, method):
+    r = runs[method]
+    assert r["search_calls"] == [], f"gather/unshard during the search phase: {r['search_calls']}"
+    assert "full_tensor" in r["forward_calls"] and len(r["forward_calls"]) > 1, r["forward_calls"]
+    assert r["local_rows_ok"], "a search saw more than this rank's rows"
+
+
+@pytest.mark.parametrize("method", ["local_hessian", "dss"])
+def test_data_split_hessians_and_near_ties(runs, method):
+    r = runs[method]
+    differing = 0
+    for name, h_ref in r["ref_hessians"].items():
+        h_split = r["split_hessians"][name]
+        torch.testing.assert_close(h_split, h_ref, rtol=1e-5, atol=1e-6 * h_ref.abs().max().item())
+        w, fq_ref, fq_split = r["weights"][name], r["ref_fq"][name], r["split_fq"][name]
+        loss_ref = block_loss(nvfp4.blocks(w - fq_ref), h_ref)
+        loss_split = block_loss(nvfp4.blocks(w - fq_split), h_ref)
+        changed = (nvfp4.blocks(fq_ref) != nvfp4.blocks(fq_split)).any(-1)
+        differing += int(changed.sum())
+        gap = (loss_split - loss_ref).abs()[changed]
+        assert bool((gap <= 1e-5 * loss_ref[changed].abs().clamp_min(1e-30)).all()), name
+    assert r["ref_hessians"], "no Hessian was recorded"
+
+
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_data_split_weight_only_methods_identical(runs, method):
+    r = runs[method]
+    for name, fq in r["ref_fq"].items():
+        assert torch.equal(r["split_fq"][name], fq), name
