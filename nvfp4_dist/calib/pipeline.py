@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..config import DeadExpertPolicy, QuantConfig
@@ -29,8 +28,8 @@ from ..kernels.reference import beta_grid
 from ..kernels.types import Method
 from ..moe import ExpertSummary, dead_input_amax, summarize_experts
 from ..numerics import nvfp4
-from ..parallel.access import local_weight
-from ..parallel.context import SINGLE_PROCESS, ParallelContext
+from ..parallel.access import expose_local_shards, local_weight
+from ..parallel.context import ParallelContext, check_groups, detect_context
 from ..parallel.reduce import reduce_global_amax, reduce_report_sums, reduce_stats
 from ..progress import progress
 from .apply import install_fake_quant
@@ -75,13 +74,6 @@ def _dead_names(slots, states, experts: ExpertSummary) -> list[str]:
     return dense + [r.name for r in experts.dead]
 
 
-def default_context() -> ParallelContext:
-    """Single process, or every rank a data-parallel replica when torch.distributed is up."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return ParallelContext(dp=dist.group.WORLD)
-    return SINGLE_PROCESS
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -113,14 +105,15 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
 
     ``forward_loop(model)`` runs the calibration data through the model (needed for
     ``local_hessian`` and for W4A4 input scales). ``ctx`` names the process groups of a
-    distributed layout (default: single process, or pure data parallel over WORLD).
+    distributed layout (default: detected, see :func:`~nvfp4_dist.parallel.context.detect_context`).
     Returns a :class:`QuantResult` with per-slot states and a per-layer report.
     """
     config = config or QuantConfig()
-    ctx = ctx or default_context()
+    ctx = ctx or detect_context(model)
     seconds = {}
     t0 = time.perf_counter()
     inv = discover(model, config, ctx)
+    check_groups(inv.slots, ctx)
     validate_weights(inv.slots, local_weight)
     device = _model_device(model)
     needs_stats = config.needs_hessian or config.quantize_inputs
@@ -132,6 +125,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
     t0 = time.perf_counter()
     store = observe(model, inv, config, forward_loop) if needs_stats else StatsStore()
     seconds["observe"] = time.perf_counter() - t0
+    expose_local_shards(model)  # FSDP2 keeps the root's weights unsharded after a forward
 
     t0 = time.perf_counter()
     if needs_stats:
