@@ -3,6 +3,7 @@
     nvfp4-dist quantize --model {tiny-dense | PATH} --method {max,mse,local_hessian} [--dss]
                         --format {modelopt,compressed-tensors} --out DIR [--calib-samples N]
                         [--seq-len L] [--seed S] [--overwrite]
+    torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] ...
     nvfp4-dist inspect DIR
 """
 
@@ -52,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=list(DTYPES), default="auto",
                    help="model dtype (auto: the checkpoint's; float32 for embedded models)")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--backend", choices=["hf", "fsdp2", "megatron"], default="hf",
+                   help="layout across torchrun ranks: hf (whole model per rank), fsdp2 (FSDP2 "
+                        "shards), megatron (Megatron-core GPT, tensor parallel); see nvfp4_dist.backends")
+    q.add_argument("--tp", type=int, default=1, help="tensor-parallel size (--backend megatron)")
+    q.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds any collective may wait before the run fails (a rank died or raised)")
+    q.add_argument("--split-calib", action="store_true",
+                   help="each data-parallel rank calibrates on its share of the data (statistics "
+                        "summed); default: every rank sees all of it, as one process would")
+    q.add_argument("--float64-calib", action="store_true",
+                   help="calibration forward in float64: Hessian statistics identical at every TP size")
 
     i = sub.add_parser("inspect", help="validate an exported checkpoint and summarise it")
     i.add_argument("dir", type=Path)
@@ -99,6 +111,10 @@ def cmd_quantize(args) -> int:
 
     config = _config_from_args(args)
     _check_out_dir(args.out, args.overwrite)
+    from .backends import is_launched, run_quantize
+
+    if args.backend != "hf" or is_launched():  # under torchrun, or a layout needing a process group
+        return run_quantize(args, config)
     show = not args.no_progress
     t_start = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed, dtype=DTYPES[args.dtype], device=_device(args.device))

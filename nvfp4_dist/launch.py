@@ -49,10 +49,12 @@ def pick_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     single_group: bool = False) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT); a plain process (no WORLD_SIZE) stays single. ``timeout_s`` bounds every
-    collective. With NCCL each rank uses ``cuda:LOCAL_RANK``."""
+    MASTER_PORT). A plain process (no WORLD_SIZE) stays single, or with ``single_group`` gets a
+    one-rank group on an in-memory store (Megatron's parallel_state needs a group even for one
+    rank). ``timeout_s`` bounds every collective. With NCCL each rank uses ``cuda:LOCAL_RANK``."""
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s={timeout_s} must be positive")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,11 +68,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world == 1 and not dist.is_initialized():
+    if world == 1 and not dist.is_initialized() and not single_group:
         return DistInfo(0, 1, 0, None, device)
     if not dist.is_initialized():
+        store = dist.HashStore() if world == 1 and "MASTER_ADDR" not in os.environ else None
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+                                device_id=device if backend == "nccl" else None, store=store,
+                                **({"rank": 0, "world_size": 1} if store is not None else {}))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
 
 

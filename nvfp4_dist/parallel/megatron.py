@@ -31,10 +31,11 @@ from ..calib.observers import InputStats, StatsStore
 from ..calib.slots import ExportPart, ShardLayout, WeightSlot
 from ..errors import LayoutError
 from ..numerics.constants import BLOCK_SIZE
-from .context import ParallelContext, group_size
+from .context import ParallelContext
 from .layouts import LayoutAdapter, register_adapter
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from megatron.core.tensor_parallel.layers import (  # noqa: E402
+    ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 
 # Megatron GPT module name (regex) -> (HF module prefix, kind). Kinds: "qkv" (fused q/k/v rows),
 # "glu" (fused gate/up rows), "plain" (one HF module).
@@ -223,6 +224,50 @@ class RowParallelAdapter(LayoutAdapter):
         return [observe_input_columns(module, stats, start, start + layout.local_shape[1])]
 
 
-def tp_world(ctx: ParallelContext) -> int:
-    """Size of the context's "tp" group (1 without one)."""
-    return group_size(ctx.group("tp"))
+# Megatron GPT state key (regex) -> HF key, for tensors exported unquantized (linears excepted:
+# their names come from GPT_TO_HF, rows and all).
+GPT_STATE_TO_HF = (
+    (r"(?:.*\.)?embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
+    (r"(?:.*\.)?decoder\.final_layernorm\.weight", "model.norm.weight"),
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.input_layernorm\.weight", "model.layers.{0}.input_layernorm.weight"),
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight",
+     "model.layers.{0}.post_attention_layernorm.weight"),
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.self_attention\.q_layernorm\.weight", "model.layers.{0}.self_attn.q_norm.weight"),
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.self_attention\.k_layernorm\.weight", "model.layers.{0}.self_attn.k_norm.weight"),
+)
+
+
+def hf_state_key(key: str) -> str:
+    """HF name of an unquantized Megatron GPT state tensor (the key itself when unknown)."""
+    for pattern, template in GPT_STATE_TO_HF:
+        match = re.fullmatch(pattern, key)
+        if match is not None:
+            return template.format(*match.groups())
+    return key
+
+
+def megatron_namer(ctx: ParallelContext):
+    """Namer for :func:`nvfp4_dist.export.distributed.export_distributed`: HF names of a GPT's
+    unquantized tensors and how this rank holds them (linears and vocabulary embeddings split
+    over TP; norms replicated). An unquantized fused linear is exported per HF module."""
+    from ..export.distributed import PassThrough
+
+    def name(key, module, tensor):
+        module_name, _, leaf = key.rpartition(".")
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and leaf == "weight":
+            layout = (column_layout if isinstance(module, ColumnParallelLinear) else row_layout)(
+                module_name, module, ctx)
+            parts = hf_export_parts(module_name, module) or (ExportPart(module_name, slice(None)),)
+            outputs = tuple((f"{p.name}.weight", p.rows) for p in parts)
+            if not layout.is_sharded:
+                return PassThrough(outputs)
+            axis = layout.shard_axis
+            return PassThrough(outputs, axis, layout.offset[axis], ctx.group(layout.shard_group))
+        outputs = ((hf_state_key(key), slice(None)),)
+        if isinstance(module, VocabParallelEmbedding):
+            rank, size = tp_rank_size(module)
+            if size > 1:
+                return PassThrough(outputs, 0, rank * tensor.shape[0], ctx.group(tp_group_name(module)))
+        return PassThrough(outputs)
+
+    return name

@@ -247,3 +247,28 @@ def gather_slot_tensor(tensor: torch.Tensor, layout: ShardLayout, ctx: ParallelC
     axis = layout.shard_axis
     offset = layout.offset[axis] // (elems_per_col if axis == 1 else 1)
     return gather_along(tensor, axis, offset, ctx.group(layout.shard_group), dst=dst)
+
+
+def world_objects(obj) -> list:
+    """``obj`` from every rank of WORLD in rank order (``[obj]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank of WORLD (``obj`` itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def group_ranks(group) -> list[int]:
+    """Global ranks of ``group`` ([this rank] for None or a single process)."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return [dist.get_rank() if dist.is_available() and dist.is_initialized() else 0]
+    return dist.get_process_group_ranks(group)

@@ -62,6 +62,10 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
     patch_megatron_for_cpu()
     try:
         result = fn(*args)
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
     finally:
         from nvfp4_dist.launch import shutdown
 
@@ -72,26 +76,41 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0) -> list:
+def run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0, may_die: tuple[int, ...] = ()) -> list:
     """Run ``fn(*args)`` on ``world_size`` ranks (env set as torchrun would); returns each rank's
-    return value (tensors, dicts, lists, strings, numbers), in rank order. ``fn`` joins the
-    process group itself (``nvfp4_dist.launch.init_distributed``). A rank that raises fails the
-    test with its traceback; ranks still running after ``timeout_s`` are killed."""
+    return value (tensors, dicts, lists, strings, numbers) in rank order, None for a rank in
+    ``may_die`` that exited without one. ``fn`` joins the process group itself
+    (``nvfp4_dist.launch.init_distributed``). Any other rank that fails fails the test with its
+    traceback; ranks still running after ``timeout_s`` are killed and fail it too."""
     backend_for(world_size)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     out_dir = tempfile.mkdtemp(prefix="nvfp4_dist_ranks_")
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, fn, world_size, port, out_dir, args), daemon=True)
+             for r in range(world_size)]
     try:
-        procs = mp.start_processes(_entry, args=(fn, world_size, _free_port(), out_dir, args),
-                                   nprocs=world_size, join=False, start_method="forkserver")
+        for p in procs:
+            p.start()
         deadline = time.monotonic() + timeout_s
-        while not procs.join(timeout=1.0):
+        while any(p.is_alive() for p in procs):
             if time.monotonic() > deadline:
-                for p in procs.processes:
-                    if p.is_alive():
-                        p.kill()
                 pytest.fail(f"distributed workers still running after {timeout_s:g} s")
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True)
-                for r in range(world_size)]
+            time.sleep(0.2)
+        results = []
+        for r, p in enumerate(procs):
+            path = os.path.join(out_dir, f"rank{r}.pt")
+            if p.exitcode == 0 and os.path.exists(path):
+                results.append(torch.load(path, weights_only=True))
+            elif r in may_die:
+                results.append(None)
+            else:
+                err = os.path.join(out_dir, f"rank{r}.err")
+                detail = open(err).read() if os.path.exists(err) else "(no traceback)"
+                pytest.fail(f"rank {r} exited with code {p.exitcode}:\n{detail}")
+        return results
     finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
         shutil.rmtree(out_dir, ignore_errors=True)
