@@ -100,9 +100,8 @@ def _is_quantizer_buffer(key: str) -> bool:
     return "_nvfp4_" in leaf and leaf.rsplit("_nvfp4_", 1)[1] in SUFFIXES
 
 
-def _storage_key(t: torch.Tensor):
-    if t.device.type == "meta":
-        return None
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's memory: tied parameters (one storage, same view) share it."""
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
@@ -147,14 +146,17 @@ def _plan(model: nn.Module, result: QuantResult, w4a4: bool) -> _Plan:
         if hasattr(tensor, "to_local"):
             problems.append(f"{key}: a distributed (DTensor) tensor; use the distributed export")
             continue
+        if tensor.device.type == "meta":
+            problems.append(f"{key}: a meta tensor (no data); materialise the model before exporting")
+            continue
         storage = _storage_key(tensor)
-        if storage is not None and storage in seen:
+        if storage in seen:
             continue  # tied to `seen[storage]` (e.g. lm_head tied to the embeddings): written once
-        if storage is not None:
-            seen[storage] = key
+        seen[storage] = key
         order.append(key)
         tensors[key] = tensor
-    order += [key for key in quantized if key not in order]
+    emitted = set(order)
+    order += [key for key in quantized if key not in emitted]
     if problems:
         raise ExportError("cannot export:\n  " + "\n  ".join(problems))
     return _Plan(dict(quantized), order, tensors, parts)

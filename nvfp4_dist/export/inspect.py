@@ -179,6 +179,7 @@ def _scan_files(report: InspectReport) -> dict[str, str]:
         report.problems.append(str(err))
         return {}
     present: dict[str, str] = {}
+    unmarked: list[str] = []
     by_file: dict[str, set[str]] = defaultdict(set)
     for name, file in assigned.items():
         by_file[file].add(name)
@@ -189,7 +190,8 @@ def _scan_files(report: InspectReport) -> dict[str, str]:
         report.files.append(file)
         with safe_open(path / file, framework="pt") as f:
             keys = set(f.keys())
-            _check_header(f.metadata(), file, report)
+            if not _check_header(f.metadata(), file, report):
+                unmarked.append(file)
         for name in sorted(by_file[file] - keys):
             report.problems.append(f"index maps {name} to {file}, which does not hold it")
         extra = keys - by_file[file]
@@ -199,21 +201,22 @@ def _scan_files(report: InspectReport) -> dict[str, str]:
     stray = sorted(p.name for p in path.glob("*.safetensors") if p.name not in by_file)
     if stray:
         report.problems.append(f"shard files not referenced by the index: {_listed(stray)}")
+    if unmarked:
+        report.notes.append(f"no nvfp4_dist format marker (written by another tool?) in: {_listed(unmarked)}")
     return present
 
 
-def _check_header(metadata: dict | None, file: str, report: InspectReport) -> None:
+def _check_header(metadata: dict | None, file: str, report: InspectReport) -> bool:
+    """Format marker and version of one file's header; False when it carries no marker."""
     metadata = metadata or {}
     try:
         check_format_version(metadata, file)
     except ExportError as err:
         report.problems.append(str(err))
     written = metadata.get("nvfp4_dist_format")
-    if written is None:
-        if not any("format marker" in n for n in report.notes):
-            report.notes.append(f"{file}: no nvfp4_dist format marker (written by another tool?)")
-    elif report.fmt is not None and written != report.fmt.value:
+    if written is not None and report.fmt is not None and written != report.fmt.value:
         report.problems.append(f"{file}: header says format {written!r} but config.json says {report.fmt.value!r}")
+    return written is not None
 
 
 def _check_values(path: Path, present: dict[str, str], scale_names: set[str], report: InspectReport):
@@ -236,7 +239,8 @@ def _check_values(path: Path, present: dict[str, str], scale_names: set[str], re
                 report.total_bytes += t.numel() * t.element_size()
                 if not t.is_floating_point():
                     continue
-                values = t.float()  # E4M3's NaN encodings decode to NaN here
+                # FP8 widened (its NaN encodings decode to NaN); wider types checked in place.
+                values = t.float() if t.element_size() == 1 else t
                 bad = int((~torch.isfinite(values)).sum())
                 if bad:
                     nonfinite.append(f"{name} ({bad})")
@@ -327,28 +331,7 @@ def inspect_checkpoint(path) -> InspectReport:
     if not report.path.is_dir():
         report.problems.append(f"{report.path} is not a directory")
         return report
-    qc = None
-    try:
-        qc = read_json(report.path / "config.json", "config").get("quantization_config")
-    except ExportError as err:
-        report.problems.append(str(err))
-    if qc is not None and not isinstance(qc, dict):
-        report.problems.append("config.json: quantization_config is not an object")
-        qc = None
-    elif qc is None and (report.path / "config.json").is_file():
-        report.problems.append("config.json has no quantization_config")
-    if qc is not None:
-        report.fmt = detect_format(qc)
-        if report.fmt is None:
-            report.problems.append(f"config.json quantization_config: quant_method {qc.get('quant_method')!r} "
-                                   "is neither 'modelopt' nor 'compressed-tensors'")
-    if report.fmt is not None:
-        report.problems += config_problems(report.fmt, qc)
-        report.w4a4 = config_w4a4(qc)
-        report.ignore = [x for x in qc.get("ignore") or [] if isinstance(x, str)]
-    if report.fmt is ExportFormat.MODELOPT:
-        _check_hf_quant_config(report)
-
+    _check_config(report)
     present = _scan_files(report)
     if report.fmt is None:
         return report
@@ -373,6 +356,29 @@ def inspect_checkpoint(path) -> InspectReport:
         report.notes.append("unquantized 2-D weights not in the ignore list (fine for embeddings; a "
                             f"linear layer here would be treated as quantized by engines): {_listed(unlisted)}")
     return report
+
+
+def _check_config(report: InspectReport) -> None:
+    """config.json (and hf_quant_config.json): sets the report's format, W4A4 flag and ignore list."""
+    try:
+        config = read_json(report.path / "config.json", "config")
+    except ExportError as err:
+        report.problems.append(str(err))
+        return
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict):
+        report.problems.append("config.json has no quantization_config object")
+        return
+    report.fmt = detect_format(qc)
+    if report.fmt is None:
+        report.problems.append(f"config.json quantization_config: quant_method {qc.get('quant_method')!r} "
+                               "is neither 'modelopt' nor 'compressed-tensors'")
+        return
+    report.problems += config_problems(report.fmt, qc)
+    report.w4a4 = config_w4a4(qc)
+    report.ignore = [x for x in qc.get("ignore") or [] if isinstance(x, str)]
+    if report.fmt is ExportFormat.MODELOPT:
+        _check_hf_quant_config(report)
 
 
 def _check_orphans(modules: list[str], scheme: TensorScheme, info: dict, report: InspectReport) -> None:

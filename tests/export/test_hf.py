@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 
 import nvfp4_dist.export.hf as hf
 from nvfp4_dist import QuantConfig, quantize
+from nvfp4_dist.calib.slots import ExportPart
 from nvfp4_dist.errors import ExportError
 from nvfp4_dist.export.formats import ExportFormat, quantization_config
 from nvfp4_dist.export.hf import export_hf
@@ -224,3 +227,42 @@ def test_source_files_are_copied_and_weights_are_not(plain_run, tmp_path):
     assert config["vocab_size"] == 7 and "quantization_config" in config  # source config as the base
     with pytest.raises(ExportError, match="source_dir"):
         export_hf(model, result, tmp_path / "other", source_dir=tmp_path / "missing")
+
+
+def test_interleaved_export_parts_split_one_slot_into_modules(tmp_path):
+    """A fused slot whose rows interleave q/k/v (Megatron's linear_qkv layout) exports three
+    modules that take their rows by index and share the slot's global scale."""
+    model = nn.Sequential()
+    model.add_module("qkv", nn.Linear(32, 48, bias=False))
+    result = quantize(model, QuantConfig(method="mse", quantize_inputs=False), show_progress=False)
+    rows = {leaf: torch.arange(i, 48, 3) for i, leaf in enumerate(("q_proj", "k_proj", "v_proj"))}
+    slot = dataclasses.replace(result.slots[0], export_parts=tuple(
+        ExportPart(f"attn.{leaf}", index) for leaf, index in rows.items()))
+    result.inventory.slots[:] = [slot]
+    summary = export_hf(model, result, tmp_path / "out", fmt="compressed-tensors")
+    assert sorted(summary.quantized) == ["attn.k_proj", "attn.q_proj", "attn.v_proj"]
+    report = inspect_checkpoint(summary.path)
+    assert report.ok and report.fused_groups == 1, report.format()
+    state = result.states["qkv"]
+    fq = nvfp4.fake_quant(model.qkv.weight.detach(), state.block_amax, state.global_amax)
+    reader = CheckpointReader(summary.path)
+    for leaf, index in rows.items():
+        stored = reader.stored(f"attn.{leaf}")
+        assert stored.shape == (16, 32)
+        scale = nvfp4.scale_fp8(state.block_amax, state.global_amax)[index]
+        assert torch.equal(stored.scale.view(torch.uint8), scale.view(torch.uint8))
+        assert ((reader.dequantized(f"attn.{leaf}") - fq[index]).abs() <= CT_REL_BOUND * fq[index].abs()).all()
+
+
+def test_tied_weights_are_written_once_under_the_first_name(tmp_path):
+    model = nn.Module()
+    model.embed_tokens = nn.Embedding(64, 32)
+    model.proj = nn.Linear(32, 32)
+    model.lm_head = nn.Linear(32, 64, bias=False)
+    model.lm_head.weight = model.embed_tokens.weight  # tied, as with tie_word_embeddings
+    result = quantize(model, QuantConfig(method="max", quantize_inputs=False), show_progress=False)
+    summary = export_hf(model, result, tmp_path / "out")
+    reader = CheckpointReader(summary.path)
+    assert "lm_head.weight" not in reader.weight_map and summary.ignore == ("lm_head",)
+    assert torch.equal(reader.tensor("embed_tokens.weight"), model.embed_tokens.weight.detach())
+    assert reader.quantized_modules() == ["proj"]
