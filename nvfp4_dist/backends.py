@@ -85,7 +85,7 @@ def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp:
 
     if backend is Backend.MEGATRON:
         from .models.megatron_gpt import build_megatron_gpt, megatron_forward_loop
-        from .parallel.megatron import hf_export_parts, megatron_namer
+        from .parallel.megatron import hf_module_names, megatron_namer
 
         ctx = init_megatron(tp, timeout_s=timeout_s, data_split=split_calib)
         from megatron.core import parallel_state as ps
@@ -97,12 +97,8 @@ def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp:
         loop = megatron_forward_loop(data, batch_size, show_progress)
 
         def export(result, out_dir, fmt, overwrite, source_dir):
-            ignore = []
-            for name in result.ignored:
-                parts = hf_export_parts(name, model.get_submodule(name))
-                ignore += [p.name for p in parts] or [name]
             return export_distributed(model, result, out_dir, ctx, config, fmt, megatron_namer(ctx),
-                                      ignore, source_dir, overwrite)
+                                      hf_module_names(model, result.ignored), source_dir, overwrite)
     else:
         data_ranks = world if split_calib else 1
         data = _share(tokens, rank, world) if split_calib else tokens

@@ -28,7 +28,7 @@ from ..kernels.reference import beta_grid
 from ..kernels.types import Method
 from ..moe import ExpertSummary, dead_input_amax, summarize_experts
 from ..numerics import nvfp4
-from ..parallel.access import expose_local_shards, local_weight
+from ..parallel.access import local_shards, local_weight
 from ..parallel.context import ParallelContext, check_groups, detect_context
 from ..parallel.reduce import reduce_global_amax, reduce_report_sums, reduce_stats
 from ..progress import progress
@@ -112,9 +112,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
     ctx = ctx or detect_context(model)
     seconds = {}
     t0 = time.perf_counter()
-    inv = discover(model, config, ctx)
-    check_groups(inv.slots, ctx)
-    validate_weights(inv.slots, local_weight)
+    with local_shards(model):  # FSDP1: discovery needs the 2-D weights
+        inv = discover(model, config, ctx)
+        check_groups(inv.slots, ctx)
+        validate_weights(inv.slots, local_weight)
     device = _model_device(model)
     needs_stats = config.needs_hessian or config.quantize_inputs
     if needs_stats and forward_loop is None:
@@ -125,51 +126,52 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
     t0 = time.perf_counter()
     store = observe(model, inv, config, forward_loop) if needs_stats else StatsStore()
     seconds["observe"] = time.perf_counter() - t0
-    expose_local_shards(model)  # FSDP2 keeps the root's weights unsharded after a forward
+    # FSDP2: reshard (the root keeps its weights unsharded after a forward); FSDP1: summon
+    # the full weights with writeback (its fallback). Other layouts: local shards as they are.
+    with local_shards(model):
+        t0 = time.perf_counter()
+        if needs_stats:
+            reduce_stats(store, inv.slots, ctx, device)
+        local_amax = {}
+        for slot in inv.slots:
+            w = local_weight(slot)
+            local_amax[slot.name] = (w.detach().abs().amax().float() if w.numel()
+                                     else torch.zeros((), dtype=torch.float32, device=w.device))
+        global_amax = reduce_global_amax(inv.slots, local_amax, ctx)
+        seconds["reduce"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    if needs_stats:
-        reduce_stats(store, inv.slots, ctx, device)
-    local_amax = {}
-    for slot in inv.slots:
-        w = local_weight(slot)
-        local_amax[slot.name] = (w.detach().abs().amax().float() if w.numel()
-                                 else torch.zeros((), dtype=torch.float32, device=w.device))
-    global_amax = reduce_global_amax(inv.slots, local_amax, ctx)
-    seconds["reduce"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
-    states: dict[str, SlotState] = {}
-    sums = {}
-    hessians = {}
-    for slot in progress(inv.slots, desc="search", enabled=show_progress):
-        stats = store.get(slot.stats_key)
-        tokens = stats.tokens if stats is not None else 0
-        dead = needs_stats and tokens == 0
-        hessian = stats.hessian() if (stats is not None and config.needs_hessian) else None
-        method = config.method
-        if method is Method.LOCAL_HESSIAN and hessian is None:
-            method = Method.MSE  # weight-only objective for weights no token reached
-        g = global_amax[slot.fused_group]
-        w = local_weight(slot).detach()
-        if w.numel():
-            choice = search_block_scales(w, g, method, hessian=hessian,
-                                         dss_betas=betas if method is Method.LOCAL_HESSIAN else None,
-                                         backend=config.backend)
-            block_amax, beta = choice.block_amax, choice.dss_beta
-        else:
-            block_amax = torch.zeros(w.shape[0], w.shape[1] // 16, device=w.device)
-            beta = None
-        states[slot.name] = SlotState(
-            global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
-            input_amax=stats.amax.clone() if (config.quantize_inputs and stats is not None) else None,
-            tokens=tokens, dead=dead)
-        hessians[slot.name] = hessian
-        fq = fake_quant_weight(w, block_amax, g, beta, backend=config.backend)
-        fq_max = fake_quant_weight(w, nvfp4.block_amax(w), g, backend=config.backend)
-        sums[slot.name] = error_sums(w, fq, fq_max, hessian)
-    seconds["search"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
+        states: dict[str, SlotState] = {}
+        sums = {}
+        hessians = {}
+        for slot in progress(inv.slots, desc="search", enabled=show_progress):
+            stats = store.get(slot.stats_key)
+            tokens = stats.tokens if stats is not None else 0
+            dead = needs_stats and tokens == 0
+            hessian = stats.hessian() if (stats is not None and config.needs_hessian) else None
+            method = config.method
+            if method is Method.LOCAL_HESSIAN and hessian is None:
+                method = Method.MSE  # weight-only objective for weights no token reached
+            g = global_amax[slot.fused_group]
+            w = local_weight(slot).detach()
+            if w.numel():
+                choice = search_block_scales(w, g, method, hessian=hessian,
+                                             dss_betas=betas if method is Method.LOCAL_HESSIAN else None,
+                                             backend=config.backend)
+                block_amax, beta = choice.block_amax, choice.dss_beta
+            else:
+                block_amax = torch.zeros(w.shape[0], w.shape[1] // 16, device=w.device)
+                beta = None
+            states[slot.name] = SlotState(
+                global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
+                input_amax=stats.amax.clone() if (config.quantize_inputs and stats is not None) else None,
+                tokens=tokens, dead=dead)
+            hessians[slot.name] = hessian
+            fq = fake_quant_weight(w, block_amax, g, beta, backend=config.backend)
+            fq_max = fake_quant_weight(w, nvfp4.block_amax(w), g, backend=config.backend)
+            sums[slot.name] = error_sums(w, fq, fq_max, hessian)
+        seconds["search"] = time.perf_counter() - t0
 
     if config.quantize_inputs:
         for name, amax in dead_input_amax(inv.slots, states, ctx).items():

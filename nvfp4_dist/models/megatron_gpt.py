@@ -132,6 +132,38 @@ def hf_to_megatron(hf_state: dict[str, torch.Tensor], hf_config, tp_rank: int, t
     return out
 
 
+class SequenceParallelRMSNorm(nn.RMSNorm):
+    """torch RMSNorm with Megatron's norm constructor, usable under sequence parallelism.
+
+    Megatron's local spec wraps torch norms but refuses sequence parallelism (without Apex or
+    TransformerEngine it has no norm whose weight gradient is reduced over TP). Normalisation is
+    per token, so each rank normalising its own slice of the sequence is exact; the weight is
+    marked ``sequence_parallel`` as Megatron marks its own SP norm weights (training code
+    all-reduces their gradients over TP).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+
+def _layer_spec(qk_norm: bool, num_layers: int, sequence_parallel: bool):
+    """Megatron's local GPT layer spec; under sequence parallelism a block spec whose norms are
+    :class:`SequenceParallelRMSNorm`."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+    if not sequence_parallel:
+        return spec
+    sub = spec.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if qk_norm:
+        sub.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+        sub.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SequenceParallelRMSNorm)
+
+
 def build_megatron_gpt(hf_model: nn.Module, sequence_parallel: bool = False,
                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """A Megatron-core ``GPTModel`` (local layer spec, no TransformerEngine) holding this rank's
@@ -142,7 +174,6 @@ def build_megatron_gpt(hf_model: nn.Module, sequence_parallel: bool = False,
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if not ps.model_parallel_is_initialized():
         raise ModelLoadError("megatron parallel_state is not initialised: call "
@@ -154,7 +185,7 @@ def build_megatron_gpt(hf_model: nn.Module, sequence_parallel: bool = False,
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     c = _hf_text_config(hf_config)
     config = megatron_config(hf_config, tp, sequence_parallel, dtype, qk_layernorm=qk_norm)
-    model = GPTModel(config, get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm"),
+    model = GPTModel(config, _layer_spec(qk_norm, c["layers"], config.sequence_parallel),
                      vocab_size=c["vocab"], max_sequence_length=c["max_pos"],
                      position_embedding_type="rope", rotary_base=c["rope_theta"],
                      share_embeddings_and_output_weights=c["tied"])

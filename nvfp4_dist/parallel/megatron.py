@@ -170,6 +170,16 @@ def hf_export_parts(name: str, module: nn.Module) -> tuple[ExportPart, ...]:
     return ()
 
 
+def hf_module_names(model: nn.Module, names) -> list[str]:
+    """HF module names of Megatron modules ``names`` (e.g. ``QuantResult.ignored``, for an
+    export's ignore list: ``output_layer`` -> ``lm_head``); unknown names are kept."""
+    out = []
+    for name in names:
+        parts = hf_export_parts(name, model.get_submodule(name))
+        out += [p.name for p in parts] or [name]
+    return out
+
+
 def _weight_or_none(module: nn.Module):
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) else None

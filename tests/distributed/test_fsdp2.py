@@ -86,6 +86,27 @@ def _fq_whole(result, ctx):
     return out
 
 
+def _fsdp1_run(config, loop, tokens, device, ref_fq, ref_logits) -> dict:
+    """FSDP1 (flat parameters, ``use_orig_params=True``) through the summon_full_params fallback,
+    every rank feeding all the data: compared with the single-process run."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from small_model import small_hf_model
+
+    from nvfp4_dist import ParallelContext, quantize
+    from nvfp4_dist.parallel.access import local_shards
+
+    model = FSDP(small_hf_model().to(device), device_id=device, use_orig_params=True)
+    result = quantize(model, config, loop, ctx=ParallelContext(), show_progress=False)
+    with local_shards(model):
+        fq = {s.name.replace("_fsdp_wrapped_module.", ""): v for s, v in
+              zip(result.slots, _fq_whole(result, ParallelContext()).values())}
+    with torch.no_grad():
+        logits = model(tokens).logits
+    return dict(same_fq=set(fq) == set(ref_fq) and all(torch.equal(fq[k], ref_fq[k]) for k in fq),
+                same_logits=torch.equal(logits, ref_logits))
+
+
 def _fsdp_runs(methods: list[str]) -> dict:
     """Worker: per method, one process's reference (rank 0 computes it with no collective), FSDP2
     with replicated data, FSDP2 with the default context (data split)."""
@@ -99,9 +120,9 @@ def _fsdp_runs(methods: list[str]) -> dict:
     from nvfp4_dist.parallel.context import SINGLE_PROCESS, detect_context
     from nvfp4_dist.parallel.fsdp import fsdp_context
 
-    init_distributed(timeout_s=120)
+    device = init_distributed(timeout_s=120).device
     rank, world = dist.get_rank(), dist.get_world_size()
-    tokens = small_tokens()
+    tokens = small_tokens().to(device)
     spy = _Spy()
 
     def loop_over(data):
@@ -110,14 +131,14 @@ def _fsdp_runs(methods: list[str]) -> dict:
     out = {}
     for name in methods:
         config = QuantConfig(**METHODS[name])
-        ref = small_hf_model()
+        ref = small_hf_model().to(device)
         spy.searched.clear()
         ref_result = quantize(ref, config, loop_over(tokens), ctx=SINGLE_PROCESS, show_progress=False)
         ref_hessians = {s.name: h for s, (_, h) in zip(ref_result.slots, spy.searched)}
         with torch.no_grad():
             ref_logits = ref(tokens).logits
 
-        model = shard_fsdp2(small_hf_model())
+        model = shard_fsdp2(small_hf_model().to(device))
         ctx = fsdp_context(model, data_split=False)
         spy.calls.clear()
         spy.searched.clear()
@@ -135,21 +156,24 @@ def _fsdp_runs(methods: list[str]) -> dict:
         forward_calls = list(spy.calls)
         fq = _fq_whole(result, ctx)
 
-        split_model = shard_fsdp2(small_hf_model())
+        split_model = shard_fsdp2(small_hf_model().to(device))
         share = tokens.chunk(world)[rank]
         spy.searched.clear()
         split = quantize(split_model, config, loop_over(share), show_progress=False)
         split_ctx = detect_context(split_model)
         split_hessians = {s.name: h for s, (_, h) in zip(split.slots, spy.searched)}
         ref_fq = _fq_whole(ref_result, SINGLE_PROCESS)
+        fsdp1 = _fsdp1_run(config, loop_over(tokens), tokens, device, ref_fq, ref_logits)
         out[name] = dict(
             search_calls=search_calls, forward_calls=forward_calls, local_rows_ok=local_rows_ok, state_sharded=state_sharded,
             same_fq=set(fq) == set(ref_fq) and all(torch.equal(fq[k], ref_fq[k]) for k in fq),
             same_logits=torch.equal(logits, ref_logits),
             ref_fq={k: v.cpu() for k, v in ref_fq.items()},
             split_fq={k: v.cpu() for k, v in _fq_whole(split, split_ctx).items()},
-            ref_hessians=ref_hessians, split_hessians=split_hessians,
-            weights={s.name: s.module.weight.detach().cpu() for s in ref_result.slots})
+            ref_hessians={k: v.cpu() for k, v in ref_hessians.items() if v is not None},
+            split_hessians={k: v.cpu() for k, v in split_hessians.items() if v is not None},
+            weights={s.name: s.module.weight.detach().cpu() for s in ref_result.slots},
+            fsdp1=fsdp1)
     return out if rank == 0 else None
 
 
@@ -164,6 +188,11 @@ def test_fsdp2_bit_identical_to_one_process(runs, method):
     assert r["same_fq"], "gathered fake-quant weights differ from the single-process run"
     assert r["same_logits"], "fake-quant forward under FSDP2 differs from the single-process one"
     assert r["state_sharded"], "quantizer state should be a DTensor sharded like the weight"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fsdp1_summon_fallback_matches_one_process(runs, method):
+    assert runs[method]["fsdp1"] == dict(same_fq=True, same_logits=True)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

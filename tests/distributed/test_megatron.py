@@ -30,10 +30,11 @@ METHODS = {"max": dict(method="max"), "mse": dict(method="mse"),
 HESSIAN_METHODS = ("local_hessian", "dss")
 
 
-def _run_layouts(plan: list[tuple[int, bool]], methods: list[str]) -> dict | None:
-    """Worker: for each (tp, data_split) in ``plan`` and each method, quantize a Megatron GPT
-    built from the same HF weights and return (rank 0) per HF module: fake-quant weight,
-    block amax and Hessian, gathered whole; input amax."""
+def _run_layouts(plan: list[tuple[int, bool, bool, list[str]]]) -> dict | None:
+    """Worker: for each (tp, data_split, sequence_parallel, methods) in ``plan``, quantize a
+    Megatron GPT built from the same HF weights and return (rank 0) per HF module: fake-quant
+    weight, block amax and Hessian, gathered whole; input and global amax. Keys
+    (tp, data_split, method, module), with method suffixed "+sp" under sequence parallelism."""
     import torch.distributed as dist
 
     import nvfp4_dist.calib.pipeline as pipeline
@@ -56,7 +57,7 @@ def _run_layouts(plan: list[tuple[int, bool]], methods: list[str]) -> dict | Non
 
     pipeline.search_block_scales = recording_search
     out = {}
-    for tp, data_split in plan:
+    for tp, data_split, sp, methods in plan:
         ctx = init_megatron(tp, timeout_s=120, data_split=data_split)
         from megatron.core import parallel_state as ps
 
@@ -64,12 +65,14 @@ def _run_layouts(plan: list[tuple[int, bool]], methods: list[str]) -> dict | Non
         if data_split:  # each data-parallel rank calibrates on its own contiguous share
             data = tokens.chunk(ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
         for name in methods:
-            model = build_megatron_gpt(hf, device=info.device)
+            model = build_megatron_gpt(hf, sequence_parallel=sp, device=info.device)
             loop = megatron_forward_loop(data, batch_size=2)
             if name in HESSIAN_METHODS:
                 loop = float64_forward(loop)
             recorded.clear()
             result = quantize(model, QuantConfig(**METHODS[name]), loop, ctx=ctx, show_progress=False)
+            assert all(s.sequence_parallel == (sp and s.layout.shard_axis == 0) for s in result.slots)
+            key = name + ("+sp" if sp else "")
             for slot, hessian in zip(result.slots, recorded):
                 state = result.states[slot.name]
                 w = local_weight(slot)
@@ -79,7 +82,7 @@ def _run_layouts(plan: list[tuple[int, bool]], methods: list[str]) -> dict | Non
                 if hessian is not None and slot.layout.shard_axis == 1:  # row parallel: cin blocks
                     hessian = gather_along(hessian, 0, slot.layout.offset[1] // 16, ctx.group("tp"))
                 for part in slot.parts():
-                    out[(tp, data_split, name, part.name)] = dict(
+                    out[(tp, data_split, key, part.name)] = dict(
                         fq=fq[part.rows].cpu(), block_amax=bamax[part.rows].cpu(),
                         hessian=None if hessian is None else hessian.cpu(),
                         input_amax=state.input_amax.cpu(), global_amax=state.global_amax.cpu())
@@ -88,11 +91,13 @@ def _run_layouts(plan: list[tuple[int, bool]], methods: list[str]) -> dict | Non
 
 @pytest.fixture(scope="module")
 def layouts():
-    """TP=1 and TP=2 (2 ranks; every rank sees all the data), TP=4 and TP=2 x DP=2 with the data
-    split (4 ranks): one dict keyed (tp, data_split, method, hf_module)."""
+    """2 ranks: TP=1 and TP=2 (every rank sees all the data), TP=2 with sequence parallelism;
+    4 ranks: TP=4, and TP=2 x DP=2 with the data split. One dict keyed
+    (tp, data_split, method, hf_module)."""
     names = list(METHODS)
-    two = run_ranks(_run_layouts, 2, [(1, False), (2, False)], names)[0]
-    four = run_ranks(_run_layouts, 4, [(4, False), (2, True)], names)[0]
+    two = run_ranks(_run_layouts, 2, [(1, False, False, names), (2, False, False, names),
+                                      (2, False, True, ["local_hessian"])])[0]
+    four = run_ranks(_run_layouts, 4, [(4, False, False, names), (2, True, False, names)])[0]
     return {**two, **four}
 
 
@@ -142,13 +147,9 @@ def _block_losses(w, fq, hessian):
     return block_loss(nvfp4.blocks(w.float() - fq.float()), hessian)
 
 
-@pytest.mark.parametrize("method", HESSIAN_METHODS)
-def test_dp_split_matches_all_data_up_to_near_ties(layouts, method):
-    """TP=2 x DP=2, each DP rank half the data, against TP=1 with all of it: Hessians equal up
-    to fp32 summation order; every block whose scale differs is a near-tie under the all-data
-    objective (its loss within 1e-5 relative of the all-data choice's)."""
-    ref = _modules(layouts, 1, False, method)
-    got = _modules(layouts, 2, True, method)
+def _assert_near_ties(ref: dict, got: dict) -> None:
+    """Hessians equal up to fp32 summation order; every block whose scale differs is a near-tie
+    under the reference objective (its loss within 1e-5 relative of the reference choice's)."""
     hf = dict(small_hf_model().named_parameters())
     differing = 0
     for name in ref:
@@ -164,6 +165,22 @@ def test_dp_split_matches_all_data_up_to_near_ties(layouts, method):
         assert bool((gap <= bound).all()), f"{name}: a differing block is not a near-tie"
     total = sum(nvfp4.blocks(r["fq"]).shape[0] * nvfp4.blocks(r["fq"]).shape[1] for r in ref.values())
     assert differing < total  # the comparison compared something real
+
+
+@pytest.mark.parametrize("method", HESSIAN_METHODS)
+def test_dp_split_matches_all_data_up_to_near_ties(layouts, method):
+    """TP=2 x DP=2, each DP rank half the data, against TP=1 with all of it."""
+    _assert_near_ties(_modules(layouts, 1, False, method), _modules(layouts, 2, True, method))
+
+
+def test_sequence_parallel_sums_statistics_over_tp(layouts):
+    """TP=2 with sequence parallelism: each rank observes half the tokens of the column-parallel
+    inputs, the reduce sums them over TP; equal to TP=1 up to fp32 summation order."""
+    ref, got = _modules(layouts, 1, False, "local_hessian"), _modules(layouts, 2, False, "local_hessian+sp")
+    assert set(got) == set(ref)
+    for name in ref:
+        assert torch.equal(got[name]["input_amax"], ref[name]["input_amax"]), name
+    _assert_near_ties(ref, got)
 
 
 def test_dp_split_max_and_mse_do_not_depend_on_data(layouts):
