@@ -35,6 +35,7 @@ from ..calib.pipeline import QuantResult
 from ..calib.slots import WeightSlot
 from ..calib.state import SUFFIXES, SlotState
 from ..errors import ExportError
+from ..kernels.dispatch import quantize_pack_weight
 from ..kernels.types import KernelBackend
 from ..numerics import nvfp4
 from ..parallel.access import local_weight
@@ -71,13 +72,10 @@ def quantize_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.
     ``[rows, cin // 16]``) of ``w [rows, cin]``: exactly the codes the fake-quant forward uses
     (DSS: codes from the quant scale fl(beta * d), the stored scale unchanged).
 
-    The one place the export turns weights into codes; ``backend`` is passed on to the kernels'
-    fused quantize-pack once it exists.
+    The one place the export turns weights into codes: the kernels' cast/pack (Triton on CUDA,
+    the torch reference elsewhere; both bit-identical to the fake-quant numerics).
     """
-    del backend  # the torch numerics below are the reference the kernels reproduce bit for bit
-    scale = nvfp4.scale_fp8(block_amax, global_amax)
-    codes = nvfp4.encode(w, scale, nvfp4.global_scale(global_amax), dss_beta)
-    return nvfp4.pack(codes), scale
+    return quantize_pack_weight(w, block_amax, global_amax, dss_beta, backend=backend)
 
 
 @dataclass(frozen=True)
