@@ -5,7 +5,8 @@ elsewhere; ``triton`` forces the kernels (on the CPU this needs ``TRITON_INTERPR
 triton is imported); ``torch`` forces the reference. An explicit choice that cannot run raises.
 """
 
-from .dispatch import fake_quant_weight, search_block_scales, triton_available
+from .dispatch import fake_quant_weight, quantize_pack_weight, search_block_scales, triton_available
 from .types import Method, ScaleChoice
 
-__all__ = ["Method", "ScaleChoice", "fake_quant_weight", "search_block_scales", "triton_available"]
+__all__ = ["Method", "ScaleChoice", "fake_quant_weight", "quantize_pack_weight", "search_block_scales",
+           "triton_available"]

@@ -35,6 +35,9 @@ def _use_triton(w: torch.Tensor, backend: KernelBackend) -> bool:
         return w.is_cuda and _triton_module() is not None
     if _triton_module() is None:
         raise ConfigError("backend='triton' was requested but triton (or its kernels) is not importable")
+    if not w.is_cuda and not _triton_module().interpreted():
+        raise ConfigError("backend='triton' on a CPU tensor needs the Triton interpreter: set "
+                          "TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'")
     return True
 
 
@@ -61,6 +64,16 @@ def search_block_scales(w: torch.Tensor, global_amax: torch.Tensor, method: Meth
     if dss_betas is not None:
         return impl.search_dss(w, global_amax, hessian.to(w.device), dss_betas)
     return impl.search_local_hessian(w, global_amax, hessian.to(w.device))
+
+
+def quantize_pack_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+                         dss_beta: torch.Tensor | None = None,
+                         backend: KernelBackend = KernelBackend.AUTO) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored NVFP4 form of ``w [rows, cin]``: ``(packed uint8 [rows, cin // 2], scale
+    float8_e4m3fn [rows, cin // 16])``, codes against ``fl(dss_beta * d)`` when given."""
+    if _use_triton(w, backend):
+        return _triton_module().quantize_pack(w, block_amax, global_amax, dss_beta)
+    return reference.quantize_pack(w, block_amax, global_amax, dss_beta)
 
 
 def fake_quant_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,

@@ -20,9 +20,11 @@ Objectives per 16-element block (``tree16`` = pairwise sum in index order:
 ``x[0::2] + x[1::2]`` repeated four times):
   * ``mse``:            ``tree16(dw * dw)``.
   * ``local_hessian``:  ``tree16(dw * (H_b dw))`` where ``H_b`` (fp32 16x16, symmetric) is the
-                        block's normalised input Hessian; ``H_b dw`` is a 16-term dot product
-                        whose summation order is not specified (BLAS here, tensor cores in the
-                        kernel), so Hessian losses agree to fp32 rounding, not bit for bit.
+                        block's normalised input Hessian and ``(H_b dw)_j`` is the sum of
+                        ``fl(dw_i * H_ij)`` for i = 0..15, left to right (elementwise ops, so a
+                        row's loss never depends on the rows computed with it; a BLAS product's
+                        order follows its shape). The Triton kernels use tensor cores in another
+                        order: their Hessian losses agree to fp32 rounding, not bit for bit.
   * ``max``:            no search: ``block_amax = max |w_b|``.
 Selection: the smallest loss; ties go to the smallest k (the first candidate).
 
@@ -32,9 +34,16 @@ DSS (decoupled scales, local-Hessian objective only): starting from the coupled 
 ``v_k`` for dequantization; a pair replaces the incumbent only with a strictly lower loss, so
 DSS never ends above the coupled search.
 
+Speed (same results): each block first evaluates one candidate and then only the window of
+candidates that exact lower bounds cannot rule out (:mod:`.windows`); the plain 126-candidate
+sweep stays as ``_full_sweep`` / ``_full_dss``, the slow paths the tests compare against.
+
 Chunking: rows are processed in chunks of ``chunk_elems`` elements; results for a row never
 depend on which other rows share its chunk, so a shard's result equals the same rows' result
 inside the full weight (the basis of TP invariance).
+
+Export: :func:`quantize_pack` gives the stored form (packed codes and FP8 scales) of given block
+amaxes, the twin of the Triton cast/pack kernel.
 """
 
 from __future__ import annotations
@@ -42,17 +51,18 @@ from __future__ import annotations
 import torch
 
 from ..numerics import nvfp4
-from ..numerics.constants import (
-    BLOCK_SIZE,
-    E2M1_THRESHOLD_INCLUSIVE,
-    E2M1_THRESHOLDS,
-    E2M1_VALUES,
-    NUM_FP8_CANDIDATES,
-    e4m3_positive_values,
-)
+from ..numerics.constants import BLOCK_SIZE, NUM_FP8_CANDIDATES
+from .candidates import CandidateTables, block_loss, candidate_loss, dss_errors, tree16
 from .types import ScaleChoice
+from .windows import pruned_dss, schur_floor, windowed_sweep
 
 DEFAULT_CHUNK_ELEMS = 1 << 21
+# The Hessian loss makes [.., 16] temporaries per (H dw) term: smaller chunks keep them in cache.
+HESSIAN_CHUNK_ELEMS = 1 << 19
+
+__all__ = ["CandidateTables", "DEFAULT_CHUNK_ELEMS", "beta_grid", "block_loss", "candidate_loss",
+           "default_betas", "quantize_pack", "search_dss", "search_local_hessian", "search_max",
+           "search_mse", "tree16"]
 
 
 def default_betas() -> torch.Tensor:
@@ -64,33 +74,6 @@ def beta_grid(lo: float, hi: float, step: float) -> torch.Tensor:
     """``fp32(round(lo + i * step, 10))`` for i = 0.. while the value is <= hi."""
     n = int(round((hi - lo) / step)) + 1
     return torch.tensor([round(lo + i * step, 10) for i in range(n)], dtype=torch.float32)
-
-
-def tree16(x: torch.Tensor) -> torch.Tensor:
-    """Pairwise sum over a last dimension of 16 in a fixed order (see module docstring)."""
-    while x.shape[-1] > 1:
-        x = x[..., 0::2] + x[..., 1::2]
-    return x.squeeze(-1)
-
-
-class CandidateTables:
-    """Per-candidate constants for one global scale, fp32 on ``device``.
-
-    ``v`` (126,), ``decode`` = fl(v * S) (126,), ``qmag`` = fl(fl(e2m1 * v) * S) (126, 8) and
-    ``bounds`` (126, 7): thresholds ``fl(t * d)``, the inclusive ones moved one ulp down so that
-    ``bucketize(|w|, bounds[k])`` (strict '>' count) equals the threshold count of step 1.
-    """
-
-    def __init__(self, global_amax: torch.Tensor, device: torch.device):
-        self.global_scale = nvfp4.global_scale(global_amax).to(device)
-        self.v = e4m3_positive_values().to(device)
-        self.decode = self.v * self.global_scale
-        grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-        self.qmag = (grid[None, :] * self.v[:, None]) * self.global_scale
-        t = torch.tensor(E2M1_THRESHOLDS, dtype=torch.float32, device=device)
-        inclusive = torch.tensor(E2M1_THRESHOLD_INCLUSIVE, device=device)
-        thr = t[None, :] * self.decode[:, None]
-        self.bounds = torch.where(inclusive, torch.nextafter(thr, torch.zeros_like(thr)), thr)
 
 
 def _check_weight(w: torch.Tensor) -> None:
@@ -115,30 +98,30 @@ def _row_chunks(w: torch.Tensor, chunk_elems: int):
         yield start, nvfp4.blocks(w[start:start + rows].float())
 
 
-def _signed(dw_abs: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    return torch.where(wb < 0, -dw_abs, dw_abs)
+def _choice(global_amax, best_k, best_loss, beta=None) -> ScaleChoice:
+    return ScaleChoice(block_amax=nvfp4.candidate_block_amax(best_k, global_amax),
+                       candidate=best_k, dss_beta=beta, loss=best_loss)
 
 
-def block_loss(dw: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
-    """Block objective of signed errors ``dw [rows, nb, 16]``: SSE, or dw^T H_b dw."""
-    if hessian is None:
-        return tree16(dw * dw)
-    # H_b dw for every row of block b: a batched [rows, 16] @ [16, 16] product per block.
-    hdw = torch.bmm(dw.transpose(0, 1), hessian).transpose(0, 1)
-    return tree16(dw * hdw)
+def _windowed(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor | None,
+              chunk_elems: int) -> ScaleChoice:
+    tables = CandidateTables(global_amax, w.device)
+    nb = w.shape[1] // BLOCK_SIZE
+    kappa = None if hessian is None else schur_floor(hessian)
+    best_loss = torch.empty(w.shape[0], nb, dtype=torch.float32, device=w.device)
+    best_k = torch.empty(w.shape[0], nb, dtype=torch.int64, device=w.device)
+    for start, wb in _row_chunks(w, chunk_elems):
+        rows = wb.shape[0]
+        column = torch.arange(nb, device=w.device).repeat(rows)
+        k, loss = windowed_sweep(wb.reshape(-1, BLOCK_SIZE), tables, hessian, kappa, column)
+        best_k[start:start + rows] = k.view(rows, nb)
+        best_loss[start:start + rows] = loss.view(rows, nb)
+    return _choice(global_amax, best_k, best_loss)
 
 
-def candidate_loss(wb: torch.Tensor, k: int, tables: CandidateTables,
-                   hessian: torch.Tensor | None) -> torch.Tensor:
-    """Loss of candidate k for every block of ``wb [rows, nb, 16]`` (fp32) -> [rows, nb]."""
-    aw = wb.abs()
-    code = torch.bucketize(aw, tables.bounds[k], out_int32=True)
-    dw = aw - tables.qmag[k][code]
-    return block_loss(dw if hessian is None else _signed(dw, wb), hessian)
-
-
-def _sweep(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor | None,
-           chunk_elems: int) -> ScaleChoice:
+def _full_sweep(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor | None,
+                chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> ScaleChoice:
+    """The plain 126-candidate sweep (slow; the definition the windowed search must equal)."""
     tables = CandidateTables(global_amax, w.device)
     nb = w.shape[1] // BLOCK_SIZE
     best_loss = torch.empty(w.shape[0], nb, dtype=torch.float32, device=w.device)
@@ -153,8 +136,7 @@ def _sweep(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor | N
             k_c = torch.where(better, k, k_c)
         best_loss[start:start + wb.shape[0]] = loss_c
         best_k[start:start + wb.shape[0]] = k_c
-    return ScaleChoice(block_amax=nvfp4.candidate_block_amax(best_k, global_amax),
-                       candidate=best_k, loss=best_loss)
+    return _choice(global_amax, best_k, best_loss)
 
 
 def search_max(w: torch.Tensor, global_amax: torch.Tensor) -> ScaleChoice:
@@ -167,38 +149,31 @@ def search_mse(w: torch.Tensor, global_amax: torch.Tensor,
                chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> ScaleChoice:
     """126-candidate sweep minimising the block SSE (see module docstring)."""
     _check_weight(w)
-    return _sweep(w, global_amax, None, chunk_elems)
+    return _windowed(w, global_amax, None, chunk_elems)
 
 
 def search_local_hessian(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor,
-                         chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> ScaleChoice:
+                         chunk_elems: int = HESSIAN_CHUNK_ELEMS) -> ScaleChoice:
     """126-candidate sweep minimising ``dw^T H_b dw``; ``hessian`` fp32 [cin // 16, 16, 16]."""
     _check_weight(w)
     _check_hessian(hessian, w)
-    return _sweep(w, global_amax, hessian.float(), chunk_elems)
+    return _windowed(w, global_amax, hessian.float(), chunk_elems)
 
 
 def dss_pair_loss(wb: torch.Tensor, k: torch.Tensor, beta: float | torch.Tensor,
                   tables: CandidateTables, hessian: torch.Tensor) -> torch.Tensor:
     """Hessian loss of (s_d = v_k per block, quant scale fl(beta * d_k)) -> [rows, nb]."""
-    v = tables.v[k]  # [rows, nb]
-    d_q = beta * tables.decode[k]
-    code = nvfp4.e2m1_code_magnitude(wb.abs(), d_q.unsqueeze(-1))
-    grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=wb.device)
-    q = (grid[code.long()] * v.unsqueeze(-1)) * tables.global_scale
-    return block_loss(_signed(wb.abs() - q, wb), hessian)
+    return block_loss(dss_errors(wb, k, beta, tables), hessian)
 
 
-def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor,
-               betas: torch.Tensor | None = None,
-               chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> ScaleChoice:
-    """Decoupled scale search under the local-Hessian loss (see module docstring)."""
-    coupled = search_local_hessian(w, global_amax, hessian, chunk_elems)
+def _full_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor,
+              betas: torch.Tensor | None = None, chunk_elems: int = HESSIAN_CHUNK_ELEMS) -> ScaleChoice:
+    """DSS over every block and pair (slow; the definition :func:`search_dss` must equal)."""
+    coupled = _full_sweep(w, global_amax, hessian.float(), chunk_elems)
     betas = default_betas() if betas is None else betas.float()
     tables = CandidateTables(global_amax, w.device)
     hessian = hessian.float()
-    best_loss = coupled.loss.clone()
-    best_k = coupled.candidate.clone()
+    best_loss, best_k = coupled.loss.clone(), coupled.candidate.clone()
     best_beta = torch.ones_like(best_loss)
     for start, wb in _row_chunks(w, chunk_elems):
         rows = slice(start, start + wb.shape[0])
@@ -213,5 +188,38 @@ def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor
                 k_c = torch.where(better, k, k_c)
                 beta_c = torch.where(better, torch.full_like(beta_c, beta), beta_c)
         best_loss[rows], best_k[rows], best_beta[rows] = loss_c, k_c, beta_c
-    return ScaleChoice(block_amax=nvfp4.candidate_block_amax(best_k, global_amax),
-                       candidate=best_k, dss_beta=best_beta, loss=best_loss)
+    return _choice(global_amax, best_k, best_loss, best_beta)
+
+
+def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor,
+               betas: torch.Tensor | None = None,
+               chunk_elems: int = HESSIAN_CHUNK_ELEMS) -> ScaleChoice:
+    """Decoupled scale search under the local-Hessian loss (see module docstring)."""
+    coupled = search_local_hessian(w, global_amax, hessian, chunk_elems)
+    betas = (default_betas() if betas is None else betas.float()).tolist()
+    tables = CandidateTables(global_amax, w.device)
+    hessian = hessian.float()
+    kappa = schur_floor(hessian)
+    nb = w.shape[1] // BLOCK_SIZE
+    best_loss, best_k = coupled.loss.clone(), coupled.candidate.clone()
+    best_beta = torch.ones_like(best_loss)
+    for start, wb in _row_chunks(w, chunk_elems):
+        rows = slice(start, start + wb.shape[0])
+        column = torch.arange(nb, device=w.device).repeat(wb.shape[0])
+        k, beta, loss = pruned_dss(wb.reshape(-1, BLOCK_SIZE), coupled.candidate[rows].reshape(-1),
+                                   coupled.loss[rows].reshape(-1), betas, tables, hessian, kappa, column)
+        best_k[rows], best_beta[rows], best_loss[rows] = (t.view(wb.shape[:2]) for t in (k, beta, loss))
+    return _choice(global_amax, best_k, best_loss, best_beta)
+
+
+def quantize_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+                  dss_beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored NVFP4 form of ``w [rows, cin]`` with block amaxes ``[rows, cin // 16]``.
+
+    Returns ``(packed uint8 [rows, cin // 2], scale float8_e4m3fn [rows, cin // 16])``: codes
+    against the quant scale (``fl(beta * d)`` under DSS), element 2j in the low nibble.
+    """
+    _check_weight(w)
+    scale = nvfp4.scale_fp8(block_amax, global_amax)
+    codes = nvfp4.encode(w, scale, nvfp4.global_scale(global_amax), dss_beta)
+    return nvfp4.pack(codes), scale

@@ -1,0 +1,96 @@
+"""Triton fake-quant and export cast/pack: one pass over the weight, bit-exact with numerics.
+
+Both take static block amaxes (and optional DSS betas) and compute, per 16-element block, the
+stored FP8 scale ``e4m3(clamp(block_amax / 6 / S, 2^-9, 448))`` with IEEE divisions and an
+explicit round-to-nearest-even, then the spec's codes. Fake-quant writes
+``fl(fl(e2m1 * v) * S)`` with w's sign in w's dtype (bf16 rounding done explicitly, see
+:mod:`.tl_nvfp4`); cast/pack writes two codes per byte (element 2j in the low nibble) and the
+E4M3 scale bytes. Memory-bound: tiles of ``[BLK, 16]`` with contiguous 16-element rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tl_nvfp4 import (bf16_round, code_values, e2m1_codes, e2m1_pick, e4m3_bits, global_scale, load_blocks,
+                       scale_value)
+
+
+@triton.jit
+def _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, HAS_BETA: tl.constexpr,
+                BLK: tl.constexpr):
+    n, mask, w = load_blocks(w_ptr, stride_row, nb, n_blocks, BLK)
+    S = global_scale(g_ptr)
+    v = scale_value(tl.load(bamax_ptr + n, mask=mask, other=0.0), S)
+    d = v * S  # decode scale
+    if HAS_BETA:
+        d = tl.load(beta_ptr + n, mask=mask, other=1.0) * d  # quant scale fl(beta * d)
+    return n, mask, w, v, d, S
+
+
+@triton.jit
+def _fake_quant(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, out_ptr,
+                HAS_BETA: tl.constexpr, ROUND_BF16: tl.constexpr, BLK: tl.constexpr):
+    n, mask, w, v, d, S = _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr,
+                                      HAS_BETA, BLK)
+    q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
+    q = e2m1_pick(tl.abs(w), d, q1, q2, q3, q4, q5, q6, q7)
+    q = tl.where(w < 0, -q, q)
+    if ROUND_BF16:
+        q = bf16_round(q)  # the store's cast is then exact on every backend
+    out = out_ptr + n[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(out, q.to(out_ptr.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def _quantize_pack(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, packed_ptr, scale_ptr,
+                   HAS_BETA: tl.constexpr, BLK: tl.constexpr):
+    n, mask, w, v, d, S = _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr,
+                                      HAS_BETA, BLK)
+    code = e2m1_codes(tl.abs(w), d) | tl.where(w < 0, 8, 0)
+    lo, hi = tl.split(tl.reshape(code, [BLK, 8, 2]))
+    out = packed_ptr + n[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(out, (lo | (hi << 4)).to(tl.uint8), mask=mask[:, None])
+    tl.store(scale_ptr + n, e4m3_bits(v).to(tl.uint8), mask=mask)
+
+
+BLK = 128  # blocks per program: 2048 elements, 16 per thread at 4 warps
+INTERPRETER_BLK = 4096
+
+
+def _launch(kernel, w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+            dss_beta: torch.Tensor | None, *outs, **meta) -> None:
+    rows, cin = w.shape
+    nb = cin // 16
+    n_blocks = rows * nb
+    if n_blocks == 0:
+        return
+    blk = BLK if w.is_cuda else min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
+    beta = dss_beta if dss_beta is not None else block_amax  # placeholder pointer, never read
+    kernel[(triton.cdiv(n_blocks, blk),)](
+        w, w.stride(0), nb, n_blocks, block_amax, beta, global_amax, *outs,
+        HAS_BETA=dss_beta is not None, BLK=blk, num_warps=4, enable_fp_fusion=False, **meta)
+
+
+def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+                      dss_beta: torch.Tensor | None) -> torch.Tensor:
+    """Quantize-dequantize ``w [rows, cin]`` (unit stride along cin) -> contiguous, w's dtype.
+
+    ``block_amax`` (and ``dss_beta``) fp32 contiguous ``[rows, cin // 16]``; ``global_amax``
+    fp32, one element.
+    """
+    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    _launch(_fake_quant, w, block_amax, global_amax, dss_beta, out, ROUND_BF16=w.dtype == torch.bfloat16)
+    return out
+
+
+def launch_quantize_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+                         dss_beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed uint8 [rows, cin // 2], scale float8_e4m3fn [rows, cin // 16])`` of ``w``."""
+    rows, cin = w.shape
+    packed = torch.empty(rows, cin // 2, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(rows, cin // 16, dtype=torch.float8_e4m3fn, device=w.device)
+    _launch(_quantize_pack, w, block_amax, global_amax, dss_beta, packed, scale.view(torch.uint8))
+    return packed, scale

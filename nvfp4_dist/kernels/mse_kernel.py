@@ -1,0 +1,75 @@
+"""Triton MSE sweep: the 126-candidate block search, bit-exact with the reference.
+
+One program takes ``BLK`` NVFP4 blocks, one row of a ``[BLK, 16]`` tile each. Per block it
+evaluates the start candidate k0, bisects the exact window ``[k_lo, k_hi]`` (:mod:`.windows`),
+and sweeps the window, each block at its own candidate ``k_lo + i``; the loop runs to the
+widest window of the tile. The loss is ``tree16`` of ``(|w| - q)^2`` in the reference's order,
+and the kernel launches with FMA contraction off, so every loss equals the reference's bits and
+the chosen candidate is the reference's on every block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tl_nvfp4 import candidate_window, load_blocks, mse_loss, start_candidate
+
+
+@triton.jit
+def _mse_sweep(w_ptr, stride_row, nb, n_blocks, s_ptr, v_ptr, k_ptr, loss_ptr, size_class,
+               BLK: tl.constexpr):
+    n, mask, w = load_blocks(w_ptr, stride_row, nb, n_blocks, BLK)
+    a = tl.abs(w)
+    S = tl.load(s_ptr)
+    amax = tl.max(a, axis=1)
+    k0 = start_candidate(amax, v_ptr, S)
+    best = mse_loss(a, v_ptr, k0, S)
+    best_k = k0
+    k_lo, k_hi = candidate_window(a, amax, k0, best, 0.0, v_ptr, S, False)
+    width = tl.max(tl.where(mask, k_hi - k_lo + 1, 0))
+    for i in range(width):
+        k = k_lo + i
+        loss = mse_loss(a, v_ptr, tl.minimum(k, 125), S)
+        # window members only; ties go to the smallest candidate, whatever the visiting order
+        better = (k <= k_hi) & (k != k0) & ((loss < best) | ((loss == best) & (k < best_k)))
+        best = tl.where(better, loss, best)
+        best_k = tl.where(better, k, best_k)
+    tl.store(k_ptr + n, best_k, mask=mask)
+    tl.store(loss_ptr + n, best, mask=mask)
+
+
+def _configs():
+    # one or two blocks per thread; narrow tiles keep the tile's widest window close to the mean
+    return [triton.Config({"BLK": 32 * warps * per_thread}, num_warps=warps)
+            for warps in (1, 2, 4) for per_thread in (1, 2)]
+
+
+_mse_sweep_tuned = triton.autotune(configs=_configs(), key=["size_class"])(_mse_sweep)
+INTERPRETER_BLK = 1024  # the interpreter pays per program: few, large tiles
+
+
+def launch_mse_sweep(w: torch.Tensor, global_scale: torch.Tensor, values: torch.Tensor,
+                     blk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates (int32) and losses (fp32), each ``[rows, cin // 16]``, of ``w [rows, cin]``.
+
+    ``w`` has unit stride along cin (any row stride); ``global_scale``: fp32 ``[1]``;
+    ``values``: the 126 E4M3 values (fp32) on ``w``'s device. ``blk`` fixes the tile (tests).
+    """
+    rows, cin = w.shape
+    nb = cin // 16
+    n_blocks = rows * nb
+    k = torch.empty(rows, nb, dtype=torch.int32, device=w.device)
+    loss = torch.empty(rows, nb, dtype=torch.float32, device=w.device)
+    if n_blocks == 0:
+        return k, loss
+    args = (w, w.stride(0), nb, n_blocks, global_scale, values, k, loss, n_blocks.bit_length())
+    if blk is None and w.is_cuda:
+        grid = lambda meta: (triton.cdiv(n_blocks, meta["BLK"]),)  # noqa: E731
+        _mse_sweep_tuned[grid](*args, enable_fp_fusion=False)
+    else:
+        blk = blk or min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
+        _mse_sweep[(triton.cdiv(n_blocks, blk),)](*args, BLK=blk, num_warps=max(1, min(8, blk // 32)),
+                                                   enable_fp_fusion=False)
+    return k, loss

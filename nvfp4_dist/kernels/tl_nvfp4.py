@@ -1,0 +1,284 @@
+"""Triton device functions of the NVFP4 kernels: the spec's arithmetic, step for step.
+
+Every function mirrors :mod:`.reference` / :mod:`.candidates` / :mod:`.windows` in the same
+fp32 operations, so that the MSE sweep, fake-quant and cast/pack are bit-exact (the kernels
+that rely on it launch with ``enable_fp_fusion=False``: no multiply-add is contracted to an FMA).
+Tensors are ``[B, 16]`` (one NVFP4 block per row) with per-block values ``[B]``.
+
+Rounding to bf16 and to E4M3 is done with explicit integer arithmetic on fp32 bits, never by a
+cast that rounds: the result then does not depend on the backend's conversion (the Triton
+interpreter truncates where the GPU rounds to nearest even).
+"""
+
+import triton
+import triton.language as tl
+
+LAST_CANDIDATE: tl.constexpr = 125
+E4M3_MIN: tl.constexpr = 0.001953125  # 2^-9, smallest E4M3 subnormal: the block-scale floor
+E4M3_MAX: tl.constexpr = 448.0
+E4M3_MIN_NORMAL: tl.constexpr = 0.015625  # 2^-6
+MIN_GLOBAL_AMAX: tl.constexpr = 5.421010862427522e-20  # 2^-64, as numerics.constants
+GLOBAL_SCALE_DENOM: tl.constexpr = 2688.0  # 6 * 448
+
+
+@triton.jit
+def tree16(x):
+    """Pairwise sum of ``x [B, 16]`` over axis 1: ``x[0::2] + x[1::2]`` four times -> ``[B]``."""
+    x = tl.reshape(x, [x.shape[0], 8, 2])
+    lo, hi = tl.split(x)
+    x = tl.reshape(lo + hi, [x.shape[0], 4, 2])
+    lo, hi = tl.split(x)
+    x = tl.reshape(lo + hi, [x.shape[0], 2, 2])
+    lo, hi = tl.split(x)
+    x = tl.reshape(lo + hi, [x.shape[0], 1, 2])
+    lo, hi = tl.split(x)
+    return tl.reshape(lo + hi, [x.shape[0]])
+
+
+@triton.jit
+def load_blocks(w_ptr, stride_row, nb, n_blocks, BLK: tl.constexpr):
+    """Blocks ``n`` of program ``pid`` (int64 ``[BLK]``), their mask and ``w [BLK, 16]`` (fp32)
+    of a ``[rows, 16 * nb]`` weight with unit stride along cin and row stride ``stride_row``."""
+    n = tl.program_id(0).to(tl.int64) * BLK + tl.arange(0, BLK)
+    mask = n < n_blocks
+    row = n // nb
+    col = n - row * nb
+    c = tl.arange(0, 16)
+    w = tl.load(w_ptr + (row * stride_row + col * 16)[:, None] + c[None, :], mask=mask[:, None], other=0.0)
+    return n, mask, w.to(tl.float32)
+
+
+@triton.jit
+def global_scale(g_ptr):
+    """S = fl(max(g, 2^-64) / 2688) from the fp32 global amax at ``g_ptr``."""
+    g = tl.maximum(tl.load(g_ptr).to(tl.float32), MIN_GLOBAL_AMAX)
+    return tl.math.div_rn(g, GLOBAL_SCALE_DENOM)
+
+
+@triton.jit
+def e4m3_round(r):
+    """Round fp32 ``r`` in [2^-9, 448] to the nearest E4M3 value, ties to even (fp32 result)."""
+    bits = r.to(tl.int32, bitcast=True)
+    # normal range: keep 3 mantissa bits, RNE on the 20 dropped ones (a carry bumps the exponent)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    # subnormal range: multiples of 2^-9; adding 2^23 rounds r * 512 (exact) to an integer, RNE
+    sub = ((r * 512.0 + 8388608.0) - 8388608.0) * 0.001953125
+    return tl.where(r < E4M3_MIN_NORMAL, sub, normal)
+
+
+@triton.jit
+def e4m3_bits(v):
+    """The E4M3 byte (int32, 1..126) of an exact positive E4M3 value ``v`` (fp32)."""
+    bits = v.to(tl.int32, bitcast=True)
+    normal = (((bits >> 23) - 120) << 3) | ((bits >> 20) & 7)  # exponent bias 127 -> 7
+    return tl.where(v < E4M3_MIN_NORMAL, (v * 512.0).to(tl.int32), normal)
+
+
+@triton.jit
+def scale_value(block_amax, S):
+    """fp32 value of the stored scale ``e4m3(clamp(block_amax / 6 / S, 2^-9, 448))`` (nan -> 2^-9)."""
+    ratio = tl.math.div_rn(tl.math.div_rn(block_amax, 6.0), S)
+    ratio = tl.where(ratio != ratio, E4M3_MIN, ratio)
+    return e4m3_round(tl.minimum(tl.maximum(ratio, E4M3_MIN), E4M3_MAX))
+
+
+@triton.jit
+def bf16_round(x):
+    """fp32 ``x`` rounded to the nearest bf16 value (ties to even), still fp32 (finite x)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def thresholds(d):
+    """``fl(t * d)`` for t = 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5 (quant scale ``d``)."""
+    return 0.25 * d, 0.75 * d, 1.25 * d, 1.75 * d, 2.5 * d, 3.5 * d, 5.0 * d
+
+
+@triton.jit
+def code_values(v, S):
+    """Dequantized magnitudes ``fl(fl(e2m1 * v) * S)`` of codes 1..7."""
+    return (0.5 * v) * S, v * S, (1.5 * v) * S, (2.0 * v) * S, (3.0 * v) * S, (4.0 * v) * S, (6.0 * v) * S
+
+
+@triton.jit
+def e2m1_pick(a, d, q1, q2, q3, q4, q5, q6, q7):
+    """The value ``q[code]`` of magnitudes ``a [B, 16]`` for per-block quant scale ``d [B]``.
+
+    code = thresholds passed: strict at 0.25, 1.25, 2.5, 5 and inclusive at 0.75, 1.75, 3.5
+    (ties to the even code). Thresholds increase, so the last one passed names the code.
+    """
+    t0, t1, t2, t3, t4, t5, t6 = thresholds(d)
+    q = tl.where(a > t0[:, None], q1[:, None], 0.0)
+    q = tl.where(a >= t1[:, None], q2[:, None], q)
+    q = tl.where(a > t2[:, None], q3[:, None], q)
+    q = tl.where(a >= t3[:, None], q4[:, None], q)
+    q = tl.where(a > t4[:, None], q5[:, None], q)
+    q = tl.where(a >= t5[:, None], q6[:, None], q)
+    return tl.where(a > t6[:, None], q7[:, None], q)
+
+
+@triton.jit
+def e2m1_codes(a, d):
+    """E2M1 magnitude codes (int32, 0..7) of ``a [B, 16]`` for quant scales ``d [B]``."""
+    t0, t1, t2, t3, t4, t5, t6 = thresholds(d)
+    c = tl.where(a > t0[:, None], 1, 0)
+    c = tl.where(a >= t1[:, None], 2, c)
+    c = tl.where(a > t2[:, None], 3, c)
+    c = tl.where(a >= t3[:, None], 4, c)
+    c = tl.where(a > t4[:, None], 5, c)
+    c = tl.where(a >= t5[:, None], 6, c)
+    return tl.where(a > t6[:, None], 7, c)
+
+
+@triton.jit
+def mse_loss(a, v_ptr, k, S):
+    """Block SSE ``tree16((|w| - q)^2)`` of per-block candidates ``k [B]`` (the spec's bits).
+
+    Thresholds and values are written out here: the interpreter pays per nested call.
+    """
+    v = tl.load(v_ptr + k)
+    d = (v * S)[:, None]
+    v = v[:, None]
+    q = tl.where(a > 0.25 * d, (0.5 * v) * S, 0.0)
+    q = tl.where(a >= 0.75 * d, d, q)
+    q = tl.where(a > 1.25 * d, (1.5 * v) * S, q)
+    q = tl.where(a >= 1.75 * d, (2.0 * v) * S, q)
+    q = tl.where(a > 2.5 * d, (3.0 * v) * S, q)
+    q = tl.where(a >= 3.5 * d, (4.0 * v) * S, q)
+    q = tl.where(a > 5.0 * d, (6.0 * v) * S, q)
+    dw = a - q
+    return tree16(dw * dw)
+
+
+@triton.jit
+def start_candidate(amax, v_ptr, S):
+    """k0: smallest k with ``qmax_k = fl(fl(6 v_k) S) >= amax``, clamped to 125 (bisection)."""
+    lo = tl.zeros(amax.shape, tl.int32)
+    hi = lo + (LAST_CANDIDATE + 1)
+    for _ in tl.static_range(7):
+        mid = (lo + hi) >> 1
+        ok = (6.0 * tl.load(v_ptr + tl.minimum(mid, LAST_CANDIDATE))) * S >= amax
+        go = lo < hi
+        hi = tl.where(go & ok, mid, hi)
+        lo = tl.where(go & ok, lo, tl.where(go, mid + 1, lo))
+    return tl.minimum(lo, LAST_CANDIDATE)
+
+
+@triton.jit
+def candidate_window(a, amax, k0, upper, kappa, v_ptr, S, USE_KAPPA: tl.constexpr):
+    """``(k_lo, k_hi)`` of :func:`nvfp4_dist.kernels.windows.candidate_window`, in-kernel.
+
+    ``kappa [1, 16]`` Schur floors (used when ``USE_KAPPA``, the Hessian loss); else the
+    MSE bounds: the max element's saturation term and tree16 of the tail terms.
+    """
+    # lowest candidate whose saturation bound does not exceed the start candidate's loss
+    lo = k0 * 0
+    hi = k0
+    for _ in tl.static_range(7):
+        mid = (lo + hi) >> 1
+        qmax = (6.0 * tl.load(v_ptr + mid)) * S
+        if USE_KAPPA:
+            over = a - qmax[:, None]
+            bound = tl.max(kappa * tl.where(a > qmax[:, None], over * over, 0.0), axis=1)
+        else:
+            over = amax - qmax
+            bound = tl.where(amax > qmax, over * over, 0.0)
+        ok = bound <= upper
+        go = lo < hi
+        hi = tl.where(go & ok, mid, hi)
+        lo = tl.where(go & ok, lo, tl.where(go, mid + 1, lo))
+    k_lo = lo
+    # first candidate that zeroes the whole block: fl(0.25 d_k) >= amax
+    lo = k0 * 0
+    hi = lo + (LAST_CANDIDATE + 1)
+    for _ in tl.static_range(7):
+        mid = (lo + hi) >> 1
+        ok = 0.25 * (tl.load(v_ptr + tl.minimum(mid, LAST_CANDIDATE)) * S) >= amax
+        go = lo < hi
+        hi = tl.where(go & ok, mid, hi)
+        lo = tl.where(go & ok, lo, tl.where(go, mid + 1, lo))
+    zero = tl.minimum(lo, LAST_CANDIDATE)
+    # first candidate above k0 whose tail bound reaches the start candidate's loss
+    lo = k0 + 1
+    hi = zero + 1
+    for _ in tl.static_range(7):
+        mid = (lo + hi) >> 1
+        half = (0.5 * tl.load(v_ptr + tl.minimum(mid, LAST_CANDIDATE))) * S
+        low = tl.minimum(a, half[:, None] - a)
+        term = tl.where(a < half[:, None], low * low, 0.0)
+        if USE_KAPPA:
+            bound = tl.max(kappa * term, axis=1)
+        else:
+            bound = tree16(term)
+        ok = bound >= upper
+        go = lo < hi
+        hi = tl.where(go & ok, mid, hi)
+        lo = tl.where(go & ok, lo, tl.where(go, mid + 1, lo))
+    return k_lo, lo - 1
+
+
+@triton.jit
+def split3(x):
+    """Exact split ``x = x1 + x2 + x3`` of fp32 ``x`` into values exact in bf16 (fp32 tensors).
+
+    Each step keeps the top 8 significant bits by truncation; a 24-bit significand is used up
+    after three steps, and every subtraction is exact.
+    """
+    x1 = (x.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+    r = x - x1
+    x2 = (r.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
+    return x1, x2, r - x2
+
+
+@triton.jit
+def dot_acc(x, y, acc, BF16_DOT: tl.constexpr):
+    """``acc + x @ y`` for fp32 ``x``, ``y`` whose entries are exact in bf16: bf16 tensor-core
+    products (exact) with fp32 accumulation; fp32 IEEE products where bf16 dots are unavailable
+    (the interpreter). Never TF32."""
+    if BF16_DOT:
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), acc)
+    return tl.dot(x, y, acc, input_precision="ieee")
+
+
+@triton.jit
+def weight_times_hessian(w, h1, h2, h3, BF16_DOT: tl.constexpr):
+    """``w @ H`` (``[B, 16]``) to fp32 accuracy from exact 3-way splits of w and H."""
+    w1, w2, w3 = split3(w)
+    acc = tl.zeros([w.shape[0], 16], dtype=tl.float32)
+    acc = dot_acc(w3, h3, acc, BF16_DOT)
+    acc = dot_acc(w3, h2, acc, BF16_DOT)
+    acc = dot_acc(w2, h3, acc, BF16_DOT)
+    acc = dot_acc(w3, h1, acc, BF16_DOT)
+    acc = dot_acc(w2, h2, acc, BF16_DOT)
+    acc = dot_acc(w1, h3, acc, BF16_DOT)
+    acc = dot_acc(w2, h1, acc, BF16_DOT)
+    acc = dot_acc(w1, h2, acc, BF16_DOT)
+    return dot_acc(w1, h1, acc, BF16_DOT)
+
+
+@triton.jit
+def hessian_loss(w, a, hw, h1, h2, h3, v, d_q, S, BF16_DOT: tl.constexpr):
+    """``dw^T H dw`` per row for dequant scale values ``v [B]`` and quant scales ``d_q [B]``.
+
+    Codes are the spec's. ``H dw = H w - S * H (e2m1 v)``: ``e2m1 * v`` is exact in bf16 and H
+    is split exactly, so the tensor cores see exact products; ``hw = w @ H`` is computed once.
+    Written out in one function (no nested helper calls): the interpreter pays per call.
+    """
+    d = d_q[:, None]
+    v = v[:, None]
+    m = tl.where(a > 0.25 * d, 0.5 * v, 0.0)
+    m = tl.where(a >= 0.75 * d, v, m)
+    m = tl.where(a > 1.25 * d, 1.5 * v, m)
+    m = tl.where(a >= 1.75 * d, 2.0 * v, m)
+    m = tl.where(a > 2.5 * d, 3.0 * v, m)
+    m = tl.where(a >= 3.5 * d, 4.0 * v, m)
+    m = tl.where(a > 5.0 * d, 6.0 * v, m)
+    m = tl.where(w < 0, -m, m)
+    if BF16_DOT:
+        mb = m.to(tl.bfloat16)  # exact: e2m1 * v has at most 7 significant bits
+        hm = tl.dot(mb, h1.to(tl.bfloat16), tl.dot(mb, h2.to(tl.bfloat16), tl.dot(mb, h3.to(tl.bfloat16))))
+    else:
+        hm = tl.dot(m, h1, tl.dot(m, h2, tl.dot(m, h3, input_precision="ieee"), input_precision="ieee"),
+                    input_precision="ieee")
+    return tl.sum((w - m * S) * (hw - S * hm), axis=1)

@@ -1,0 +1,134 @@
+"""Triton backend of :mod:`.dispatch`: input checks, device placement, result assembly.
+
+Same signatures and results as :mod:`.reference` (bit-exact for the MSE sweep, fake-quant and
+cast/pack; Hessian and DSS losses to fp32 rounding, see :mod:`.hessian_kernel`). Weights may be
+any ``[rows, cin]`` view with unit stride along cin (other layouts are copied once); every launch
+runs on the weight's device, so shards on different GPUs of one process are safe. On CPU tensors
+the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
+first imported), with fixed large tiles instead of autotuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..numerics import nvfp4
+from ..numerics.constants import e4m3_positive_values
+from . import cast_kernels, hessian_kernel, mse_kernel
+from .reference import _check_hessian, _check_weight, default_betas
+from .types import ScaleChoice
+from .windows import schur_floor
+
+_VALUES: dict[torch.device, torch.Tensor] = {}
+
+
+def _values(device: torch.device) -> torch.Tensor:
+    """The 126 E4M3 values (fp32) on ``device``, cached."""
+    if device not in _VALUES:
+        _VALUES[device] = e4m3_positive_values().to(device)
+    return _VALUES[device]
+
+
+def interpreted() -> bool:
+    """True when these kernels run under the Triton interpreter (they then accept CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(mse_kernel._mse_sweep, InterpretedFunction)
+
+
+def _on_device(w: torch.Tensor):
+    return torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext()
+
+
+def _unit_stride(w: torch.Tensor) -> torch.Tensor:
+    """``w`` itself when its cin stride is 1 (any row stride), else a contiguous copy."""
+    return w if w.stride(-1) == 1 else w.contiguous()
+
+
+def _fp32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.detach().to(device=device, dtype=torch.float32).contiguous()
+
+
+def _prepare(w: torch.Tensor, global_amax: torch.Tensor):
+    _check_weight(w)
+    w = _unit_stride(w.detach())
+    g = _fp32(global_amax, w.device).reshape(())
+    return w, g, nvfp4.global_scale(g).reshape(1)
+
+
+def _choice(k: torch.Tensor, loss: torch.Tensor, g: torch.Tensor, beta=None) -> ScaleChoice:
+    candidate = k.long()
+    return ScaleChoice(block_amax=nvfp4.candidate_block_amax(candidate, g), candidate=candidate,
+                       dss_beta=beta, loss=loss)
+
+
+def search_mse(w: torch.Tensor, global_amax: torch.Tensor) -> ScaleChoice:
+    """126-candidate MSE sweep of ``w [rows, cin]``; equals :func:`.reference.search_mse` bit for bit."""
+    w, g, s = _prepare(w, global_amax)
+    with _on_device(w):
+        k, loss = mse_kernel.launch_mse_sweep(w, s, _values(w.device))
+    return _choice(k, loss, g)
+
+
+def _hessian_inputs(w: torch.Tensor, hessian: torch.Tensor):
+    _check_hessian(hessian, w)
+    h = _fp32(hessian, w.device)
+    return h, schur_floor(h).contiguous()
+
+
+def search_local_hessian(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor) -> ScaleChoice:
+    """126-candidate sweep of ``dw^T H_b dw``; ``hessian`` fp32 ``[cin // 16, 16, 16]``."""
+    w, g, s = _prepare(w, global_amax)
+    with _on_device(w):
+        h, kappa = _hessian_inputs(w, hessian)
+        k, loss = hessian_kernel.launch_hessian_sweep(w, h, kappa, s, _values(w.device))
+    return _choice(k, loss, g)
+
+
+def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor,
+               betas: torch.Tensor | None = None) -> ScaleChoice:
+    """Decoupled-scale search on top of the Hessian sweep (spec in :mod:`.reference`)."""
+    w, g, s = _prepare(w, global_amax)
+    with _on_device(w):
+        h, kappa = _hessian_inputs(w, hessian)
+        values = _values(w.device)
+        k, loss = hessian_kernel.launch_hessian_sweep(w, h, kappa, s, values)
+        betas = _fp32(default_betas() if betas is None else betas, w.device).reshape(-1)
+        beta = hessian_kernel.launch_dss_search(w, h, s, values, betas, k, loss)
+    return _choice(k, loss, g, beta)
+
+
+def _static_inputs(w, block_amax, global_amax, dss_beta):
+    """2-D unit-stride view of ``w [..., cin]`` and its fp32 scale inputs on w's device."""
+    w = w.detach()
+    if w.dim() < 1 or w.shape[-1] % 16:
+        raise ValueError(f"weight shape {tuple(w.shape)}: the last dimension must be a multiple of 16")
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"weight dtype {w.dtype} is not one of fp32/bf16/fp16")
+    w2 = _unit_stride(w.reshape(-1, w.shape[-1]))
+    nb = w.shape[-1] // 16
+    bamax = _fp32(block_amax, w.device).reshape(-1, nb)
+    if bamax.shape[0] != w2.shape[0]:
+        raise ValueError(f"block_amax shape {tuple(block_amax.shape)} does not match weight "
+                         f"{tuple(w.shape)}: expected {(*w.shape[:-1], nb)}")
+    beta = None if dss_beta is None else _fp32(dss_beta, w.device).reshape(-1, nb)
+    return w2, bamax, _fp32(global_amax, w.device).reshape(1), beta
+
+
+def fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+               dss_beta: torch.Tensor | None = None) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of ``w [..., cin]`` in ``w.dtype`` (no autograd graph)."""
+    w2, bamax, g, beta = _static_inputs(w, block_amax, global_amax, dss_beta)
+    with _on_device(w2):
+        out = cast_kernels.launch_fake_quant(w2, bamax, g, beta)
+    return out.reshape(w.shape)
+
+
+def quantize_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+                  dss_beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes ``uint8 [rows, cin // 2]`` and scales ``float8_e4m3fn [rows, cin // 16]``."""
+    _check_weight(w)
+    w2, bamax, g, beta = _static_inputs(w, block_amax, global_amax, dss_beta)
+    with _on_device(w2):
+        return cast_kernels.launch_quantize_pack(w2, bamax, g, beta)

@@ -1,0 +1,75 @@
+"""Triton fake-quant and cast/pack are bit-exact with numerics (values, codes, scale bytes)."""
+
+import pytest
+import torch
+
+from inputs import DTYPES, global_amax, weight
+from nvfp4_dist.kernels import reference as R
+from nvfp4_dist.kernels import triton_ops
+from nvfp4_dist.numerics import nvfp4
+from nvfp4_dist.numerics.constants import GLOBAL_SCALE_DENOM, e4m3_positive_values
+
+
+def _bits(t):
+    return t.float().view(torch.int32).cpu()  # distinguishes -0.0 from 0.0
+
+
+def _scales(w, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows, nb = w.shape[0], w.shape[1] // 16
+    bamax = nvfp4.block_amax(w) * (0.5 + torch.rand(rows, nb, generator=gen))
+    bamax[0, 0], bamax[0, 1] = 0.0, 1e-30  # clamps to the smallest scale
+    bamax[1, 0] = w.float().abs().amax() * 10  # clamps to 448
+    return bamax, 0.5 + torch.rand(rows, nb, generator=gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dss", [False, True])
+def test_fake_quant_and_pack_are_bit_exact(dtype, dss, device):
+    w = weight(33, 96, "heavy", seed=41, dtype=dtype)
+    w[3, :16] = -0.0
+    g = global_amax(w)
+    bamax, beta = _scales(w, 42)
+    beta = beta if dss else None
+    wd, args = w.to(device), [t if t is None else t.to(device) for t in (bamax, g, beta)]
+    fq = triton_ops.fake_quant(wd, *args)
+    assert fq.dtype == dtype and fq.shape == w.shape
+    assert torch.equal(_bits(fq), _bits(nvfp4.fake_quant(w, bamax, g, beta)))
+    packed, scale = triton_ops.quantize_pack(wd, *args)
+    ref_packed, ref_scale = R.quantize_pack(w, bamax, g, beta)
+    assert torch.equal(packed.cpu(), ref_packed)
+    assert torch.equal(scale.view(torch.uint8).cpu(), ref_scale.view(torch.uint8))
+
+
+def test_scale_rounding_ties_and_range(device):
+    """Every E4M3 value, every midpoint between neighbours (exact ties: S = 1) and ratios
+    beyond both clamp edges give the reference's scale bytes."""
+    v = e4m3_positive_values()
+    ratios = torch.cat([v, (v[:-1] + v[1:]) / 2, torch.tensor([1e-12, 2.0**-10, 460.0, 1e9])])
+    g = torch.tensor(GLOBAL_SCALE_DENOM)  # S = 1: block_amax / 6 is the ratio, exactly
+    bamax = (ratios * 6).reshape(-1, 1)
+    w = torch.zeros(ratios.numel(), 16)
+    packed, scale = triton_ops.quantize_pack(w.to(device), bamax.to(device), g.to(device))
+    assert torch.equal(scale.view(torch.uint8).cpu(), R.quantize_pack(w, bamax, g)[1].view(torch.uint8))
+
+
+def test_fake_quant_views_and_expert_stacks(device):
+    w = weight(48, 64, "gauss", seed=43)
+    g = global_amax(w)
+    wt = w.t().contiguous().t()  # cin stride != 1: copied
+    bamax = nvfp4.block_amax(w)
+    assert torch.equal(triton_ops.fake_quant(wt.to(device), bamax.to(device), g.to(device)).cpu(),
+                       nvfp4.fake_quant(w, bamax, g))
+    experts = w.reshape(3, 16, 64)  # [E, rows, cin] with one amax tensor [E, rows, cin / 16]
+    got = triton_ops.fake_quant(experts.to(device), bamax.reshape(3, 16, 4).to(device), g.to(device))
+    assert got.shape == experts.shape
+    assert torch.equal(got.cpu(), nvfp4.fake_quant(experts, bamax.reshape(3, 16, 4), g))
+
+
+def test_bad_shapes_are_rejected(device):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        triton_ops.fake_quant(torch.zeros(4, 24, device=device), torch.zeros(4, 1), torch.ones(()))
+    with pytest.raises(ValueError, match="block_amax shape"):
+        triton_ops.fake_quant(torch.zeros(4, 32, device=device), torch.zeros(3, 2), torch.ones(()))
+    with pytest.raises(TypeError):
+        triton_ops.search_mse(torch.zeros(4, 32, dtype=torch.float64, device=device), torch.ones(()))
