@@ -78,9 +78,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
 
 
-def init_megatron(tp: int, timeout_s: float = DEFAULT_TIMEOUT_S, data_split: bool = True) -> ParallelContext:
+def init_megatron(tp: int, timeout_s: float = DEFAULT_TIMEOUT_S, data_split: bool = True,
+                  ep: int = 1) -> ParallelContext:
     """Initialise Megatron's ``parallel_state`` with tensor-parallel size ``tp`` (the remaining
-    ranks are data parallel) and return its context.
+    ranks are data parallel) and expert-parallel size ``ep`` (MoE experts spread over ``ep``
+    ranks, carved out of the data-parallel ones) and return its context.
 
     The RNG tracker is Megatron's inference tracker: calibration runs without dropout, and its
     training tracker would seed CUDA generators.
@@ -97,9 +99,11 @@ def init_megatron(tp: int, timeout_s: float = DEFAULT_TIMEOUT_S, data_split: boo
                           "init_distributed(backend='gloo'), or torchrun --nproc-per-node 1)")
     if tp < 1 or world % tp:
         raise ConfigError(f"--tp {tp} must divide the number of ranks ({world})")
+    if ep < 1 or world % ep:
+        raise ConfigError(f"--ep {ep} must divide the number of ranks ({world})")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp,
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                  distributed_timeout_minutes=timeout_s / 60.0,
                                  create_gloo_process_groups=False)
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)

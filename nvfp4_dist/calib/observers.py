@@ -3,6 +3,11 @@
 ``H_b = sum_tokens x_b x_b^T`` is accumulated unnormalised in fp32 so that data-parallel ranks
 can sum their partial Hessians and token counts; :meth:`InputStats.hessian` normalises by the
 reduced token count afterwards.
+
+``accum_dtype=torch.float64`` accumulates the same fp32 inputs in float64 instead (their
+products are exact there), so the sum hardly depends on the order or the ranks the tokens
+arrive in; :meth:`InputStats.hessian` rounds it to fp32 once. MoE expert adapters use it: an
+expert's tokens arrive in a different order, on other ranks, at each expert-parallel size.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class InputStats:
     hessian_sum: torch.Tensor | None = field(default=None, repr=False)  # [cin/16, 16, 16] fp32
     tokens: int = 0
     amax: torch.Tensor | None = field(default=None, repr=False)  # 0-d fp32
+    accum_dtype: torch.dtype = torch.float32  # dtype of hessian_sum (see the module docstring)
 
     def update(self, x: torch.Tensor) -> None:
         """Add tokens ``x [..., cin]`` (any float dtype)."""
@@ -39,18 +45,19 @@ class InputStats:
             return
         if self.hessian_sum is None:
             nb = self.cin // BLOCK_SIZE
-            self.hessian_sum = torch.zeros(nb, BLOCK_SIZE, BLOCK_SIZE, dtype=torch.float32, device=x.device)
+            self.hessian_sum = torch.zeros(nb, BLOCK_SIZE, BLOCK_SIZE, dtype=self.accum_dtype, device=x.device)
         for start in range(0, x.shape[0], _TOKEN_CHUNK):
-            xb = x[start:start + _TOKEN_CHUNK].float().reshape(-1, self.cin // BLOCK_SIZE, BLOCK_SIZE)
+            xb = x[start:start + _TOKEN_CHUNK].float().to(self.accum_dtype)
+            xb = xb.reshape(-1, self.cin // BLOCK_SIZE, BLOCK_SIZE)
             # [nb, n, 16]^T @ [nb, n, 16] -> [nb, 16, 16]
             xb = xb.transpose(0, 1)
             self.hessian_sum += torch.bmm(xb.transpose(1, 2), xb)
 
     def hessian(self) -> torch.Tensor | None:
-        """Normalised Hessian ``H_b / tokens`` (None when no token was seen)."""
+        """Normalised Hessian ``H_b / tokens``, fp32 (None when no token was seen)."""
         if self.hessian_sum is None or self.tokens == 0:
             return None
-        return self.hessian_sum / self.tokens
+        return (self.hessian_sum / self.tokens).float()
 
     def ensure_allocated(self, device: torch.device) -> None:
         """Materialise zero statistics (a rank that saw no token still joins the reduce)."""
@@ -58,15 +65,16 @@ class InputStats:
             self.amax = torch.zeros((), dtype=torch.float32, device=device)
         if self.with_hessian and self.hessian_sum is None:
             nb = self.cin // BLOCK_SIZE
-            self.hessian_sum = torch.zeros(nb, BLOCK_SIZE, BLOCK_SIZE, dtype=torch.float32, device=device)
+            self.hessian_sum = torch.zeros(nb, BLOCK_SIZE, BLOCK_SIZE, dtype=self.accum_dtype, device=device)
 
 
 class StatsStore(dict):
     """stats_key -> InputStats."""
 
-    def get_or_create(self, key: str, cin: int, with_hessian: bool) -> InputStats:
+    def get_or_create(self, key: str, cin: int, with_hessian: bool,
+                      accum_dtype: torch.dtype = torch.float32) -> InputStats:
         if key not in self:
-            self[key] = InputStats(cin=cin, with_hessian=with_hessian)
+            self[key] = InputStats(cin=cin, with_hessian=with_hessian, accum_dtype=accum_dtype)
         return self[key]
 
 

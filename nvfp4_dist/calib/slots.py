@@ -88,12 +88,16 @@ class ExpertInfo:
         ``model.layers.0.mlp.experts.gate_up_proj``): dead-expert fallbacks and the report group by it.
     group: name of the process group the layer's experts are spread over (expert parallel, a key
         of :class:`~nvfp4_dist.parallel.context.ParallelContext`), None when every expert is local.
+    data_group: name of the group over which this expert's statistics are summed instead of the
+        context's ``dp`` (Megatron: the expert-data-parallel ranks holding the same expert); None
+        keeps ``dp``. A name the context lacks means no reduce (every rank saw all the data).
     """
 
     index: int
     count: int
     family: str
     group: str | None = None
+    data_group: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -33,8 +33,9 @@ from ..progress import progress
 LAYER_PREFIX = "decoder.layers"
 
 
-def _hf_text_config(hf_config):
-    """The fields the converter needs, validated: a dense Llama/Qwen3-style decoder."""
+def _hf_text_config(hf_config, dense_mlp: bool = True):
+    """The fields the converter needs, validated: a Llama/Qwen3-style decoder (``dense_mlp``:
+    dense MLPs; False for MoE layers, which :mod:`nvfp4_dist.models.megatron_moe` converts)."""
     rope = getattr(hf_config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
     problems = []
@@ -44,7 +45,7 @@ def _hf_text_config(hf_config):
         problems.append("linear biases (need attention_bias=False, mlp_bias=False)")
     if rope_type != "default":
         problems.append(f"rope_type={rope_type!r} (need 'default')")
-    if getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0):
+    if dense_mlp and (getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0)):
         problems.append("MoE layers (this builder is for dense models)")
     if problems:
         raise ModelLoadError("cannot build a Megatron GPT from this Hugging Face config: "
@@ -61,7 +62,7 @@ def _hf_text_config(hf_config):
 
 
 def megatron_config(hf_config, tp: int, sequence_parallel: bool = False,
-                    dtype: torch.dtype = torch.float32, qk_layernorm: bool = True):
+                    dtype: torch.dtype = torch.float32, qk_layernorm: bool = True, dense_mlp: bool = True):
     """A ``TransformerConfig`` equivalent to ``hf_config`` for a CPU- or GPU-resident model.
 
     Parameters are allocated on the CPU without Megatron's own init (the weights come from the
@@ -69,7 +70,7 @@ def megatron_config(hf_config, tp: int, sequence_parallel: bool = False,
     """
     from megatron.core.transformer import TransformerConfig
 
-    c = _hf_text_config(hf_config)
+    c = _hf_text_config(hf_config, dense_mlp)
     return TransformerConfig(
         num_layers=c["layers"], hidden_size=c["hidden"], num_attention_heads=c["heads"],
         num_query_groups=c["groups"], kv_channels=c["head_dim"], ffn_hidden_size=c["ffn"],
@@ -100,9 +101,10 @@ def _cols(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
 
 
 def hf_to_megatron(hf_state: dict[str, torch.Tensor], hf_config, tp_rank: int, tp_size: int,
-                   qk_layernorm: bool = True) -> dict[str, torch.Tensor]:
-    """This TP rank's Megatron GPT state dict from a full HF state dict (see module docstring)."""
-    c = _hf_text_config(hf_config)
+                   qk_layernorm: bool = True, dense_mlp: bool = True) -> dict[str, torch.Tensor]:
+    """This TP rank's Megatron GPT state dict from a full HF state dict (see module docstring);
+    without ``dense_mlp`` the MLP tensors are left to the MoE converter."""
+    c = _hf_text_config(hf_config, dense_mlp)
     for dim, what in ((c["vocab"], "vocab_size"), (c["heads"], "num_attention_heads"),
                       (c["ffn"], "intermediate_size")):
         if dim % tp_size:
@@ -116,16 +118,17 @@ def hf_to_megatron(hf_state: dict[str, torch.Tensor], hf_config, tp_rank: int, t
         mg = f"{LAYER_PREFIX}.{i}."
         qkv = interleave_qkv(hf_state[hf + "self_attn.q_proj.weight"], hf_state[hf + "self_attn.k_proj.weight"],
                              hf_state[hf + "self_attn.v_proj.weight"], c["groups"])
-        fc1 = torch.cat([_rows(hf_state[hf + "mlp.gate_proj.weight"], tp_rank, tp_size),
-                         _rows(hf_state[hf + "mlp.up_proj.weight"], tp_rank, tp_size)], dim=0)
         out.update({
             mg + "input_layernorm.weight": hf_state[hf + "input_layernorm.weight"],
             mg + "self_attention.linear_qkv.weight": _rows(qkv, tp_rank, tp_size),
             mg + "self_attention.linear_proj.weight": _cols(hf_state[hf + "self_attn.o_proj.weight"], tp_rank, tp_size),
             mg + "pre_mlp_layernorm.weight": hf_state[hf + "post_attention_layernorm.weight"],
-            mg + "mlp.linear_fc1.weight": fc1,
-            mg + "mlp.linear_fc2.weight": _cols(hf_state[hf + "mlp.down_proj.weight"], tp_rank, tp_size),
         })
+        if dense_mlp:
+            fc1 = torch.cat([_rows(hf_state[hf + "mlp.gate_proj.weight"], tp_rank, tp_size),
+                             _rows(hf_state[hf + "mlp.up_proj.weight"], tp_rank, tp_size)], dim=0)
+            out[mg + "mlp.linear_fc1.weight"] = fc1
+            out[mg + "mlp.linear_fc2.weight"] = _cols(hf_state[hf + "mlp.down_proj.weight"], tp_rank, tp_size)
         if qk_layernorm:
             out[mg + "self_attention.q_layernorm.weight"] = hf_state[hf + "self_attn.q_norm.weight"]
             out[mg + "self_attention.k_layernorm.weight"] = hf_state[hf + "self_attn.k_norm.weight"]

@@ -170,7 +170,9 @@ class HFExpertsAdapter(LayoutAdapter):
 
     def observe(self, module, slots, store: StatsStore, with_hessian: bool, route_all: bool = False):
         first, down = _param_names(module)
-        by_key = {(s.param_name, s.expert): store.get_or_create(s.stats_key, s.layout.local_shape[1], with_hessian)
+        # float64 Hessian sums: an expert's statistics do not depend on how its tokens were batched.
+        by_key = {(s.param_name, s.expert): store.get_or_create(s.stats_key, s.layout.local_shape[1],
+                                                                 with_hessian, accum_dtype=torch.float64)
                   for s in slots}
         n_experts = getattr(module, first).shape[0]
 

@@ -11,7 +11,8 @@ Layouts (read from the module, never from global state):
   * Expert linears (``is_expert=True``) use the expert-tensor-parallel group ("etp").
 
 Group names in :class:`~nvfp4_dist.parallel.context.ParallelContext` (see
-:func:`megatron_context`): "tp", "etp", "ep", and ``dp`` for the data-parallel group.
+:func:`megatron_context`): "tp", "etp", "ep", "edp" (expert data parallel: the ranks holding
+the same experts), and ``dp`` for the data-parallel group.
 
 Export naming: a GPT decoder's modules map back to Hugging Face Llama/Qwen-style names
 (``GPT_TO_HF``) so that a Megatron run exports an HF checkpoint; ``linear_qkv`` rows go to
@@ -63,6 +64,8 @@ def megatron_context(data_split: bool = True) -> ParallelContext:
     groups = {"tp": ps.get_tensor_model_parallel_group(),
               "ep": ps.get_expert_model_parallel_group(check_initialized=False),
               "etp": ps.get_expert_tensor_parallel_group(check_initialized=False)}
+    if data_split:  # MoE experts: the replicas of one expert, whose statistics are summed
+        groups["edp"] = ps.get_expert_data_parallel_group(check_initialized=False)
     groups = {k: g for k, g in groups.items() if g is not None}
     dp = ps.get_data_parallel_group() if data_split else None
     return ParallelContext(dp=dp, groups=groups)
@@ -281,3 +284,8 @@ def megatron_namer(ctx: ParallelContext):
         return PassThrough(outputs)
 
     return name
+
+
+# The MoE expert adapters build on the helpers above; importing them here registers them
+# (matched before the dense adapters) wherever Megatron layouts are in use.
+from . import megatron_moe  # noqa: E402,F401

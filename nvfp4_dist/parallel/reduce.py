@@ -53,7 +53,8 @@ def _batched_all_reduce(tensors: list[torch.Tensor], op, group) -> None:
 
 
 def _stats_groups(slot: WeightSlot, ctx: ParallelContext) -> list:
-    groups = [ctx.dp]
+    expert_data = slot.moe.data_group if slot.moe is not None else None
+    groups = [ctx.dp if expert_data is None else ctx.group(expert_data)]
     if slot.sequence_parallel:
         groups.append(ctx.group(slot.layout.shard_group))
     if slot.stats_group is not None:
