@@ -192,7 +192,13 @@ def build_megatron_gpt(hf_model: nn.Module, sequence_parallel: bool = False,
                      vocab_size=c["vocab"], max_sequence_length=c["max_pos"],
                      position_embedding_type="rope", rotary_base=c["rope_theta"],
                      share_embeddings_and_output_weights=c["tied"])
-    state = hf_to_megatron(hf_state, hf_config, rank, tp, qk_layernorm=qk_norm)
+    load_converted_state(model, hf_to_megatron(hf_state, hf_config, rank, tp, qk_layernorm=qk_norm))
+    return model.to(device).eval()
+
+
+def load_converted_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a converted state dict into ``model``'s tensors, refusing any missing, unexpected or
+    mis-shaped key (Megatron's ``_extra_state`` entries aside)."""
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
@@ -204,7 +210,6 @@ def build_megatron_gpt(hf_model: nn.Module, sequence_parallel: bool = False,
                 raise ModelLoadError(f"{name}: converted shape {tuple(state[name].shape)} != "
                                      f"Megatron's {tuple(tensor.shape)}")
             tensor.copy_(state[name].to(tensor.dtype))
-    return model.to(device).eval()
 
 
 def causal_mask(seq_len: int, device) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .megatron_gpt import LAYER_PREFIX, hf_to_megatron, megatron_config
+from .megatron_gpt import LAYER_PREFIX, hf_to_megatron, load_converted_state, megatron_config
 
 
 def check_router_usable() -> None:
@@ -115,17 +115,6 @@ def build_megatron_moe_gpt(hf_model: nn.Module, dtype: torch.dtype | None = None
                      position_embedding_type="rope",
                      rotary_base=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
                      share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings))
-    state = hf_to_megatron_moe(hf_state, cfg, ps.get_tensor_model_parallel_rank(), tp,
-                               ps.get_expert_model_parallel_rank(), ep)
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ModelLoadError(f"HF -> Megatron MoE conversion mismatch: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for name, tensor in own.items():
-            if tuple(tensor.shape) != tuple(state[name].shape):
-                raise ModelLoadError(f"{name}: converted shape {tuple(state[name].shape)} != "
-                                     f"Megatron's {tuple(tensor.shape)}")
-            tensor.copy_(state[name].to(tensor.dtype))
+    load_converted_state(model, hf_to_megatron_moe(hf_state, cfg, ps.get_tensor_model_parallel_rank(), tp,
+                                                   ps.get_expert_model_parallel_rank(), ep))
     return model.to(device).eval()
