@@ -22,12 +22,14 @@ from .tl_nvfp4 import (bf16_round, code_values, e2m1_codes, e2m1_pick, e4m3_bits
 def _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, HAS_BETA: tl.constexpr,
                 BLK: tl.constexpr):
     n, mask, w = load_blocks(w_ptr, stride_row, nb, n_blocks, BLK)
+    # per-block values as [BLK, 1]: they broadcast against the tile in its own layout
+    n1, mask1 = n[:, None], mask[:, None]
     S = global_scale(g_ptr)
-    v = scale_value(tl.load(bamax_ptr + n, mask=mask, other=0.0), S)
+    v = scale_value(tl.load(bamax_ptr + n1, mask=mask1, other=0.0), S)
     d = v * S  # decode scale
     if HAS_BETA:
-        d = tl.load(beta_ptr + n, mask=mask, other=1.0) * d  # quant scale fl(beta * d)
-    return n, mask, w, v, d, S
+        d = tl.load(beta_ptr + n1, mask=mask1, other=1.0) * d  # quant scale fl(beta * d)
+    return n1, mask1, w, v, d, S
 
 
 @triton.jit
@@ -40,8 +42,8 @@ def _fake_quant(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, out
     q = tl.where(w < 0, -q, q)
     if ROUND_BF16:
         q = bf16_round(q)  # the store's cast is then exact on every backend
-    out = out_ptr + n[:, None] * 16 + tl.arange(0, 16)[None, :]
-    tl.store(out, q.to(out_ptr.dtype.element_ty), mask=mask[:, None])
+    out = out_ptr + n * 16 + tl.arange(0, 16)[None, :]
+    tl.store(out, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -51,8 +53,8 @@ def _quantize_pack(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, 
                                       HAS_BETA, BLK)
     code = e2m1_codes(tl.abs(w), d) | tl.where(w < 0, 8, 0)
     lo, hi = tl.split(tl.reshape(code, [BLK, 8, 2]))
-    out = packed_ptr + n[:, None] * 8 + tl.arange(0, 8)[None, :]
-    tl.store(out, (lo | (hi << 4)).to(tl.uint8), mask=mask[:, None])
+    out = packed_ptr + n * 8 + tl.arange(0, 8)[None, :]
+    tl.store(out, (lo | (hi << 4)).to(tl.uint8), mask=mask)
     tl.store(scale_ptr + n, e4m3_bits(v).to(tl.uint8), mask=mask)
 
 

@@ -14,13 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_nvfp4 import candidate_window, load_blocks, mse_loss, start_candidate
+from .tl_nvfp4 import candidate_window, load_blocks_by_thread, mse_loss, start_candidate
 
 
 @triton.jit
 def _mse_sweep(w_ptr, stride_row, nb, n_blocks, s_ptr, v_ptr, k_ptr, loss_ptr, size_class,
                BLK: tl.constexpr):
-    n, mask, w = load_blocks(w_ptr, stride_row, nb, n_blocks, BLK)
+    n, mask, w = load_blocks_by_thread(w_ptr, stride_row, nb, n_blocks, BLK)
     a = tl.abs(w)
     S = tl.load(s_ptr)
     amax = tl.max(a, axis=1)

@@ -13,12 +13,12 @@ interpreter truncates where the GPU rounds to nearest even).
 import triton
 import triton.language as tl
 
-LAST_CANDIDATE: tl.constexpr = 125
-E4M3_MIN: tl.constexpr = 0.001953125  # 2^-9, smallest E4M3 subnormal: the block-scale floor
-E4M3_MAX: tl.constexpr = 448.0
-E4M3_MIN_NORMAL: tl.constexpr = 0.015625  # 2^-6
-MIN_GLOBAL_AMAX: tl.constexpr = 5.421010862427522e-20  # 2^-64, as numerics.constants
-GLOBAL_SCALE_DENOM: tl.constexpr = 2688.0  # 6 * 448
+LAST_CANDIDATE = tl.constexpr(125)
+E4M3_MIN = tl.constexpr(0.001953125)  # 2^-9, smallest E4M3 subnormal: the block-scale floor
+E4M3_MAX = tl.constexpr(448.0)
+E4M3_MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6
+MIN_GLOBAL_AMAX = tl.constexpr(5.421010862427522e-20)  # 2^-64, as numerics.constants
+GLOBAL_SCALE_DENOM = tl.constexpr(2688.0)  # 6 * 448
 
 
 @triton.jit
@@ -46,6 +46,34 @@ def load_blocks(w_ptr, stride_row, nb, n_blocks, BLK: tl.constexpr):
     c = tl.arange(0, 16)
     w = tl.load(w_ptr + (row * stride_row + col * 16)[:, None] + c[None, :], mask=mask[:, None], other=0.0)
     return n, mask, w.to(tl.float32)
+
+
+@triton.jit
+def load_blocks_by_thread(w_ptr, stride_row, nb, n_blocks, BLK: tl.constexpr):
+    """As :func:`load_blocks`, with each block's 16 elements held by one thread.
+
+    Built from 16 column loads by nested joins (a join's operand index is the new, fastest
+    axis, so pairing columns p and p + 8 first yields column order 0..15): the tile then has
+    no cross-thread axis and per-block values broadcast without layout conversions.
+    """
+    n = tl.program_id(0).to(tl.int64) * BLK + tl.arange(0, BLK)
+    mask = n < n_blocks
+    row = n // nb
+    p = w_ptr + row * stride_row + (n - row * nb) * 16
+    x0 = tl.join(tl.load(p + 0, mask=mask, other=0.0), tl.load(p + 8, mask=mask, other=0.0))
+    x1 = tl.join(tl.load(p + 1, mask=mask, other=0.0), tl.load(p + 9, mask=mask, other=0.0))
+    x2 = tl.join(tl.load(p + 2, mask=mask, other=0.0), tl.load(p + 10, mask=mask, other=0.0))
+    x3 = tl.join(tl.load(p + 3, mask=mask, other=0.0), tl.load(p + 11, mask=mask, other=0.0))
+    x4 = tl.join(tl.load(p + 4, mask=mask, other=0.0), tl.load(p + 12, mask=mask, other=0.0))
+    x5 = tl.join(tl.load(p + 5, mask=mask, other=0.0), tl.load(p + 13, mask=mask, other=0.0))
+    x6 = tl.join(tl.load(p + 6, mask=mask, other=0.0), tl.load(p + 14, mask=mask, other=0.0))
+    x7 = tl.join(tl.load(p + 7, mask=mask, other=0.0), tl.load(p + 15, mask=mask, other=0.0))
+    y0 = tl.join(x0, x4)
+    y1 = tl.join(x1, x5)
+    y2 = tl.join(x2, x6)
+    y3 = tl.join(x3, x7)
+    w = tl.join(tl.join(y0, y2), tl.join(y1, y3))
+    return n, mask, tl.reshape(w, [BLK, 16]).to(tl.float32)
 
 
 @triton.jit
@@ -103,32 +131,32 @@ def code_values(v, S):
 
 @triton.jit
 def e2m1_pick(a, d, q1, q2, q3, q4, q5, q6, q7):
-    """The value ``q[code]`` of magnitudes ``a [B, 16]`` for per-block quant scale ``d [B]``.
+    """The value ``q[code]`` of magnitudes ``a [B, 16]`` for quant scales ``d [B, 1]``.
 
     code = thresholds passed: strict at 0.25, 1.25, 2.5, 5 and inclusive at 0.75, 1.75, 3.5
     (ties to the even code). Thresholds increase, so the last one passed names the code.
     """
     t0, t1, t2, t3, t4, t5, t6 = thresholds(d)
-    q = tl.where(a > t0[:, None], q1[:, None], 0.0)
-    q = tl.where(a >= t1[:, None], q2[:, None], q)
-    q = tl.where(a > t2[:, None], q3[:, None], q)
-    q = tl.where(a >= t3[:, None], q4[:, None], q)
-    q = tl.where(a > t4[:, None], q5[:, None], q)
-    q = tl.where(a >= t5[:, None], q6[:, None], q)
-    return tl.where(a > t6[:, None], q7[:, None], q)
+    q = tl.where(a > t0, q1, 0.0)
+    q = tl.where(a >= t1, q2, q)
+    q = tl.where(a > t2, q3, q)
+    q = tl.where(a >= t3, q4, q)
+    q = tl.where(a > t4, q5, q)
+    q = tl.where(a >= t5, q6, q)
+    return tl.where(a > t6, q7, q)
 
 
 @triton.jit
 def e2m1_codes(a, d):
-    """E2M1 magnitude codes (int32, 0..7) of ``a [B, 16]`` for quant scales ``d [B]``."""
+    """E2M1 magnitude codes (int32, 0..7) of ``a [B, 16]`` for quant scales ``d [B, 1]``."""
     t0, t1, t2, t3, t4, t5, t6 = thresholds(d)
-    c = tl.where(a > t0[:, None], 1, 0)
-    c = tl.where(a >= t1[:, None], 2, c)
-    c = tl.where(a > t2[:, None], 3, c)
-    c = tl.where(a >= t3[:, None], 4, c)
-    c = tl.where(a > t4[:, None], 5, c)
-    c = tl.where(a >= t5[:, None], 6, c)
-    return tl.where(a > t6[:, None], 7, c)
+    c = tl.where(a > t0, 1, 0)
+    c = tl.where(a >= t1, 2, c)
+    c = tl.where(a > t2, 3, c)
+    c = tl.where(a >= t3, 4, c)
+    c = tl.where(a > t4, 5, c)
+    c = tl.where(a >= t5, 6, c)
+    return tl.where(a > t6, 7, c)
 
 
 @triton.jit
