@@ -1,10 +1,11 @@
 """The CLI's distributed backends: lay the loaded HF model out, calibrate, export one checkpoint.
 
-    torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] ...
+    torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] [--ep E] ...
 
 * ``hf``: every rank holds the whole model (data parallel).
 * ``fsdp2``: ``fully_shard`` per decoder layer over all ranks; the search reads DTensor shards.
-* ``megatron``: a Megatron-core GPT built from the same HF weights at TP=T (DP = N / T).
+* ``megatron``: a Megatron-core GPT built from the same HF weights at TP=T (DP = N / T); an
+  MoE model (Qwen3-MoE style) becomes SequentialMLP experts spread over EP=E ranks.
 Calibration data: every rank feeds all of it and nothing is summed (default; the result equals
 one process's), or, with ``--split-calib``, each data-parallel rank feeds its own share and the
 statistics are summed (faster; equal up to fp32 summation order). ``--float64-calib`` runs the
@@ -71,7 +72,7 @@ def _share(tokens: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
 
 def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp: int,
                 batch_size: int, split_calib: bool, float64_calib: bool, timeout_s: float,
-                device: torch.device, show_progress: bool) -> PreparedRun:
+                device: torch.device, show_progress: bool, ep: int = 1) -> PreparedRun:
     """Lay ``hf_model`` out for ``backend`` on this rank (see module docstring)."""
     from .cli import make_forward_loop
     from .export.distributed import dtensor_namer, export_distributed
@@ -80,20 +81,25 @@ def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     config = _hf_config(hf_model)
-    if backend is not Backend.MEGATRON and tp != 1:
-        raise ConfigError(f"--tp {tp} needs --backend megatron")
+    if backend is not Backend.MEGATRON and (tp != 1 or ep != 1):
+        raise ConfigError(f"--tp {tp} / --ep {ep} need --backend megatron")
 
     if backend is Backend.MEGATRON:
         from .models.megatron_gpt import build_megatron_gpt, megatron_forward_loop
         from .parallel.megatron import hf_module_names, megatron_namer
 
-        ctx = init_megatron(tp, timeout_s=timeout_s, data_split=split_calib)
+        ctx = init_megatron(tp, timeout_s=timeout_s, data_split=split_calib, ep=ep)
         from megatron.core import parallel_state as ps
 
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         data_ranks = dp if split_calib else 1
         data = _share(tokens, dp_rank, dp) if split_calib else tokens
-        model = build_megatron_gpt(hf_model, device=device)
+        if getattr(hf_model.config, "num_experts", 0):
+            from .models.megatron_moe import build_megatron_moe_gpt
+
+            model = build_megatron_moe_gpt(hf_model, device=device)
+        else:
+            model = build_megatron_gpt(hf_model, device=device)
         loop = megatron_forward_loop(data, batch_size, show_progress)
 
         def export(result, out_dir, fmt, overwrite, source_dir):
@@ -133,14 +139,14 @@ def run_quantize(args, config: QuantConfig) -> int:
         loaded = load_model(args.model, seed=args.seed, dtype=DTYPES[args.dtype], device="cpu")
         tokens = load_calibration(loaded, args.calib_samples, args.seq_len, args.seed, args.calib_file)
         run = prepare_run(loaded.model, tokens, args.backend, args.tp, args.batch_size, args.split_calib,
-                          args.float64_calib, args.dist_timeout, info.device, show)
+                          args.float64_calib, args.dist_timeout, info.device, show, ep=args.ep)
         result = quantize(run.model, config, run.forward_loop, ctx=run.ctx, show_progress=show)
         out = run.export(result, args.out, args.format, args.overwrite, loaded.source_dir)
     if is_main_rank():
         print(result.table())
         dss = " + DSS" if config.dss else ""
         split = f", data split over {run.data_ranks} ranks" if run.data_ranks > 1 else ""
-        print(f"\n{args.backend} backend on {info.world_size} rank(s) (tp={args.tp}{split}): "
+        print(f"\n{args.backend} backend on {info.world_size} rank(s) (tp={args.tp}, ep={args.ep}{split}): "
               f"{len(result.slots)} weight shards quantized per rank ({config.method.value}{dss}), "
               f"{len(result.ignored)} modules kept in high precision; calibration "
               f"{tokens.shape[0]}x{tokens.shape[1]} tokens; {time.perf_counter() - t_start:.1f} s")

@@ -1,9 +1,9 @@
 """`nvfp4-dist` command line: quantize a model and export it, or inspect an export.
 
-    nvfp4-dist quantize --model {tiny-dense | PATH} --method {max,mse,local_hessian} [--dss]
+    nvfp4-dist quantize --model {tiny-dense | tiny-moe | PATH} --method {max,mse,local_hessian} [--dss]
                         --format {modelopt,compressed-tensors} --out DIR [--calib-samples N]
-                        [--seq-len L] [--seed S] [--overwrite]
-    torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] ...
+                        [--seq-len L] [--seed S] [--dead-experts {weight_only,route_all}] [--overwrite]
+    torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] [--ep E] ...
     nvfp4-dist inspect DIR
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import KernelBackend, QuantConfig
+from .config import DeadExpertPolicy, KernelBackend, QuantConfig
 from .errors import NVFP4DistError
 from .kernels.types import Method
 from .progress import is_main_rank, progress
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="calibrate NVFP4 scales and export a checkpoint")
-    q.add_argument("--model", required=True, help="embedded model name (tiny-dense) or a local HF directory")
+    q.add_argument("--model", required=True,
+                   help="embedded model name (tiny-dense, tiny-moe) or a local HF directory (dense or MoE)")
     q.add_argument("--method", choices=[m.value for m in Method], default=Method.LOCAL_HESSIAN.value)
     q.add_argument("--dss", action="store_true", help="decoupled scale search (needs local_hessian)")
     q.add_argument("--dss-beta", nargs=3, type=float, metavar=("MIN", "MAX", "STEP"),
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout across torchrun ranks: hf (whole model per rank), fsdp2 (FSDP2 "
                         "shards), megatron (Megatron-core GPT, tensor parallel); see nvfp4_dist.backends")
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel size (--backend megatron)")
+    q.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size for MoE models (--backend megatron)")
+    q.add_argument("--dead-experts", choices=[p.value for p in DeadExpertPolicy],
+                   default=DeadExpertPolicy.WEIGHT_ONLY.value,
+                   help="MoE experts no calibration token reaches: weight_only (MSE search, input "
+                        "scale from the layer's live experts; listed in the report) or route_all "
+                        "(every token through every expert for the statistics)")
     q.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds any collective may wait before the run fails (a rank died or raised)")
     q.add_argument("--split-calib", action="store_true",
@@ -74,7 +82,7 @@ def _config_from_args(args) -> QuantConfig:
     kwargs = dict(method=args.method, dss=args.dss, dss_beta_min=args.dss_beta[0],
                   dss_beta_max=args.dss_beta[1], dss_beta_step=args.dss_beta[2],
                   quantize_inputs=not args.weight_only, include=tuple(args.include),
-                  backend=args.kernel_backend)
+                  backend=args.kernel_backend, dead_experts=args.dead_experts)
     if args.exclude is not None:
         kwargs["exclude"] = tuple(args.exclude)
     return QuantConfig(**kwargs)

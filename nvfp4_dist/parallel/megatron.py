@@ -247,6 +247,8 @@ GPT_STATE_TO_HF = (
      "model.layers.{0}.post_attention_layernorm.weight"),
     (r"(?:.*\.)?decoder\.layers\.(\d+)\.self_attention\.q_layernorm\.weight", "model.layers.{0}.self_attn.q_norm.weight"),
     (r"(?:.*\.)?decoder\.layers\.(\d+)\.self_attention\.k_layernorm\.weight", "model.layers.{0}.self_attn.k_norm.weight"),
+    # MoE router (Qwen3-MoE's `mlp.gate`): always exported unquantized
+    (r"(?:.*\.)?decoder\.layers\.(\d+)\.mlp\.router\.weight", "model.layers.{0}.mlp.gate.weight"),
 )
 
 

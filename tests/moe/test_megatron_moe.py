@@ -161,3 +161,58 @@ def test_dead_experts_across_expert_parallel_ranks(runs):
             live = [experts[f"decoder.layers.0.mlp.experts.local_experts.{g}.{fc}"]["input_amax"]
                     for g in range(N_EXPERTS) if g not in DEAD[0]]
             assert torch.equal(rec["input_amax"], torch.stack(live).amax()) and float(rec["input_amax"]) > 0
+
+
+CLI_ARGS = ["quantize", "--model", "tiny-moe", "--method", "max", "--weight-only", "--calib-samples", "4",
+            "--seq-len", "16", "--no-progress", "--format", "modelopt"]
+
+
+def _megatron_ep2_cli(out: str) -> int:
+    from nvfp4_dist.cli import main
+
+    _patch_megatron_router()
+    return main([*CLI_ARGS, "--backend", "megatron", "--ep", "2", "--out", out])
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def test_cli_megatron_ep2_export_equals_the_single_process_export(tmp_path):
+    """``--backend megatron --ep 2`` on tiny-moe exports, byte for byte, the checkpoint of one
+    process with the HF model (``max``, weight-only: independent of activations): every expert
+    under its global HF name, written by the rank that holds it, the router under HF's name."""
+    from safetensors.torch import load_file
+
+    from nvfp4_dist.cli import main
+    from nvfp4_dist.export.inspect import inspect_checkpoint
+
+    single, megatron = tmp_path / "single", tmp_path / "megatron"
+    assert main([*CLI_ARGS, "--out", str(single)]) == 0
+    assert run_ranks(_megatron_ep2_cli, 2, str(megatron)) == [0, 0]
+
+    def tensors(path):
+        out = {}
+        for file in sorted(path.glob("*.safetensors")):
+            out.update(load_file(file))
+        return out
+
+    ref, got = tensors(single), tensors(megatron)
+    assert sum(".experts." in k for k in ref) == 2 * 8 * 3 * 3  # layers x experts x projections x tensors
+    assert set(got) == set(ref)
+    assert [k for k in ref if not _same_bytes(got[k], ref[k])] == []
+    report = inspect_checkpoint(megatron)
+    assert report.ok, report.format()
+
+
+def test_a_megatron_without_a_usable_router_is_refused_clearly(monkeypatch):
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    from nvfp4_dist.errors import ModelLoadError
+    from nvfp4_dist.models.megatron_moe import check_router_usable
+
+    monkeypatch.delattr(moe_utils, "te_general_gemm", raising=False)
+    with pytest.raises(ModelLoadError, match="TransformerEngine"):
+        check_router_usable()

@@ -224,3 +224,14 @@ def test_compressed_tensors_decompressed_dense_model_runs_in_transformers(calibr
     theirs = _fake_quant_logits(reloaded)
     rel = (theirs - ours).norm() / ours.norm()
     assert rel < 1e-5, f"dense reload differs from the fake-quant forward by {rel:.3g}"
+
+
+def test_cli_route_all_feeds_every_expert(tmp_path, capsys):
+    from nvfp4_dist.cli import main
+
+    out = tmp_path / "route-all"
+    assert main(["quantize", "--model", "tiny-moe", "--method", "max", "--calib-samples", "2", "--seq-len", "16",
+                 "--dead-experts", "route_all", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "32 expert weights calibrated, 0 dead" in printed
+    assert inspect_checkpoint(out).ok
