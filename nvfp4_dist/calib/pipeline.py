@@ -180,7 +180,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
     dead = _dead_names(inv.slots, states, experts)
     if dead:
         warnings.warn(f"nvfp4_dist: {len(dead)} weight(s) saw no calibration token and were "
-                      f"calibrated weight-only (MSE): {', '.join(dead[:8])}"
+                      f"calibrated weight-only: {', '.join(dead[:8])}"
                       + (" ..." if len(dead) > 8 else ""), stacklevel=2)
 
     t0 = time.perf_counter()

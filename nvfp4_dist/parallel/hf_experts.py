@@ -12,8 +12,8 @@ with ``use_experts_implementation``; checked on 5.23):
 Each expert and projection is one WeightSlot (``slot.expert = e`` slices the 3-D parameter). A
 gate_up slot covers both halves of one expert, so gate and up share one global amax by
 construction; its export parts split the rows into the per-expert modules ``save_pretrained``
-writes. Transposed layouts (``is_transposed``, e.g. gpt-oss) and transformers' own expert
-parallelism are refused with a LayoutError.
+writes. Transposed layouts (``is_transposed``, e.g. gpt-oss), transformers' own expert
+parallelism and DTensor-sharded experts (FSDP2) are refused with a LayoutError.
 
 Observation does not touch the model's computation, whatever the implementation: a forward
 pre-hook on the experts module reads its inputs, takes each expert's routed rows (moe.routed_tokens)
@@ -144,6 +144,12 @@ class HFExpertsAdapter(LayoutAdapter):
             raise LayoutError(f"{name}: {type(module).__name__} stores transposed expert weights "
                               "([E, in, out]), which nvfp4_dist does not quantize yet; exclude it "
                               f"(exclude=['{name}']) to keep it in high precision")
+        sharded = [p for p in _param_names(module) if hasattr(getattr(module, p), "device_mesh")]
+        if sharded:
+            raise LayoutError(f"{name}: fused experts sharded as DTensors (FSDP2 or a tensor-parallel "
+                              f"plan: {', '.join(sharded)}) are not supported; calibrate the experts "
+                              "with the whole model on each rank (--backend hf) or as Megatron "
+                              "SequentialMLP experts (--backend megatron --ep N)")
         if getattr(module, "_is_expert_parallel", False):
             raise LayoutError(f"{name}: transformers expert parallelism is not supported; load the "
                               "model without an 'ep' plan (or use the Megatron backend with --ep)")
