@@ -193,9 +193,10 @@ class HFExpertsAdapter(LayoutAdapter):
 
 
 def _experts_inputs(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    names = ("hidden_states", "top_k_index")
-    values = list(args[:2]) + [kwargs.get(n) for n in names[len(args[:2]):]]
-    return values[0].detach(), values[1]
+    """``(hidden_states [T, H], top_k_index [T, k])`` of an experts forward, passed positionally
+    or by keyword."""
+    bound = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
+    return bound["hidden_states"].detach(), bound["top_k_index"]
 
 
 @torch.no_grad()
@@ -203,7 +204,7 @@ def expert_activation(module: nn.Module, expert: int, x: torch.Tensor) -> torch.
     """Input of expert ``expert``'s down projection for its routed rows ``x [n, H]``: the
     expert's gate/up projection (plus bias) followed by the module's own gate function
     (``act(gate) * up`` for Qwen3-MoE and Mixtral), in the model's dtype."""
-    first = "gate_up_proj" if module.has_gate else "up_proj"
+    first = _param_names(module)[0]
     weight = getattr(module, first)[expert]
     bias = getattr(module, f"{first}_bias")[expert] if getattr(module, "has_bias", False) else None
     h = F.linear(x.to(weight.dtype), weight, bias)

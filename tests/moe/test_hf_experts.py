@@ -96,10 +96,11 @@ def _independent_stats(model, ids, route_all=False):
     return out
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("route_all", [False, True])
-def test_per_expert_hessians_equal_an_independent_loop(impl, route_all):
-    model = small_moe(experts_impl=impl, dead={0: (3,)})
+def test_per_expert_hessians_equal_an_independent_loop(model_type, impl, route_all):
+    model = small_moe(model_type, experts_impl=impl, dead={0: (3,)})
     ids = tokens()
     with torch.no_grad():
         ref_logits = model(input_ids=ids).logits
