@@ -2,8 +2,9 @@
 
 Backend: NCCL with one GPU per rank when CUDA has enough GPUs, gloo on the CPU when there is no
 CUDA at all; with CUDA but too few GPUs the test is skipped (NCCL cannot put two ranks on one
-GPU). Workers come from a forkserver that imports torch, transformers and megatron-core once, so
-each test pays the import cost once instead of once per rank.
+GPU). On the CPU, workers come from a forkserver that imports torch, transformers and
+megatron-core once, so each test pays the import cost once instead of once per rank; with CUDA
+they are spawned (a forked child cannot use CUDA once its parent initialised it).
 
 CPU-only obstacles of megatron-core are patched HERE, in the workers of a machine without CUDA,
 never in the library: see :func:`patch_megatron_for_cpu`.
@@ -82,9 +83,12 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0, may_die: tup
     ``may_die`` that exited without one. ``fn`` joins the process group itself
     (``nvfp4_dist.launch.init_distributed``). Any other rank that fails fails the test with its
     traceback; ranks still running after ``timeout_s`` are killed and fail it too."""
-    backend_for(world_size)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    backend = backend_for(world_size)
+    if backend == "nccl":  # a forkserver that imported CUDA-touching modules cannot fork CUDA users
+        ctx = mp.get_context("spawn")
+    else:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
     out_dir = tempfile.mkdtemp(prefix="nvfp4_dist_ranks_")
     port = _free_port()
     procs = [ctx.Process(target=_entry, args=(r, fn, world_size, port, out_dir, args), daemon=True)

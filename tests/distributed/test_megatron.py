@@ -90,15 +90,28 @@ def _run_layouts(plan: list[tuple[int, bool, bool, list[str]]]) -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def layouts():
-    """2 ranks: TP=1 and TP=2 (every rank sees all the data), TP=2 with sequence parallelism;
-    4 ranks: TP=4, and TP=2 x DP=2 with the data split. One dict keyed
-    (tp, data_split, method, hf_module)."""
+def two_ranks():
+    """2 ranks: TP=1 and TP=2 (every rank sees all the data), TP=2 with sequence parallelism,
+    TP=1 x DP=2 with the data split. Keyed (tp, data_split, method, hf_module)."""
     names = list(METHODS)
-    two = run_ranks(_run_layouts, 2, [(1, False, False, names), (2, False, False, names),
-                                      (2, False, True, ["local_hessian"])])[0]
-    four = run_ranks(_run_layouts, 4, [(4, False, False, names), (2, True, False, names)])[0]
-    return {**two, **four}
+    return run_ranks(_run_layouts, 2, [(1, False, False, names), (2, False, False, names),
+                                       (2, False, True, ["local_hessian"]),
+                                       (1, True, False, names)])[0]
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    """4 ranks: TP=4, and TP=2 x DP=2 with the data split."""
+    names = list(METHODS)
+    return run_ranks(_run_layouts, 4, [(4, False, False, names), (2, True, False, names)])[0]
+
+
+@pytest.fixture
+def layouts(request, two_ranks):
+    """The 2-rank results, plus the 4-rank ones for tests that ask for them (``four`` marker)."""
+    if request.node.get_closest_marker("four") is None:
+        return two_ranks
+    return {**two_ranks, **request.getfixturevalue("four_ranks")}
 
 
 def _modules(layouts, tp, split, method):
@@ -116,7 +129,7 @@ def test_every_hf_module_is_covered(layouts):
         assert rec["fq"].shape == hf[name + ".weight"].shape
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.four)])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_tp_invariance_bit_identical(layouts, tp, method):
     ref = _modules(layouts, 1, False, method)
@@ -167,10 +180,11 @@ def _assert_near_ties(ref: dict, got: dict) -> None:
     assert differing < total  # the comparison compared something real
 
 
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.four)])
 @pytest.mark.parametrize("method", HESSIAN_METHODS)
-def test_dp_split_matches_all_data_up_to_near_ties(layouts, method):
-    """TP=2 x DP=2, each DP rank half the data, against TP=1 with all of it."""
-    _assert_near_ties(_modules(layouts, 1, False, method), _modules(layouts, 2, True, method))
+def test_dp_split_matches_all_data_up_to_near_ties(layouts, tp, method):
+    """TP x DP=2, each DP rank half the data, against TP=1 with all of it."""
+    _assert_near_ties(_modules(layouts, 1, False, method), _modules(layouts, tp, True, method))
 
 
 def test_sequence_parallel_sums_statistics_over_tp(layouts):
@@ -183,8 +197,9 @@ def test_sequence_parallel_sums_statistics_over_tp(layouts):
     _assert_near_ties(ref, got)
 
 
-def test_dp_split_max_and_mse_do_not_depend_on_data(layouts):
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.four)])
+def test_dp_split_max_and_mse_do_not_depend_on_data(layouts, tp):
     for method in ("max", "mse"):
-        ref, got = _modules(layouts, 1, False, method), _modules(layouts, 2, True, method)
+        ref, got = _modules(layouts, 1, False, method), _modules(layouts, tp, True, method)
         for name in ref:
             assert torch.equal(got[name]["fq"], ref[name]["fq"]), f"{name} {method}"
