@@ -77,7 +77,22 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+class _PortTaken(Exception):
+    """The rendezvous port was taken between choosing it and binding it (another process)."""
+
+
 def run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0, may_die: tuple[int, ...] = ()) -> list:
+    """See :func:`_run_ranks`; retried (up to 3 times) when the rendezvous port was taken."""
+    for attempt in range(3):
+        try:
+            return _run_ranks(fn, world_size, *args, timeout_s=timeout_s, may_die=may_die)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0, may_die: tuple[int, ...] = ()) -> list:
     """Run ``fn(*args)`` on ``world_size`` ranks (env set as torchrun would); returns each rank's
     return value (tensors, dicts, lists, strings, numbers) in rank order, None for a rank in
     ``may_die`` that exited without one. ``fn`` joins the process group itself
@@ -111,6 +126,8 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0, may_die: tup
             else:
                 err = os.path.join(out_dir, f"rank{r}.err")
                 detail = open(err).read() if os.path.exists(err) else "(no traceback)"
+                if "EADDRINUSE" in detail:
+                    raise _PortTaken(detail)
                 pytest.fail(f"rank {r} exited with code {p.exitcode}:\n{detail}")
         return results
     finally:
