@@ -24,10 +24,11 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from nvfp4_dist.kernels import hessian_kernel, triton_ops
 from nvfp4_dist.kernels import reference as R
-from nvfp4_dist.kernels import triton_ops
 from nvfp4_dist.kernels.candidates import CandidateTables, dss_errors
 from nvfp4_dist.kernels.hessian_kernel import HESSIAN_REL_TOL
+from nvfp4_dist.kernels.windows import schur_floor
 from nvfp4_dist.numerics import nvfp4
 
 SHAPES = ((8192, 4096), (4096, 14336), (28672, 8192))
@@ -129,6 +130,27 @@ def run_shape(shape, kind, seed, modelopt, quick) -> dict:
     return row
 
 
+def hessian_configs(shape, seed) -> list[str]:
+    """Hessian sweep and DSS times for other fixed tiles (rows per program, warps)."""
+    w = make_weight(shape, "gauss", seed)
+    g = w.float().abs().amax()
+    h = make_hessian(shape[1], seed + 1)
+    s = nvfp4.global_scale(g).reshape(1)
+    values = triton_ops._values(w.device)
+    kappa = schur_floor(h).contiguous()
+    betas = R.default_betas().cuda()
+    out = []
+    for blk_r, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
+        sweep = lambda: hessian_kernel.launch_hessian_sweep(w, h, kappa, s, values, blk_r, warps)  # noqa: E731
+        k, loss = sweep()
+        t_sweep = bench(sweep, 300.0)
+        t_dss = bench(lambda: hessian_kernel.launch_dss_search(w, h, s, values, betas, k.clone(), loss.clone(),
+                                                               blk_r, warps), 300.0)
+        out.append(f"hessian tile {blk_r} rows x {warps} warps: sweep {t_sweep:.3f} ms, dss phase {t_dss:.3f} ms")
+        print(out[-1], flush=True)
+    return out
+
+
 def table(rows, modelopt) -> str:
     head = ["weight", "kind", "blocks (M)", "MSE ours ms", "MSE ModelOpt ms", "MSE x", "MSE = ref",
             "MSE same as MO", "Hess ours ms", "Hess ModelOpt ms", "Hess x", "Hess loss-exact",
@@ -152,6 +174,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the markdown table (and a .json) here")
     parser.add_argument("--quick", action="store_true", help="smallest shape only, shorter timings")
     parser.add_argument("--kinds", default="gauss,heavy")
+    parser.add_argument("--hessian-tiles", action="store_true", help="also time other Hessian/DSS tiles")
     args = parser.parse_args()
     torch.manual_seed(0)
     modelopt = load_modelopt()
@@ -160,6 +183,7 @@ def main() -> None:
         modelopt[2](w, w.float().abs().amax(), make_hessian(256, 1))
         torch.cuda.synchronize()
     shapes = SHAPES[:1] if args.quick else SHAPES
+    tiles = hessian_configs(SHAPES[0], 7) if args.hessian_tiles else []
     rows = []
     for i, shape in enumerate(shapes):
         for kind in args.kinds.split(","):
@@ -171,7 +195,7 @@ def main() -> None:
               f"{modelopt[0] if modelopt else 'not installed'}\n"
               f"torch reference MSE search ({SHAPES[0][0]}x{SHAPES[0][1]}, on the GPU): "
               + ", ".join(f"{m:.1f} ms" for m in ref_ms))
-    text = header + "\n\n" + table(rows, modelopt)
+    text = header + "\n\n" + table(rows, modelopt) + "".join("\n" + t for t in tiles)
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -23,7 +23,7 @@ def _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, HAS
                 BLK: tl.constexpr):
     n, mask, w = load_blocks(w_ptr, stride_row, nb, n_blocks, BLK)
     # per-block values as [BLK, 1]: they broadcast against the tile in its own layout
-    n1, mask1 = n[:, None], mask[:, None]
+    n1, mask1 = n.to(tl.int64)[:, None], mask[:, None]
     S = global_scale(g_ptr)
     v = scale_value(tl.load(bamax_ptr + n1, mask=mask1, other=0.0), S)
     d = v * S  # decode scale
@@ -39,7 +39,8 @@ def _fake_quant(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, out
                                       HAS_BETA, BLK)
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
     q = e2m1_pick(tl.abs(w), d, q1, q2, q3, q4, q5, q6, q7)
-    q = tl.where(w < 0, -q, q)
+    # w's sign, -0.0 included (a compiled unary minus may be 0 - q, which loses it)
+    q = q * tl.where(w < 0, -1.0, 1.0)
     if ROUND_BF16:
         q = bf16_round(q)  # the store's cast is then exact on every backend
     out = out_ptr + n * 16 + tl.arange(0, 16)[None, :]
@@ -58,8 +59,15 @@ def _quantize_pack(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, 
     tl.store(scale_ptr + n, e4m3_bits(v).to(tl.uint8), mask=mask)
 
 
-BLK = 128  # blocks per program: 2048 elements, 16 per thread at 4 warps
+def _configs():
+    # memory-bound: enough bytes in flight per thread, and enough threads
+    return [triton.Config({"BLK": blk}, num_warps=warps) for blk in (128, 256, 512) for warps in (4, 8)]
+
+
+_TUNED = {kernel: triton.autotune(configs=_configs(), key=["n_blocks"])(kernel)
+          for kernel in (_fake_quant, _quantize_pack)}
 INTERPRETER_BLK = 4096
+MAX_BLOCKS = 2**31 - 4096  # block indices are int32 in-kernel
 
 
 def _launch(kernel, w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
@@ -69,11 +77,18 @@ def _launch(kernel, w: torch.Tensor, block_amax: torch.Tensor, global_amax: torc
     n_blocks = rows * nb
     if n_blocks == 0:
         return
-    blk = BLK if w.is_cuda else min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
+    if n_blocks > MAX_BLOCKS:
+        raise ValueError(f"weight shard {tuple(w.shape)} has {n_blocks} NVFP4 blocks, more than the "
+                         f"{MAX_BLOCKS} one launch handles: split the rows into smaller shards")
     beta = dss_beta if dss_beta is not None else block_amax  # placeholder pointer, never read
-    kernel[(triton.cdiv(n_blocks, blk),)](
-        w, w.stride(0), nb, n_blocks, block_amax, beta, global_amax, *outs,
-        HAS_BETA=dss_beta is not None, BLK=blk, num_warps=4, enable_fp_fusion=False, **meta)
+    args = (w, w.stride(0), nb, n_blocks, block_amax, beta, global_amax, *outs)
+    if w.is_cuda:
+        grid = lambda cfg: (triton.cdiv(n_blocks, cfg["BLK"]),)  # noqa: E731
+        _TUNED[kernel][grid](*args, HAS_BETA=dss_beta is not None, enable_fp_fusion=False, **meta)
+    else:
+        blk = min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
+        kernel[(triton.cdiv(n_blocks, blk),)](*args, HAS_BETA=dss_beta is not None, BLK=blk, num_warps=4,
+                                              enable_fp_fusion=False, **meta)
 
 
 def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,

@@ -37,14 +37,16 @@ def tree16(x):
 
 @triton.jit
 def load_blocks(w_ptr, stride_row, nb, n_blocks, BLK: tl.constexpr):
-    """Blocks ``n`` of program ``pid`` (int64 ``[BLK]``), their mask and ``w [BLK, 16]`` (fp32)
-    of a ``[rows, 16 * nb]`` weight with unit stride along cin and row stride ``stride_row``."""
-    n = tl.program_id(0).to(tl.int64) * BLK + tl.arange(0, BLK)
+    """Blocks ``n`` of program ``pid`` (int32 ``[BLK]``, < 2^31), their mask and ``w [BLK, 16]``
+    (fp32) of a ``[rows, 16 * nb]`` weight with unit stride along cin and row stride
+    ``stride_row``. Block indices stay int32 (cheap division); element offsets are int64."""
+    n = tl.program_id(0) * BLK + tl.arange(0, BLK)
     mask = n < n_blocks
     row = n // nb
     col = n - row * nb
     c = tl.arange(0, 16)
-    w = tl.load(w_ptr + (row * stride_row + col * 16)[:, None] + c[None, :], mask=mask[:, None], other=0.0)
+    base = row.to(tl.int64) * stride_row + col * 16
+    w = tl.load(w_ptr + base[:, None] + c[None, :], mask=mask[:, None], other=0.0)
     return n, mask, w.to(tl.float32)
 
 
