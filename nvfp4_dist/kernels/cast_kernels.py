@@ -39,10 +39,11 @@ def _fake_quant(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, out
                                       HAS_BETA, BLK)
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
     q = e2m1_pick(tl.abs(w), d, q1, q2, q3, q4, q5, q6, q7)
-    # w's sign, -0.0 included (a compiled unary minus may be 0 - q, which loses it)
-    q = q * tl.where(w < 0, -1.0, 1.0)
     if ROUND_BF16:
         q = bf16_round(q)  # the store's cast is then exact on every backend
+    # w's sign set as a bit, so that a zero code of a negative w gives -0.0 like the reference
+    # (compiled float negation may be 0 - q, which loses the sign of zero)
+    q = (q.to(tl.int32, bitcast=True) | tl.where(w < 0, -2147483648, 0)).to(tl.float32, bitcast=True)
     out = out_ptr + n * 16 + tl.arange(0, 16)[None, :]
     tl.store(out, q.to(out_ptr.dtype.element_ty), mask=mask)
 
