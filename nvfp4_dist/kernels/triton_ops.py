@@ -15,20 +15,29 @@ import contextlib
 import torch
 
 from ..numerics import nvfp4
-from ..numerics.constants import e4m3_positive_values
+from ..numerics.constants import E4M3_MAX, GLOBAL_SCALE_DENOM, e4m3_positive_values
 from . import cast_kernels, hessian_kernel, mse_kernel
 from .reference import _check_hessian, _check_weight, default_betas
 from .types import ScaleChoice
 from .windows import schur_floor
 
-_VALUES: dict[torch.device, torch.Tensor] = {}
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """Cached per device: ``values``, the 126 E4M3 values, or ``ratios``, ``c_k = v_k / 448``.
+
+    Built on the CPU: CUDA torch divides by a Python scalar as a multiplication by its rounded
+    reciprocal, which is not the spec's correctly rounded quotient.
+    """
+    if (name, device) not in _TABLES:
+        values = e4m3_positive_values()
+        _TABLES[name, device] = (values if name == "values" else values / E4M3_MAX).to(device)
+    return _TABLES[name, device]
 
 
 def _values(device: torch.device) -> torch.Tensor:
-    """The 126 E4M3 values (fp32) on ``device``, cached."""
-    if device not in _VALUES:
-        _VALUES[device] = e4m3_positive_values().to(device)
-    return _VALUES[device]
+    return _table("values", device)
 
 
 def interpreted() -> bool:
@@ -53,14 +62,16 @@ def _fp32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _prepare(w: torch.Tensor, global_amax: torch.Tensor):
     _check_weight(w)
     w = _unit_stride(w.detach())
-    g = _fp32(global_amax, w.device).reshape(())
-    return w, g, nvfp4.global_scale(g).reshape(1)
+    g = nvfp4.clamp_global_amax(_fp32(global_amax, w.device).reshape(()))
+    # S = g / 2688 divided by a tensor: a correctly rounded quotient on every device
+    s = g / torch.full((), GLOBAL_SCALE_DENOM, device=w.device)
+    return w, g, s.reshape(1)
 
 
 def _choice(k: torch.Tensor, loss: torch.Tensor, g: torch.Tensor, beta=None) -> ScaleChoice:
     candidate = k.long()
-    return ScaleChoice(block_amax=nvfp4.candidate_block_amax(candidate, g), candidate=candidate,
-                       dss_beta=beta, loss=loss)
+    block_amax = _table("ratios", k.device)[candidate] * g  # fl(c_k * g), as the reference
+    return ScaleChoice(block_amax=block_amax, candidate=candidate, dss_beta=beta, loss=loss)
 
 
 def search_mse(w: torch.Tensor, global_amax: torch.Tensor) -> ScaleChoice:
@@ -74,7 +85,9 @@ def search_mse(w: torch.Tensor, global_amax: torch.Tensor) -> ScaleChoice:
 def _hessian_inputs(w: torch.Tensor, hessian: torch.Tensor):
     _check_hessian(hessian, w)
     h = _fp32(hessian, w.device)
-    return h, schur_floor(h).contiguous()
+    # 16x16 float64 factorizations: the CPU's LAPACK beats batched GPU solvers at this size
+    # (on an H200 the GPU path cost ~1.5 ms per search, about as much as the kernel)
+    return h, schur_floor(h.cpu()).to(w.device).contiguous()
 
 
 def search_local_hessian(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor) -> ScaleChoice:

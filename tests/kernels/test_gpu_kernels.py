@@ -1,6 +1,9 @@
 """The kernel checks on a CUDA device at sizes the interpreter cannot reach (skipped without
 one): bit-exact MSE sweep, fake-quant and cast/pack; loss-exact Hessian sweep and DSS; launches
-on the tensor's own device; a straight-through gradient around the fake-quant image."""
+on the tensor's own device; a straight-through gradient around the fake-quant image.
+
+The reference runs on the CPU: CUDA torch divides by Python scalars through a rounded
+reciprocal, so numerics' scale helpers are not correctly rounded there; the kernels are."""
 
 import pytest
 import torch
@@ -20,12 +23,13 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("kind", ["gauss", "heavy"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_mse_sweep_bit_exact_large(kind, dtype):
-    w = weight(1536, 4096, kind, seed=51, dtype=dtype).cuda()
+    w = weight(1536, 4096, kind, seed=51, dtype=dtype)
     g = global_amax(w)
-    got = search_block_scales(w, g, Method.MSE)  # auto: Triton on CUDA
-    ref = R.search_mse(w, g)  # the torch reference, on the same GPU
-    assert torch.equal(got.candidate, ref.candidate)
-    assert torch.equal(got.loss, ref.loss)
+    got = search_block_scales(w.cuda(), g.cuda(), Method.MSE)  # auto: Triton on CUDA
+    ref = R.search_mse(w, g)
+    assert torch.equal(got.candidate.cpu(), ref.candidate)
+    assert torch.equal(got.loss.cpu(), ref.loss)
+    assert torch.equal(got.block_amax.cpu(), ref.block_amax)
 
 
 def test_hessian_and_dss_loss_exact_large():
@@ -48,17 +52,19 @@ def test_hessian_and_dss_loss_exact_large():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_fake_quant_and_pack_bit_exact_large(dtype):
-    w = weight(2048, 4096, "heavy", seed=53, dtype=dtype).cuda()
+    w = weight(2048, 4096, "heavy", seed=53, dtype=dtype)
     g = global_amax(w)
     bamax = nvfp4.block_amax(w) * 0.9
-    beta = torch.rand(bamax.shape, device="cuda") + 0.5
-    for b in (None, beta):
-        fq = triton_ops.fake_quant(w, bamax, g, b)
-        assert torch.equal(fq.float().view(torch.int32), nvfp4.fake_quant(w, bamax, g, b).float().view(torch.int32))
-        packed, scale = triton_ops.quantize_pack(w, bamax, g, b)
+    beta = torch.rand(bamax.shape) + 0.5
+    cuda = [t.cuda() for t in (w, bamax, g, beta)]
+    for b, b_cuda in ((None, None), (beta, cuda[3])):
+        fq = triton_ops.fake_quant(*cuda[:3], b_cuda)
+        ref = nvfp4.fake_quant(w, bamax, g, b)
+        assert torch.equal(fq.float().view(torch.int32).cpu(), ref.float().view(torch.int32))
+        packed, scale = triton_ops.quantize_pack(*cuda[:3], b_cuda)
         ref_packed, ref_scale = R.quantize_pack(w, bamax, g, b)
-        assert torch.equal(packed, ref_packed)
-        assert torch.equal(scale.view(torch.uint8), ref_scale.view(torch.uint8))
+        assert torch.equal(packed.cpu(), ref_packed)
+        assert torch.equal(scale.view(torch.uint8).cpu(), ref_scale.view(torch.uint8))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -71,7 +77,7 @@ def test_launches_on_the_tensors_device():
         fq1 = triton_ops.fake_quant(w.to("cuda:1"), on1.block_amax, g)
     assert on1.candidate.device == torch.device("cuda:1")
     assert torch.equal(on0.candidate.cpu(), on1.candidate.cpu())
-    assert torch.equal(fq1.cpu(), nvfp4.fake_quant(w, on0.block_amax.cpu(), g))
+    assert torch.equal(fq1.cpu(), nvfp4.fake_quant(w, on1.block_amax.cpu(), g))
 
 
 def test_straight_through_gradient_around_fake_quant():
@@ -83,4 +89,4 @@ def test_straight_through_gradient_around_fake_quant():
         assert torch.equal(fake_quant_weight(w, bamax, g), nvfp4.fake_quant(w.detach(), bamax, g))
     fq = fake_quant_weight(w.detach(), bamax, g)
     (x @ (w + (fq - w).detach()).t()).sum().backward()
-    assert torch.equal(w.grad, x.sum(0).expand(64, -1))
+    torch.testing.assert_close(w.grad, x.sum(0).expand(64, -1))  # d/dw of the plain linear
