@@ -1,14 +1,9 @@
 """Kernel tests run the Triton kernels compiled on a CUDA device, or under the Triton
-interpreter on the CPU. The interpreter is chosen when the kernel modules are first imported,
-so the switch is set here, before any test module imports them (never in the library)."""
-
-import os
+interpreter on the CPU (chosen suite-wide in tests/conftest.py, before any kernel module is
+imported)."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
