@@ -57,7 +57,9 @@ class InputStats:
         """Normalised Hessian ``H_b / tokens``, fp32 (None when no token was seen)."""
         if self.hessian_sum is None or self.tokens == 0:
             return None
-        return (self.hessian_sum / self.tokens).float()
+        # a tensor divisor: CUDA divides by a Python number through its rounded reciprocal
+        tokens = torch.tensor(float(self.tokens), dtype=self.hessian_sum.dtype, device=self.hessian_sum.device)
+        return (self.hessian_sum / tokens).float()
 
     def ensure_allocated(self, device: torch.device) -> None:
         """Materialise zero statistics (a rank that saw no token still joins the reduce)."""

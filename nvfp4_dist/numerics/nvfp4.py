@@ -53,9 +53,18 @@ def clamp_global_amax(global_amax: torch.Tensor) -> torch.Tensor:
     return global_amax.float().clamp_min(MIN_GLOBAL_AMAX)
 
 
+def _divide(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
+    """Correctly rounded ``numerator / denominator`` on every device.
+
+    CUDA torch divides by a Python number through its rounded reciprocal (two roundings), so
+    the same weight would quantize differently on CPU and GPU; dividing by a tensor is IEEE
+    division everywhere."""
+    return numerator / torch.tensor(denominator, dtype=numerator.dtype, device=numerator.device)
+
+
 def global_scale(global_amax: torch.Tensor) -> torch.Tensor:
     """S = g / 2688 in fp32 (ModelOpt ``weight_scale_2``); g is clamped first."""
-    return clamp_global_amax(global_amax) / GLOBAL_SCALE_DENOM
+    return _divide(clamp_global_amax(global_amax), GLOBAL_SCALE_DENOM)
 
 
 def block_amax(w: torch.Tensor) -> torch.Tensor:
@@ -70,14 +79,14 @@ def scale_fp8(block_amax_: torch.Tensor, global_amax: torch.Tensor) -> torch.Ten
     zero) and nothing reaches the E4M3 NaN encoding. For ``block_amax = c_k * g`` with a sweep
     candidate ``c_k = v_k / 448`` the cast returns exactly ``v_k``.
     """
-    ratio = (block_amax_.float() / E2M1_MAX) / global_scale(global_amax)
+    ratio = _divide(block_amax_.float(), E2M1_MAX) / global_scale(global_amax).to(block_amax_.device)
     ratio = torch.nan_to_num(ratio, nan=E4M3_MIN_SCALE)  # NaN cannot come from validated weights
     return ratio.clamp(E4M3_MIN_SCALE, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def candidate_ratios(device=None) -> torch.Tensor:
     """Sweep candidates ``c_k = v_k / 448`` (fp32, shape (126,)): ``block_amax = c_k * g``."""
-    return e4m3_positive_values().to(device) / E4M3_MAX
+    return _divide(e4m3_positive_values(), E4M3_MAX).to(device)
 
 
 def candidate_block_amax(index: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
