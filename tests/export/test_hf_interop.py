@@ -12,13 +12,11 @@ decompressor returns bf16 weights (it unpacks the codes to bf16). So:
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
+from hf_reload import probe_ids, reload_compressed_tensors
 from nvfp4_dist.export.reader import CheckpointReader, e2m1_values
 from nvfp4_dist.numerics import nvfp4
 from nvfp4_dist.numerics.constants import E2M1_VALUES
@@ -107,35 +105,9 @@ def test_modelopt_unpacker_agrees_with_compressed_tensors(tiny_exports, case):
         assert _within(ct32, ours, FP32_REL_BOUND), name
 
 
-_RELOAD = textwrap.dedent("""
-    import sys
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    path, out = sys.argv[1], sys.argv[2]
-    # On the CPU, compressed-tensors decompresses NVFP4 to bf16; `dequantize=True` loads the
-    # dequantized weights into an fp32 model (the lazy path leaves bf16 weights in fp32 layers).
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-    ids = torch.arange(24).reshape(2, 12) * 37 % model.config.vocab_size
-    with torch.no_grad():
-        logits = model(ids).logits
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tensors["__logits__"] = logits.contiguous()
-    save_file(tensors, out)
-""")
-
-
 def test_transformers_reloads_the_compressed_tensors_export(tiny_exports, tmp_path):
     model, result, path = tiny_exports("max", "compressed-tensors")
-    out = tmp_path / "reloaded.safetensors"
-    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(path), str(out)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    from safetensors.torch import load_file
-
-    reloaded = load_file(out)
+    reloaded = reload_compressed_tensors(path, tmp_path, seq_len=12)
     expected = _expected(result)
     for name, (_, fq) in expected.items():
         assert _within(reloaded[f"{name}.weight"], fq, BF16_REL_BOUND), name
@@ -144,7 +116,7 @@ def test_transformers_reloads_the_compressed_tensors_export(tiny_exports, tmp_pa
         if "_nvfp4_" in key or module in expected:
             continue
         assert torch.equal(reloaded[key], value), key
-    ids = torch.arange(24).reshape(2, 12) * 37 % model.config.vocab_size
+    ids = probe_ids(model.config.vocab_size, 12)
     with torch.no_grad():
         ours = model(ids).logits  # the fake-quant forward (fp32 weights)
     rel = (reloaded["__logits__"] - ours).norm() / ours.norm()

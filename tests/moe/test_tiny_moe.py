@@ -2,15 +2,14 @@
 back, and the compressed-tensors export loaded by transformers."""
 
 import json
-import subprocess
 import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
 
 import nvfp4_dist as nd
+from hf_reload import probe_ids, reload_compressed_tensors
 from nvfp4_dist.calib.state import read_state
 from nvfp4_dist.cli import build_parser
 from nvfp4_dist.export.hf import export_hf
@@ -136,43 +135,21 @@ def test_dead_experts_export_finite_nonzero_scales_and_read_back(calibrated, fmt
                 assert torch.isfinite(value).all() and (value > 0).all(), part.name
 
 
-_LOAD = textwrap.dedent("""
-    import sys
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    path, out = sys.argv[1], sys.argv[2]
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-    ids = torch.arange(48).reshape(2, 24) * 37 % model.config.vocab_size
-    with torch.no_grad():
-        logits = model(ids).logits
-    experts = model.model.layers[0].mlp.experts
-    save_file({"logits": logits.contiguous(), "gate_up_proj": experts.gate_up_proj.detach().contiguous()}, out)
-""")
-
-
 @pytest.fixture(scope="module")
 def transformers_load(calibrated, tmp_path_factory):
     """Load the compressed-tensors export with transformers in a fresh process and run a forward."""
-    out = tmp_path_factory.mktemp("reload") / "out.safetensors"
-    proc = subprocess.run([sys.executable, "-c", _LOAD, str(calibrated[2]["compressed-tensors"]), str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    from safetensors.torch import load_file
-
-    return load_file(out)
+    return reload_compressed_tensors(calibrated[2]["compressed-tensors"], tmp_path_factory.mktemp("reload"),
+                                     seq_len=24)
 
 
 def _fake_quant_logits(model):
-    ids = torch.arange(48).reshape(2, 24) * 37 % model.config.vocab_size
+    ids = probe_ids(model.config.vocab_size, 24)
     with torch.no_grad():
         return model(ids).logits
 
 
 def test_transformers_loads_the_compressed_tensors_export_and_runs_a_forward(calibrated, transformers_load):
-    logits = transformers_load["logits"]
+    logits = transformers_load["__logits__"]
     assert logits.shape == (2, 24, calibrated[0].config.vocab_size) and torch.isfinite(logits).all()
 
 
@@ -187,7 +164,7 @@ def test_transformers_dequantizes_the_experts_to_our_weights(calibrated, transfo
                                              *[read_state(experts, "gate_up_proj", e)[k]
                                                for k in ("block_amax", "global_amax")])
                             for e in range(N_EXPERTS)])
-    rel = (transformers_load["gate_up_proj"] - expected).norm() / expected.norm()
+    rel = (transformers_load["model.layers.0.mlp.experts.gate_up_proj"] - expected).norm() / expected.norm()
     assert rel < 1e-2
 
 
