@@ -144,7 +144,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
         betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
         states: dict[str, SlotState] = {}
         sums = {}
-        hessians = {}
         for slot in progress(inv.slots, desc="search", enabled=show_progress):
             stats = store.get(slot.stats_key)
             tokens = stats.tokens if stats is not None else 0
@@ -167,7 +166,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
                 global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
                 input_amax=stats.amax.clone() if (config.quantize_inputs and stats is not None) else None,
                 tokens=tokens, dead=dead)
-            hessians[slot.name] = hessian
             fq = fake_quant_weight(w, block_amax, g, beta, backend=config.backend)
             fq_max = fake_quant_weight(w, nvfp4.block_amax(w), g, backend=config.backend)
             sums[slot.name] = error_sums(w, fq, fq_max, hessian)
