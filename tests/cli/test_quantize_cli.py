@@ -70,3 +70,35 @@ def test_module_entry_point_inspect_reports_problems(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "quantization_config" in proc.stdout + proc.stderr
+
+
+def _word_tokenizer(vocab_size: int):
+    """A small offline word-level tokenizer (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]"] + [f"w{i}" for i in range(vocab_size - 1)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_calibration_text_file_is_tokenized_with_the_model_tokenizer(tmp_path, capsys):
+    from nvfp4_dist.models.tiny import build_embedded
+
+    src = tmp_path / "src"
+    model = build_embedded("tiny-dense", seed=1)
+    model.save_pretrained(src)
+    _word_tokenizer(model.config.vocab_size).save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(" ".join(f"w{(7 * i + j) % 900}" for j in range(40)) for i in range(10)))
+    out = tmp_path / "out"
+    args = ["quantize", "--model", str(src), "--method", "local_hessian", "--out", str(out),
+            "--calib-file", str(text), "--calib-samples", "4", "--seq-len", "64", "--no-progress"]
+    assert main(args) == 0
+    assert "calibration 4x64 tokens" in capsys.readouterr().out
+    assert (out / "tokenizer.json").exists()  # the tokenizer travels with the export
+    # too little text for the requested tokens: a clear error, nothing written
+    assert main(args[:-5] + ["--calib-samples", "40", "--seq-len", "64", "--no-progress",
+                             "--out", str(tmp_path / "o2")]) == 2
+    assert "need 2560" in capsys.readouterr().err and not (tmp_path / "o2").exists()
