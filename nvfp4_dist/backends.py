@@ -16,7 +16,6 @@ calibration forward in float64, which makes Hessian statistics identical across 
 from __future__ import annotations
 
 import enum
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -27,7 +26,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .errors import ConfigError
-from .launch import collective_failures, init_distributed, init_megatron, shard_fsdp2
+from .launch import collective_failures, init_distributed, init_megatron, launched_world_size, shard_fsdp2
 from .parallel.context import SINGLE_PROCESS, ParallelContext
 from .parallel.invariance import float64_forward
 from .progress import is_main_rank
@@ -54,7 +53,7 @@ class PreparedRun:
 
 def is_launched() -> bool:
     """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_world_size() > 1
 
 
 def _hf_config(model: nn.Module) -> dict:

@@ -44,6 +44,14 @@ class DistInfo:
     device: torch.device
 
 
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun (or another launcher) announces it; 1 for a plain process.
+
+    The launcher's environment is its protocol for describing the process group, not a
+    behaviour switch: this is the one place the package reads it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def pick_backend() -> str:
     """NCCL when CUDA is available, gloo otherwise (the CPU test path)."""
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -57,7 +65,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     rank). ``timeout_s`` bounds every collective. With NCCL each rank uses ``cuda:LOCAL_RANK``."""
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s={timeout_s} must be positive")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend or pick_backend()
     if backend == "nccl":

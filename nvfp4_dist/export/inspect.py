@@ -358,12 +358,22 @@ def inspect_checkpoint(path) -> InspectReport:
     return report
 
 
-def _check_config(report: InspectReport) -> None:
-    """config.json (and hf_quant_config.json): sets the report's format, W4A4 flag and ignore list."""
+_UNREADABLE = object()  # not None: a JSON file may hold `null`, which the checks report on
+
+
+def _read_json_or_report(report: InspectReport, file: str, what: str):
+    """The JSON content of ``file`` in the checkpoint, or ``_UNREADABLE`` with the problem recorded."""
     try:
-        config = read_json(report.path / "config.json", "config")
+        return read_json(report.path / file, what)
     except ExportError as err:
         report.problems.append(str(err))
+        return _UNREADABLE
+
+
+def _check_config(report: InspectReport) -> None:
+    """config.json (and hf_quant_config.json): sets the report's format, W4A4 flag and ignore list."""
+    config = _read_json_or_report(report, "config.json", "config")
+    if config is _UNREADABLE:
         return
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(qc, dict):
@@ -390,10 +400,8 @@ def _check_orphans(modules: list[str], scheme: TensorScheme, info: dict, report:
 
 
 def _check_hf_quant_config(report: InspectReport) -> None:
-    try:
-        content = read_json(report.path / "hf_quant_config.json", "ModelOpt config")
-    except ExportError as err:
-        report.problems.append(str(err))
+    content = _read_json_or_report(report, "hf_quant_config.json", "ModelOpt config")
+    if content is _UNREADABLE:
         return
     report.problems += hf_quant_config_problems(content)
     exclude = (content.get("quantization") or {}).get("exclude_modules")
