@@ -2,6 +2,8 @@
 
 from .calib.pipeline import QuantResult, quantize
 from .config import DeadExpertPolicy, KernelBackend, QuantConfig
+from .export.checkpoint import (add_quantizer_sharded_state, init_quantizer_state, load_dcp_checkpoint,
+                                load_megatron_checkpoint)
 from .errors import (CalibrationError, ConfigError, ExportError, LayoutError, ModelLoadError,
                      NVFP4DistError)
 from .kernels.types import Method
@@ -12,5 +14,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError", "ConfigError", "DeadExpertPolicy", "ExportError", "KernelBackend",
     "LayoutError", "Method", "ModelLoadError", "NVFP4DistError", "ParallelContext", "QuantConfig",
-    "QuantResult", "quantize", "__version__",
+    "QuantResult", "add_quantizer_sharded_state", "init_quantizer_state", "load_dcp_checkpoint",
+    "load_megatron_checkpoint", "quantize", "__version__",
 ]

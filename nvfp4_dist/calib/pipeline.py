@@ -186,6 +186,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
         attach_state(slot, states[slot.name])
     for module, _adapter, slots in inv.modules.values():
         install_fake_quant(module, sorted({s.param_name for s in slots}), backend=config.backend)
+    # Imported here: nvfp4_dist.export imports this module (QuantResult).
+    from ..export.checkpoint import register_checkpoint_state
+
+    register_checkpoint_state(model, inv.slots, config)  # state travels with the model's checkpoints
     reduce_report_sums(inv.slots, sums, ctx)
     report = [LayerReport(name=s.name, shape=s.layout.global_shape, method=states[s.name].method.value,
                           tokens=states[s.name].tokens, dead=states[s.name].dead, sums=sums[s.name])

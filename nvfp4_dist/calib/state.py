@@ -39,25 +39,32 @@ class SlotState:
 
 def attach_state(slot: WeightSlot, state: SlotState) -> None:
     """Store ``state`` as buffers on ``slot.module`` (expert slots fill their index)."""
-    module, param = slot.module, slot.param_name
     values = {"global_amax": state.global_amax, "block_amax": state.block_amax,
               "dss_beta": state.dss_beta, "input_amax": state.input_amax}
-    n_experts = slot.parameter().shape[0] if slot.expert is not None else None
     for suffix, value in values.items():
-        if value is None:
-            continue
-        name = buffer_name(param, suffix)
-        value = value.detach().float()
-        if n_experts is None:
-            # FSDP2: a DTensor sharded like the weight (plain tensors stay plain).
-            module.register_buffer(name, state_like(slot.parameter(), value.clone()), persistent=True)
-            continue
-        buf = getattr(module, name, None)
-        if buf is None or buf.shape[1:] != value.shape:
-            fill = 1.0 if suffix == "dss_beta" else 0.0
-            buf = torch.full((n_experts, *value.shape), fill, dtype=torch.float32, device=value.device)
-            module.register_buffer(name, buf, persistent=True)
-        buf[slot.expert] = value
+        if value is not None:
+            attach_buffer(slot, suffix, value)
+
+
+def attach_buffer(slot: WeightSlot, suffix: str, value: torch.Tensor) -> None:
+    """Store one quantizer tensor of ``slot`` (this rank's shard, fp32) as a persistent buffer.
+
+    Dense slots: the buffer is ``value`` (FSDP2: a DTensor sharded like the weight). Fused-expert
+    slots: ``value`` fills the expert's index of an ``[E, ...]`` buffer, created on first use with
+    a neutral fill (beta 1.0, amax 0.0) for experts not yet attached.
+    """
+    module, name = slot.module, buffer_name(slot.param_name, suffix)
+    value = value.detach().float()
+    if slot.expert is None:
+        module.register_buffer(name, state_like(slot.parameter(), value.clone()), persistent=True)
+        return
+    n_experts = slot.parameter().shape[0]
+    buf = getattr(module, name, None)
+    if buf is None or buf.shape[1:] != value.shape:
+        fill = 1.0 if suffix == "dss_beta" else 0.0
+        buf = torch.full((n_experts, *value.shape), fill, dtype=torch.float32, device=value.device)
+        module.register_buffer(name, buf, persistent=True)
+    buf[slot.expert] = value
 
 
 def read_state(module: torch.nn.Module, param_name: str, expert: int | None = None) -> dict:

@@ -1,0 +1,342 @@
+"""Quantizer state in the framework's own checkpoints: Megatron dist_checkpointing, torch DCP,
+plain ``state_dict``; and restoring it into a fresh model at another layout.
+
+The state lives in persistent fp32 buffers next to each weight (:mod:`nvfp4_dist.calib.state`):
+``{param}_nvfp4_{global_amax,block_amax,dss_beta,input_amax}``. Per backend:
+
+* plain ``state_dict`` / ``load_state_dict``: the buffers are ordinary persistent buffers.
+* torch DCP with FSDP2: the buffers are DTensors sharded like the weight
+  (:func:`nvfp4_dist.parallel.fsdp.state_like`), so DCP reshards them like any parameter
+  (2 ranks -> 1, 1 -> 2).
+* Megatron ``sharded_state_dict``: Megatron's default wraps unknown tensors as replicated over
+  TP, which would keep one TP rank's block scales only, and expert buffers would carry local
+  indices. :func:`add_quantizer_sharded_state` replaces each buffer's entry with one DERIVED from
+  the weight's own entry, so every transformation Megatron applied to the weight applies to its
+  state: the layer axis a TransformerBlock prepends, the global expert axis (or the
+  ``experts.{g}.`` key of ``singleton_local_shards``) a SequentialMLP prepends, the TP axis and
+  fragmentation, DP replica ids, and the gate/up split of a gated ``linear_fc1`` (its
+  ShardedTensorFactory is reused on the state). Key scheme, with one worked example:
+  the weight ``decoder.layers.mlp.experts.linear_fc1.weight`` (global ``[L, E, 2F, H]``, TP-split
+  rows) gives ``decoder.layers.mlp.experts.linear_fc1.weight_nvfp4_block_amax`` (global
+  ``[L, E, 2F, H/16]``, split the same way) and ``..._nvfp4_global_amax`` (global ``[L, E]``,
+  replicated over TP: written by the piece at TP offset 0 of DP replica 0 only).
+
+Why a wrapper on the ROOT model's ``sharded_state_dict`` (installed by ``quantize()`` and
+:func:`init_quantizer_state`) rather than on each linear: the gate/up factory is applied by the
+MLP above the linear and the expert axis by the SequentialMLP above that, after the linear
+returns; only a pass over the finished dict sees the weight's final entry. Wrapping the method
+keeps the usual flow unchanged, including Megatron's own training-loop checkpointing, which calls
+``model.sharded_state_dict()`` through its DDP/Float16 wrappers::
+
+    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)          # after quantize()
+    init_quantizer_state(fresh_model, config)                              # any TP/EP layout
+    state = dist_checkpointing.load(fresh_model.sharded_state_dict(), ckpt_dir)
+    fresh_model.load_state_dict(state)                                     # fake-quant as after quantize()
+
+Restore creates the buffers from ``discover`` + the QuantConfig (not from checkpoint metadata):
+the same code path serves the three backends, needs no checkpoint access before the framework's
+own load, and knows which keys to expect. The buffers are NaN-filled until loaded, so a model
+used without its state fails loudly. Every slot of a run carries the same set of buffers (a DSS
+run gives weight-only-calibrated slots beta = 1.0, the bitwise identity), because a stacked
+Megatron tensor must be fully covered when saved.
+
+Errors: a load whose quantizer keys differ from the model's (no state in the checkpoint, DSS
+betas or input amaxes missing or extra) raises :class:`~nvfp4_dist.errors.ExportError` naming
+the keys and the fix: from ``load_state_dict`` (a post-hook), and before any read from
+:func:`load_megatron_checkpoint` / :func:`load_dcp_checkpoint`, which check the checkpoint's
+metadata first (the frameworks' own loaders raise their own missing-key errors, or ignore
+checkpoint keys the model does not request).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..calib.apply import install_fake_quant
+from ..calib.discover import Inventory, discover
+from ..calib.slots import WeightSlot
+from ..calib.state import SUFFIXES, SlotState, attach_buffer, attach_state, buffer_name, read_state
+from ..config import QuantConfig
+from ..errors import ExportError, LayoutError
+from ..numerics.constants import BLOCK_SIZE
+from ..parallel.access import local_shards, local_weight
+from ..parallel.context import ParallelContext, check_groups, detect_context
+
+STATE_KEY = re.compile(r"^(?P<param>.+)_nvfp4_(?P<suffix>" + "|".join(SUFFIXES) + r")$")
+PER_TENSOR = ("global_amax", "input_amax")  # 0-d per weight; the rest are per 16-channel block
+_WRAPPED = "_nvfp4_sharded_state_wrapped"
+_LOAD_CHECK = "_nvfp4_load_check_handle"
+
+
+def register_checkpoint_state(model: nn.Module, slots: list[WeightSlot], config: QuantConfig) -> None:
+    """Make ``model``'s quantizer state travel with its checkpoints (idempotent): every slot gets
+    the same buffers, ``load_state_dict`` checks the quantizer keys, and a Megatron model's
+    ``sharded_state_dict`` carries the state sharded like the weights (module docstring)."""
+    _complete_state(model, slots, config)
+    if getattr(model, _LOAD_CHECK, None) is None:
+        setattr(model, _LOAD_CHECK, model.register_load_state_dict_post_hook(_check_loaded_keys))
+    if callable(getattr(model, "sharded_state_dict", None)) and not getattr(model, _WRAPPED, False):
+        original = model.sharded_state_dict
+
+        @functools.wraps(original)
+        def sharded_state_dict(prefix: str = "", *args, **kwargs):
+            return add_quantizer_sharded_state(model, original(prefix, *args, **kwargs), prefix)
+
+        model.sharded_state_dict = sharded_state_dict
+        setattr(model, _WRAPPED, True)
+
+
+def _complete_state(model: nn.Module, slots: list[WeightSlot], config: QuantConfig) -> None:
+    """Under DSS, a slot whose search ran weight-only (no token reached it) has no beta: give it
+    beta = 1.0, for which ``fl(1.0 * d) = d`` makes the fake-quant bitwise unchanged."""
+    if not config.dss:
+        return
+    with local_shards(model):
+        for slot in slots:
+            state = read_state(slot.module, slot.param_name, slot.expert)
+            if "dss_beta" not in state and "block_amax" in state:
+                w = local_weight(slot)
+                ones = torch.ones(w.shape[0], w.shape[1] // BLOCK_SIZE, dtype=torch.float32, device=w.device)
+                attach_buffer(slot, "dss_beta", ones)
+
+
+def init_quantizer_state(model: nn.Module, config: QuantConfig | None = None,
+                         ctx: ParallelContext | None = None) -> Inventory:
+    """Prepare a fresh ``model`` (any TP/EP/FSDP layout) to receive saved quantizer state.
+
+    Discovers the slots ``quantize(model, config)`` would calibrate, gives each one NaN-filled
+    buffers of this rank's LOCAL shapes (``block_amax``/``dss_beta [rows_local, cin_local/16]``,
+    ``dss_beta`` only with ``config.dss``, ``input_amax`` only with ``config.quantize_inputs``),
+    installs the fake-quant forward and the checkpoint hooks. Then load as usual
+    (``load_state_dict``, Megatron ``dist_checkpointing.load`` + ``load_state_dict``, torch DCP, or
+    :func:`load_megatron_checkpoint` / :func:`load_dcp_checkpoint`): the model computes exactly
+    as after ``quantize()``. ``config`` must match the saved run's method options (dss,
+    quantize_inputs, include/exclude); a mismatch raises on load, naming the keys.
+    """
+    config = config or QuantConfig()
+    ctx = ctx or detect_context(model)
+    with local_shards(model):  # FSDP2: the DTensor shards, whose placements the state takes
+        inv = discover(model, config, ctx)
+        check_groups(inv.slots, ctx)
+        for slot in inv.slots:
+            w = local_weight(slot)
+
+            def nan(*shape, device=w.device):
+                return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+
+            blocks = (w.shape[0], w.shape[1] // BLOCK_SIZE)
+            attach_state(slot, SlotState(global_amax=nan(), block_amax=nan(*blocks),
+                                         dss_beta=nan(*blocks) if config.dss else None,
+                                         input_amax=nan() if config.quantize_inputs else None))
+    for module, _adapter, slots in inv.modules.values():
+        install_fake_quant(module, sorted({s.param_name for s in slots}), backend=config.backend)
+    register_checkpoint_state(model, inv.slots, config)
+    return inv
+
+
+# ---------------------------------------------------------------------------------- Megatron
+
+
+def add_quantizer_sharded_state(model: nn.Module, sharded_state_dict: dict, prefix: str = "") -> dict:
+    """Replace (or add) the entry of every quantizer buffer of ``model`` in Megatron's flat
+    ``sharded_state_dict`` (as ``model.sharded_state_dict(prefix)`` returned it) with one derived
+    from its weight's entry; returns the same dict. See the module docstring."""
+    missing = []
+    for module_name, module in model.named_modules():
+        base = f"{prefix}{module_name}." if module_name else prefix
+        for param, suffix, buf in _state_buffers(module):
+            weight = sharded_state_dict.get(base + param)
+            if weight is None:
+                missing.append(base + param)
+                continue
+            derived = _derive(weight, buffer_name(weight.key, suffix), buf, suffix in PER_TENSOR)
+            sharded_state_dict[base + buffer_name(param, suffix)] = derived
+    if missing:
+        raise LayoutError("cannot place quantizer state in the sharded state dict: it has no entry "
+                          f"for the weights {sorted(set(missing))[:8]}; call sharded_state_dict() on "
+                          "the model quantize() / init_quantizer_state() was given")
+    return sharded_state_dict
+
+
+def _state_buffers(module: nn.Module):
+    """(param, suffix, buffer) of ``module``'s own quantizer buffers."""
+    for name, buf in module.named_buffers(recurse=False):
+        match = STATE_KEY.match(name)
+        if match is not None and match["param"] in module._parameters:
+            yield match["param"], match["suffix"], buf
+
+
+def _derive(weight, key: str, data: torch.Tensor, per_tensor: bool):
+    """The ShardedTensor (or factory) of quantizer tensor ``data`` under ``key``, sharded like
+    the weight's entry ``weight``."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(weight, ShardedTensor):
+        return _per_tensor(weight, key, data) if per_tensor else _per_block(weight, key, data)
+    if not isinstance(weight, ShardedTensorFactory):
+        raise LayoutError(f"{key}: the weight's sharded entry is a {type(weight).__name__}; only "
+                          "ShardedTensor and ShardedTensorFactory weights can carry quantizer state")
+    pieces = list(nested_values(weight.build()))
+    if per_tensor:  # replicated over the weight's pieces: derived from the first one
+        return _per_tensor(pieces[0], key, data)
+    derived = ShardedTensorFactory(key, data, weight.build_fn, weight.merge_fn, weight.replica_id,
+                                   flattened_range=weight.flattened_range)
+    ours = list(nested_values(derived.build()))
+    expected = [_per_block(p, key, torch.empty(_blocks(p.local_shape), device="meta")) for p in pieces]
+    geometry = ("local_shape", "global_shape", "global_offset", "axis_fragmentations", "replica_id")
+    if len(ours) != len(expected) or any(getattr(o, f) != getattr(e, f) for o, e in zip(ours, expected)
+                                         for f in geometry):
+        raise LayoutError(f"{key}: the weight's ShardedTensorFactory does not split its per-block "
+                          "state the way it splits the weight; this weight layout is not supported")
+    return derived
+
+
+def _blocks(shape) -> tuple[int, ...]:
+    # The input-channel axis is last; shards hold whole 16-channel blocks (ShardLayout checks it),
+    # so shapes and offsets divide exactly.
+    return (*shape[:-1], shape[-1] // BLOCK_SIZE)
+
+
+def _per_block(weight, key: str, data: torch.Tensor):
+    if tuple(data.shape) != _blocks(weight.local_shape):
+        raise LayoutError(f"{key}: local shape {tuple(data.shape)} does not match the weight's "
+                          f"{tuple(weight.local_shape)} (expected {_blocks(weight.local_shape)})")
+    return dataclasses.replace(weight, key=key, data=data, dtype=data.dtype, local_shape=tuple(data.shape),
+                               global_shape=_blocks(weight.global_shape),
+                               global_offset=_blocks(weight.global_offset))
+
+
+def _per_tensor(weight, key: str, data: torch.Tensor):
+    """0-d state: only the prepended axes (layer, global expert) remain; replicated over the
+    weight's own shards, so the piece at offset 0 alone stays a main replica."""
+    if data.dim() != 0:
+        raise LayoutError(f"{key}: per-tensor quantizer state must be 0-d, got {tuple(data.shape)}")
+    n = weight.prepend_axis_num
+    index = 0  # linear index of this piece among the weight's shards (Megatron: the TP rank)
+    for axis in range(n, len(weight.global_shape)):
+        size = weight.local_shape[axis - n]
+        index = index * weight.axis_fragmentations[axis] + (weight.global_offset[axis] // size if size else 0)
+    return dataclasses.replace(weight, key=key, data=data, dtype=data.dtype, local_shape=(),
+                               global_shape=tuple(weight.global_shape[:n]),
+                               global_offset=tuple(weight.global_offset[:n]),
+                               axis_fragmentations=tuple(weight.axis_fragmentations[:n]),
+                               replica_id=_shift_replica(weight.replica_id, index))
+
+
+def _shift_replica(replica_id, index: int):
+    """A replica id that is main iff ``replica_id`` is main and ``index`` is 0; Megatron's
+    (PP, TP, DP) tuples get ``index`` in the TP slot, as Megatron gives TP-replicated tensors."""
+    if index == 0:
+        return replica_id
+    if isinstance(replica_id, int):
+        return replica_id + index
+    if len(replica_id) >= 2:
+        return (replica_id[0], replica_id[1] + index, *replica_id[2:])
+    return (replica_id[0] + index,)
+
+
+def load_megatron_checkpoint(model: nn.Module, checkpoint_dir: str) -> None:
+    """``dist_checkpointing.load`` + ``load_state_dict`` after checking, from the checkpoint's
+    metadata, that it holds exactly the quantizer tensors ``model`` expects (see
+    :func:`init_quantizer_state`); raises :class:`ExportError` naming the keys otherwise."""
+    from megatron.core import dist_checkpointing
+
+    sharded = model.sharded_state_dict()
+    stored = set(dist_checkpointing.load_tensors_metadata(checkpoint_dir))
+    ours = {k: e for k, e in sharded.items() if STATE_KEY.match(k.rpartition(".")[2])}
+    expected = {key for entry in ours.values() for key in _stored_keys(entry)}
+    weights = {key for entry in sharded.values() for key in _stored_keys(entry)}
+    _raise_on_mismatch(expected, stored, weights, f"Megatron checkpoint {checkpoint_dir}")
+    model.load_state_dict(dist_checkpointing.load(sharded, checkpoint_dir))
+
+
+def _stored_keys(entry) -> list[str]:
+    """Checkpoint keys an entry of a sharded state dict is saved under (factories: their pieces')."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(entry, ShardedTensorFactory):
+        return [piece.key for piece in nested_values(entry.build())]
+    return [entry.key] if isinstance(entry, ShardedTensor) else []
+
+
+# ---------------------------------------------------------------------------------- torch DCP
+
+
+def load_dcp_checkpoint(model: nn.Module, checkpoint_id: str) -> None:
+    """torch DCP load into ``model`` (FSDP2 or plain, any world size) after checking the
+    checkpoint's metadata for the quantizer tensors ``model`` expects."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = get_model_state_dict(model)
+    stored = set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
+    expected = {k for k in state if STATE_KEY.match(k.rpartition(".")[2])}
+    _raise_on_mismatch(expected, stored, set(state), f"DCP checkpoint {checkpoint_id}")
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_model_state_dict(model, state)
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def _check_loaded_keys(module: nn.Module, incompatible) -> None:
+    """load_state_dict post-hook: quantizer keys missing from the state dict, or present for
+    weights that expect none of that kind, fail the load (whatever ``strict`` says: NaN state or
+    ignored betas would change what the model computes)."""
+    missing = [k for k in incompatible.missing_keys if STATE_KEY.match(k.rpartition(".")[2])]
+    unexpected = [k for k in incompatible.unexpected_keys if STATE_KEY.match(k.rpartition(".")[2])]
+    if missing or unexpected:
+        raise ExportError(_mismatch_message(missing, unexpected, "state dict"))
+
+
+def _raise_on_mismatch(expected: set[str], stored: set[str], weights: set[str], source: str) -> None:
+    """Raise unless ``stored`` holds every expected quantizer key, and no quantizer key of a
+    weight in ``weights`` that the model does not expect."""
+    missing = sorted(expected - stored)
+    extra = sorted(k for k in stored - expected
+                   if (m := STATE_KEY.match(k)) is not None and m["param"] in weights)
+    if missing or extra:
+        raise ExportError(_mismatch_message(missing, extra, source))
+
+
+def _mismatch_message(missing: Iterable[str], unexpected: Iterable[str], source: str) -> str:
+    missing, unexpected = sorted(missing), sorted(unexpected)
+
+    def listing(keys):
+        return "\n    " + "\n    ".join(keys[:12]) + (f"\n    ... ({len(keys)} in all)" if len(keys) > 12 else "")
+
+    def kinds(keys):
+        return {STATE_KEY.match(k.rpartition(".")[2])["suffix"] for k in keys}
+
+    lines = [f"NVFP4 quantizer state of the model does not match the {source}:"]
+    if missing:
+        lines.append("  expected but absent:" + listing(missing))
+    if unexpected:
+        lines.append("  present but not expected by the model:" + listing(unexpected))
+    hints = []
+    if "block_amax" in kinds(missing):
+        hints.append("the checkpoint has no quantizer state for these weights: save it after "
+                     "nvfp4_dist.quantize() (or quantize this model instead of restoring), and "
+                     "restore with the QuantConfig's include/exclude of that run")
+    if "dss_beta" in kinds(missing):
+        hints.append("the checkpoint was saved without DSS: init_quantizer_state(model, "
+                     "QuantConfig(..., dss=False))")
+    if "dss_beta" in kinds(unexpected):
+        hints.append("the checkpoint was saved with DSS betas: init_quantizer_state(model, "
+                     "QuantConfig(method='local_hessian', dss=True))")
+    if "input_amax" in kinds(missing):
+        hints.append("the checkpoint is weight-only (W4A16): QuantConfig(quantize_inputs=False)")
+    if "input_amax" in kinds(unexpected):
+        hints.append("the checkpoint carries input scales (W4A4): QuantConfig(quantize_inputs=True)")
+    if kinds(unexpected) & {"block_amax", "global_amax"}:
+        hints.append("prepare the model with init_quantizer_state(model, config) before loading, "
+                     "with the include/exclude of the saved run")
+    return "\n".join(lines + [f"Fix: {h}." for h in hints])
