@@ -308,35 +308,44 @@ def _raise_on_mismatch(expected: set[str], stored: set[str], weights: set[str], 
 
 
 def _mismatch_message(missing: Iterable[str], unexpected: Iterable[str], source: str) -> str:
-    missing, unexpected = sorted(missing), sorted(unexpected)
+    def by_weight(keys) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for key in sorted(keys):
+            head, _, leaf = key.rpartition(".")
+            match = STATE_KEY.match(leaf)
+            out.setdefault(f"{head}.{match['param']}" if head else match["param"], []).append(match["suffix"])
+        return out
 
-    def listing(keys):
-        return "\n    " + "\n    ".join(keys[:12]) + (f"\n    ... ({len(keys)} in all)" if len(keys) > 12 else "")
+    def listing(weights: dict[str, list[str]]) -> str:
+        shown = [f"{w}_nvfp4_{{{','.join(s)}}}" for w, s in list(weights.items())[:20]]
+        more = f"\n    ... ({len(weights)} weights in all)" if len(weights) > 20 else ""
+        return "\n    " + "\n    ".join(shown) + more
 
-    def kinds(keys):
-        return {STATE_KEY.match(k.rpartition(".")[2])["suffix"] for k in keys}
-
+    missing, unexpected = by_weight(missing), by_weight(unexpected)
+    absent = {s for suffixes in missing.values() for s in suffixes}
+    extra = {s for suffixes in unexpected.values() for s in suffixes}
     lines = [f"NVFP4 quantizer state of the model does not match the {source}:"]
     if missing:
         lines.append("  expected but absent:" + listing(missing))
     if unexpected:
         lines.append("  present but not expected by the model:" + listing(unexpected))
     hints = []
-    if "block_amax" in kinds(missing):
+    if "block_amax" in absent:
         hints.append("the checkpoint has no quantizer state for these weights: save it after "
                      "nvfp4_dist.quantize() (or quantize this model instead of restoring), and "
                      "restore with the QuantConfig's include/exclude of that run")
-    if "dss_beta" in kinds(missing):
-        hints.append("the checkpoint was saved without DSS: init_quantizer_state(model, "
-                     "QuantConfig(..., dss=False))")
-    if "dss_beta" in kinds(unexpected):
-        hints.append("the checkpoint was saved with DSS betas: init_quantizer_state(model, "
-                     "QuantConfig(method='local_hessian', dss=True))")
-    if "input_amax" in kinds(missing):
-        hints.append("the checkpoint is weight-only (W4A16): QuantConfig(quantize_inputs=False)")
-    if "input_amax" in kinds(unexpected):
-        hints.append("the checkpoint carries input scales (W4A4): QuantConfig(quantize_inputs=True)")
-    if kinds(unexpected) & {"block_amax", "global_amax"}:
+    elif "block_amax" in extra:
         hints.append("prepare the model with init_quantizer_state(model, config) before loading, "
                      "with the include/exclude of the saved run")
+    else:
+        if "dss_beta" in absent:
+            hints.append("the checkpoint was saved without DSS: init_quantizer_state(model, "
+                         "QuantConfig(..., dss=False))")
+        if "dss_beta" in extra:
+            hints.append("the checkpoint was saved with DSS betas: init_quantizer_state(model, "
+                         "QuantConfig(method='local_hessian', dss=True))")
+        if "input_amax" in absent:
+            hints.append("the checkpoint is weight-only (W4A16): QuantConfig(quantize_inputs=False)")
+        if "input_amax" in extra:
+            hints.append("the checkpoint carries input scales (W4A4): QuantConfig(quantize_inputs=True)")
     return "\n".join(lines + [f"Fix: {h}." for h in hints])

@@ -118,7 +118,7 @@ def test_checkpoint_holds_state_sharded_like_the_weights(gpt):
 def test_missing_dss_betas_in_the_model_are_named(gpt):
     message = gpt[0]["mismatch"]
     assert message is not None, "loading DSS state into a model prepared without DSS must fail"
-    assert "decoder.layers.mlp.linear_fc1.weight_nvfp4_dss_beta" in message
+    assert "decoder.layers.mlp.linear_fc1.weight_nvfp4_{dss_beta}" in message
     assert "dss=True" in message
 
 
