@@ -51,8 +51,8 @@ checkpoint keys the model does not request).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
+import types
 from typing import Iterable
 
 import torch
@@ -70,7 +70,6 @@ from ..parallel.context import ParallelContext, check_groups, detect_context
 
 STATE_KEY = re.compile(r"^(?P<param>.+)_nvfp4_(?P<suffix>" + "|".join(SUFFIXES) + r")$")
 PER_TENSOR = ("global_amax", "input_amax")  # 0-d per weight; the rest are per 16-channel block
-_WRAPPED = "_nvfp4_sharded_state_wrapped"
 _LOAD_CHECK = "_nvfp4_load_check_handle"
 
 
@@ -81,15 +80,16 @@ def register_checkpoint_state(model: nn.Module, slots: list[WeightSlot], config:
     _complete_state(model, slots, config)
     if getattr(model, _LOAD_CHECK, None) is None:
         setattr(model, _LOAD_CHECK, model.register_load_state_dict_post_hook(_check_loaded_keys))
-    if callable(getattr(model, "sharded_state_dict", None)) and not getattr(model, _WRAPPED, False):
-        original = model.sharded_state_dict
+    method = getattr(model, "sharded_state_dict", None)
+    if callable(method) and getattr(method, "__func__", None) is not _sharded_state_dict:
+        # A method bound to the model (not a closure): copy.deepcopy rebinds it to the copy.
+        model.sharded_state_dict = types.MethodType(_sharded_state_dict, model)
 
-        @functools.wraps(original)
-        def sharded_state_dict(prefix: str = "", *args, **kwargs):
-            return add_quantizer_sharded_state(model, original(prefix, *args, **kwargs), prefix)
 
-        model.sharded_state_dict = sharded_state_dict
-        setattr(model, _WRAPPED, True)
+def _sharded_state_dict(model: nn.Module, prefix: str = "", *args, **kwargs) -> dict:
+    """``model``'s class ``sharded_state_dict`` with the quantizer state added."""
+    sharded = type(model).sharded_state_dict(model, prefix, *args, **kwargs)
+    return add_quantizer_sharded_state(model, sharded, prefix)
 
 
 def _complete_state(model: nn.Module, slots: list[WeightSlot], config: QuantConfig) -> None:
@@ -126,18 +126,18 @@ def init_quantizer_state(model: nn.Module, config: QuantConfig | None = None,
         check_groups(inv.slots, ctx)
         for slot in inv.slots:
             w = local_weight(slot)
-
-            def nan(*shape, device=w.device):
-                return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-
             blocks = (w.shape[0], w.shape[1] // BLOCK_SIZE)
-            attach_state(slot, SlotState(global_amax=nan(), block_amax=nan(*blocks),
-                                         dss_beta=nan(*blocks) if config.dss else None,
-                                         input_amax=nan() if config.quantize_inputs else None))
+            attach_state(slot, SlotState(global_amax=_nan((), w.device), block_amax=_nan(blocks, w.device),
+                                         dss_beta=_nan(blocks, w.device) if config.dss else None,
+                                         input_amax=_nan((), w.device) if config.quantize_inputs else None))
     for module, _adapter, slots in inv.modules.values():
         install_fake_quant(module, sorted({s.param_name for s in slots}), backend=config.backend)
     register_checkpoint_state(model, inv.slots, config)
     return inv
+
+
+def _nan(shape, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
 
 # ---------------------------------------------------------------------------------- Megatron

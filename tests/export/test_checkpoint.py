@@ -155,3 +155,29 @@ def test_sharded_entries_follow_the_weight(axis):
     assert block.replica_id == (0, 0, 1)
     assert (scalar.global_shape, scalar.global_offset, scalar.local_shape) == ((4,), (3,), ())
     assert scalar.replica_id == (0, 1, 1)
+
+
+class _TPRowSplit(nn.Linear):
+    """A stand-in Megatron linear: its rows are TP rank 1's half of a [16, 32] weight."""
+
+    def __init__(self):
+        super().__init__(32, 8, bias=False)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        return {f"{prefix}weight": ShardedTensor.from_rank_offsets(f"{prefix}weight", self.weight, (0, 1, 2),
+                                                                   replica_id=(0, 0, 0))}
+
+
+def test_quantize_wraps_sharded_state_dict_and_deepcopy_keeps_it_bound():
+    import copy
+
+    pytest.importorskip("megatron.core")
+    model = _TPRowSplit()
+    quantize(model, QuantConfig(method="max", quantize_inputs=False), show_progress=False)
+    sharded = model.sharded_state_dict(prefix="m.")
+    assert sharded["m.weight_nvfp4_block_amax"].global_offset == (8, 0)
+    assert sharded["m.weight_nvfp4_global_amax"].replica_id == (0, 1, 0)  # TP rank 1: not written
+    clone = copy.deepcopy(model)
+    assert clone.sharded_state_dict()["weight_nvfp4_block_amax"].data is clone.weight_nvfp4_block_amax
