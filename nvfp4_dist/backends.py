@@ -141,6 +141,10 @@ def run_quantize(args, config: QuantConfig) -> int:
                           args.float64_calib, args.dist_timeout, info.device, show, ep=args.ep)
         result = quantize(run.model, config, run.forward_loop, ctx=run.ctx, show_progress=show)
         out = run.export(result, args.out, args.format, args.overwrite, loaded.source_dir)
+        if args.save_dist_ckpt is not None:  # Megatron only (the CLI checks)
+            from .export.checkpoint import save_megatron_checkpoint
+
+            save_megatron_checkpoint(run.model, args.save_dist_ckpt)
     if is_main_rank():
         print(result.table())
         dss = " + DSS" if config.dss else ""
@@ -150,4 +154,6 @@ def run_quantize(args, config: QuantConfig) -> int:
               f"{len(result.ignored)} modules kept in high precision; calibration "
               f"{tokens.shape[0]}x{tokens.shape[1]} tokens; {time.perf_counter() - t_start:.1f} s")
         print(f"{args.format} checkpoint written to {out}")
+        if args.save_dist_ckpt is not None:
+            print(f"Megatron distributed checkpoint (weights + quantizer state) written to {args.save_dist_ckpt}")
     return 0

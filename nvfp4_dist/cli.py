@@ -4,6 +4,7 @@
                         --format {modelopt,compressed-tensors} --out DIR [--calib-samples N]
                         [--seq-len L] [--seed S] [--dead-experts {weight_only,route_all}] [--overwrite]
     torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] [--ep E] ...
+                        [--save-dist-ckpt DIR]
     nvfp4-dist inspect DIR
 """
 
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "summed); default: every rank sees all of it, as one process would")
     q.add_argument("--float64-calib", action="store_true",
                    help="calibration forward in float64: Hessian statistics identical at every TP size")
+    q.add_argument("--save-dist-ckpt", type=Path, default=None, metavar="DIR",
+                   help="--backend megatron: also save the model with its quantizer state through "
+                        "megatron.core.dist_checkpointing into DIR (new or empty), restorable at "
+                        "any TP/EP with nvfp4_dist.init_quantizer_state")
 
     i = sub.add_parser("inspect", help="validate an exported checkpoint and summarise it")
     i.add_argument("dir", type=Path)
@@ -119,6 +124,13 @@ def cmd_quantize(args) -> int:
 
     config = _config_from_args(args)
     _check_out_dir(args.out, args.overwrite)
+    if args.save_dist_ckpt is not None:
+        from .export.checkpoint import check_empty_dir
+
+        if args.backend != "megatron":
+            raise NVFP4DistError("--save-dist-ckpt writes a Megatron distributed checkpoint: it needs "
+                                 "--backend megatron (other backends: save model.state_dict() or use torch DCP)")
+        check_empty_dir(args.save_dist_ckpt)
     from .backends import is_launched, run_quantize
 
     if args.backend != "hf" or is_launched():  # under torchrun, or a layout needing a process group

@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import types
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -255,6 +256,24 @@ def load_megatron_checkpoint(model: nn.Module, checkpoint_dir: str) -> None:
     weights = {key for entry in sharded.values() for key in _stored_keys(entry)}
     _raise_on_mismatch(expected, stored, weights, f"Megatron checkpoint {checkpoint_dir}")
     model.load_state_dict(dist_checkpointing.load(sharded, checkpoint_dir))
+
+
+def save_megatron_checkpoint(model: nn.Module, checkpoint_dir) -> None:
+    """``dist_checkpointing.save(model.sharded_state_dict(), checkpoint_dir)`` (every rank calls
+    it): the model's weights with their quantizer state, into a new or empty directory."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(checkpoint_dir)
+    check_empty_dir(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+
+
+def check_empty_dir(path: Path) -> None:
+    """Refuse a non-empty checkpoint directory (stale pieces of another save would mix in)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ExportError(f"{path} exists and is not an empty directory; a distributed checkpoint "
+                          "is written into a new or empty one: choose another path or remove it")
 
 
 def _stored_keys(entry) -> list[str]:

@@ -212,3 +212,51 @@ def test_expert_state_keys_are_global(moe):
     singleton = moe[0]["singleton"]
     assert "decoder.layers.1.mlp.experts.experts.3.linear_fc2.weight_nvfp4_block_amax" in singleton
     assert {k.split(".experts.experts.")[1].split(".")[0] for k in singleton} == {"0", "1", "2", "3"}
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+CLI_ARGS = ["quantize", "--model", "tiny-dense", "--method", "max", "--weight-only", "--calib-samples", "4",
+            "--seq-len", "16", "--no-progress", "--format", "modelopt"]
+
+
+def _cli_worker(out: str, ckpt: str) -> dict:
+    from nvfp4_dist import QuantConfig, init_quantizer_state, load_megatron_checkpoint
+    from nvfp4_dist.cli import main
+    from nvfp4_dist.launch import init_megatron
+    from nvfp4_dist.models.loading import load_model
+    from nvfp4_dist.models.megatron_gpt import build_megatron_gpt
+
+    allow_megatron_save_in_worker()
+    code = main([*CLI_ARGS, "--backend", "megatron", "--tp", "2", "--out", out, "--save-dist-ckpt", ckpt])
+    ctx = init_megatron(1, timeout_s=120)
+    fresh = build_megatron_gpt(load_model("tiny-dense", seed=0).model)
+    inv = init_quantizer_state(fresh, QuantConfig(method="max", quantize_inputs=False), ctx)
+    load_megatron_checkpoint(fresh, ckpt)
+    return dict(code=code, records=slot_records(inv.slots, ctx))
+
+
+def test_cli_saves_a_dist_checkpoint_that_restores_the_export_at_tp1(tmp_path):
+    """``--backend megatron --tp 2 --save-dist-ckpt``: restored at TP=1, the fake-quant weights
+    are the HF export's dequantized weights, module for module."""
+    from nvfp4_dist.export.reader import read_dequantized
+
+    out, ckpt = tmp_path / "export", tmp_path / "ckpt"
+    runs = run_ranks(_cli_worker, 2, str(out), str(ckpt))
+    exported = read_dequantized(out)
+    for run in runs:
+        assert run["code"] == 0
+        assert set(run["records"]) == set(exported)
+        assert [n for n, r in run["records"].items() if not torch.equal(r["fq"], exported[n])] == []
+
+
+def test_cli_save_dist_ckpt_needs_megatron(tmp_path, capsys):
+    from nvfp4_dist.cli import main
+
+    assert main([*CLI_ARGS, "--out", str(tmp_path / "o"), "--save-dist-ckpt", str(tmp_path / "c")]) == 2
+    assert "--backend megatron" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    args = [*CLI_ARGS, "--backend", "megatron", "--out", str(tmp_path / "o"), "--save-dist-ckpt", str(tmp_path / "taken")]
+    assert main(args) == 2
+    assert "not an empty directory" in capsys.readouterr().err
