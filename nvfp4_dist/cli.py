@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import DeadExpertPolicy, KernelBackend, QuantConfig
-from .errors import NVFP4DistError
+from .errors import ConfigError, NVFP4DistError
 from .kernels.types import Method
 from .progress import is_main_rank, progress
 
@@ -128,8 +128,8 @@ def cmd_quantize(args) -> int:
         from .export.checkpoint import check_empty_dir
 
         if args.backend != "megatron":
-            raise NVFP4DistError("--save-dist-ckpt writes a Megatron distributed checkpoint: it needs "
-                                 "--backend megatron (other backends: save model.state_dict() or use torch DCP)")
+            raise ConfigError("--save-dist-ckpt writes a Megatron distributed checkpoint: it needs "
+                              "--backend megatron (other backends: save model.state_dict() or use torch DCP)")
         check_empty_dir(args.save_dist_ckpt)
     from .backends import is_launched, run_quantize
 
