@@ -147,17 +147,25 @@ def _nan(shape, device) -> torch.Tensor:
 def add_quantizer_sharded_state(model: nn.Module, sharded_state_dict: dict, prefix: str = "") -> dict:
     """Replace (or add) the entry of every quantizer buffer of ``model`` in Megatron's flat
     ``sharded_state_dict`` (as ``model.sharded_state_dict(prefix)`` returned it) with one derived
-    from its weight's entry; returns the same dict. See the module docstring."""
+    from its weight's entry; returns the same dict. See the module docstring.
+
+    A weight's entry is found by the parameter it holds (Megatron's wrappers, e.g. Float16Module
+    and DDP, return their inner module's keys without their own ``module.`` prefix), else by name.
+    """
+    by_param = {id(entry.data): key for key, entry in sharded_state_dict.items()
+                if isinstance(getattr(entry, "data", None), torch.Tensor)}
     missing = []
     for module_name, module in model.named_modules():
-        base = f"{prefix}{module_name}." if module_name else prefix
         for param, suffix, buf in _state_buffers(module):
-            weight = sharded_state_dict.get(base + param)
+            weight_key = by_param.get(id(module._parameters[param]))
+            if weight_key is None:
+                weight_key = f"{prefix}{module_name}.{param}" if module_name else f"{prefix}{param}"
+            weight = sharded_state_dict.get(weight_key)
             if weight is None:
-                missing.append(base + param)
+                missing.append(weight_key)
                 continue
             derived = _derive(weight, buffer_name(weight.key, suffix), buf, suffix in PER_TENSOR)
-            sharded_state_dict[base + buffer_name(param, suffix)] = derived
+            sharded_state_dict[buffer_name(weight_key, suffix)] = derived
     if missing:
         raise LayoutError("cannot place quantizer state in the sharded state dict: it has no entry "
                           f"for the weights {sorted(set(missing))[:8]}; call sharded_state_dict() on "

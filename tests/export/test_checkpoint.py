@@ -170,14 +170,28 @@ class _TPRowSplit(nn.Linear):
                                                                    replica_id=(0, 0, 0))}
 
 
-def test_quantize_wraps_sharded_state_dict_and_deepcopy_keeps_it_bound():
+class _Wrapper(nn.Module):
+    """Megatron's Float16Module / DDP shape: delegates to ``module`` under the inner keys."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def sharded_state_dict(self, prefix="", *args, **kwargs):
+        return self.module.sharded_state_dict(prefix, *args, **kwargs)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["module", "wrapper"])
+def test_quantize_wraps_sharded_state_dict_and_deepcopy_keeps_it_bound(wrapped):
     import copy
 
     pytest.importorskip("megatron.core")
-    model = _TPRowSplit()
+    model = _Wrapper(_TPRowSplit()) if wrapped else _TPRowSplit()
     quantize(model, QuantConfig(method="max", quantize_inputs=False), show_progress=False)
     sharded = model.sharded_state_dict(prefix="m.")
+    assert sorted(sharded) == ["m.weight", "m.weight_nvfp4_block_amax", "m.weight_nvfp4_global_amax"]
     assert sharded["m.weight_nvfp4_block_amax"].global_offset == (8, 0)
     assert sharded["m.weight_nvfp4_global_amax"].replica_id == (0, 1, 0)  # TP rank 1: not written
     clone = copy.deepcopy(model)
-    assert clone.sharded_state_dict()["weight_nvfp4_block_amax"].data is clone.weight_nvfp4_block_amax
+    inner = clone.module if wrapped else clone
+    assert clone.sharded_state_dict()["weight_nvfp4_block_amax"].data is inner.weight_nvfp4_block_amax

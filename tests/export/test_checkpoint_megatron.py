@@ -5,8 +5,11 @@ processes): saved at one TP/EP layout, restored into a fresh model at another, b
   and input amax, fake-quant weights gathered per HF module: identical); that TP=1 model (two
   data-parallel replicas) saved again and restored at TP=2 through the plain Megatron flow, whose
   fake-quant forward gives the original logits.
+* a checkpoint without quantizer state, or with DSS betas the model does not expect, is
+  refused by ``load_megatron_checkpoint`` before any read, naming the keys.
 * MoE SequentialMLP: calibrated at EP=2 (with dead experts), restored at EP=1: every expert's
   state identical under its global index, and the checkpoint's keys carry no local index.
+* CLI ``--save-dist-ckpt``: the TP=2 run's checkpoint restored at TP=1 equals its HF export.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ def _gpt_worker(root: str) -> dict:
     init_distributed(timeout_s=120)
     hf, tokens = small_hf_model(), small_tokens()
     config = QuantConfig(**GPT_CONFIG)
-    tp2_dir, tp1_dir = f"{root}/tp2", f"{root}/tp1"
-    for path in (tp2_dir, tp1_dir):
+    tp2_dir, tp1_dir, plain_dir = f"{root}/tp2", f"{root}/tp1", f"{root}/plain"
+    for path in (tp2_dir, tp1_dir, plain_dir):
         os.makedirs(path, exist_ok=True)
 
     ctx = init_megatron(2, timeout_s=120, data_split=False)
@@ -78,13 +81,19 @@ def _gpt_worker(root: str) -> dict:
     except ExportError as exc:
         mismatch = str(exc)
     dist_checkpointing.save(fresh.sharded_state_dict(), tp1_dir)  # TP=1 x DP=2: replicas write once
+    dist_checkpointing.save(build_megatron_gpt(hf).sharded_state_dict(), plain_dir)  # no quantizer state
+    try:
+        load_megatron_checkpoint(no_dss, plain_dir)
+        stateless = None
+    except ExportError as exc:
+        stateless = str(exc)
 
     ctx = init_megatron(2, timeout_s=120, data_split=False)
     again = build_megatron_gpt(hf)
     inv = init_quantizer_state(again, config, ctx)
     again.load_state_dict(dist_checkpointing.load(again.sharded_state_dict(), tp1_dir))  # the usual flow
     return dict(original=original, at_tp1=at_tp1, at_tp2=slot_records(inv.slots, ctx), metadata=metadata,
-                mismatch=mismatch, same_logits=torch.equal(_logits(again, tokens[:2]), logits),
+                mismatch=mismatch, stateless=stateless, same_logits=torch.equal(_logits(again, tokens[:2]), logits),
                 rank=dist.get_rank())
 
 
@@ -113,6 +122,13 @@ def test_checkpoint_holds_state_sharded_like_the_weights(gpt):
     assert meta["decoder.layers.self_attention.linear_qkv.weight_nvfp4_global_amax"] == (2,)
     assert meta["decoder.layers.mlp.linear_fc2.weight_nvfp4_input_amax"] == (2,)
     assert sum("_nvfp4_" in k for k in meta) == 4 * 4
+
+
+def test_checkpoint_without_state_is_refused_before_reading(gpt):
+    message = gpt[0]["stateless"]
+    assert message is not None, "a checkpoint without quantizer state must not load into a prepared model"
+    assert "decoder.layers.mlp.linear_fc2.weight_nvfp4_{block_amax,global_amax,input_amax}" in message
+    assert "save it after nvfp4_dist.quantize()" in message
 
 
 def test_missing_dss_betas_in_the_model_are_named(gpt):
