@@ -7,7 +7,8 @@ processes): saved at one TP/EP layout, restored into a fresh model at another, b
   fake-quant forward gives the original logits.
 * a checkpoint without quantizer state, or with DSS betas the model does not expect, is
   refused by ``load_megatron_checkpoint`` before any read, naming the keys.
-* MoE SequentialMLP: calibrated at EP=2 (with dead experts), restored at EP=1: every expert's
+* MoE SequentialMLP: local_hessian + DSS at EP=2 with dead experts (weight-only, beta 1.0, so the
+  stacked expert tensors are fully covered), restored at EP=1: every expert's
   state identical under its global index, and the checkpoint's keys carry no local index.
 * CLI ``--save-dist-ckpt``: the TP=2 run's checkpoint restored at TP=1 equals its HF export.
 """
@@ -160,7 +161,7 @@ def _moe_worker(root: str) -> dict:
     _patch_megatron_router()
     init_distributed(timeout_s=120)
     hf = small_moe(dead=DEAD)
-    config = QuantConfig(method="mse")
+    config = QuantConfig(method="local_hessian", dss=True)  # dead experts: weight-only, beta 1.0
     data = tokens(4, 16).chunk(dist.get_world_size())[dist.get_rank()]
 
     def _all(obj) -> list:
@@ -210,6 +211,9 @@ def test_ep2_checkpoint_restores_every_expert_at_ep1(moe):
     experts = [n for n in original if ".mlp.experts." in n]
     assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)
     assert len(moe[0]["dead"]) == 2 * 2  # the dead experts' weight-only state travels too
+    dead = [n for n in experts if ".layers.0." in n and any(f".experts.{g}." in n for g in DEAD[0])]
+    assert len(dead) == 2 * 3 and all(torch.equal(original[n]["dss_beta"], torch.ones_like(original[n]["dss_beta"]))
+                                      for n in dead)
     for run in moe:
         assert differences(original, run["restored"]) == []
 
@@ -224,6 +228,7 @@ def test_expert_state_keys_are_global(moe):
     assert ours["decoder.layers.mlp.experts.experts.linear_fc2.weight_nvfp4_block_amax"] == (2, 4, 64, 2)
     assert ours["decoder.layers.mlp.experts.experts.linear_fc2.weight_nvfp4_global_amax"] == (2, 4)
     assert ours["decoder.layers.mlp.experts.experts.linear_fc1.weight_nvfp4_input_amax"] == (2, 4)
+    assert ours["decoder.layers.mlp.experts.experts.linear_fc2.weight_nvfp4_dss_beta"] == (2, 4, 64, 2)
     # Megatron's singleton_local_shards layout names every expert by its global index instead.
     singleton = moe[0]["singleton"]
     assert "decoder.layers.1.mlp.experts.experts.3.linear_fc2.weight_nvfp4_block_amax" in singleton
