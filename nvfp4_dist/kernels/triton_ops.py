@@ -16,10 +16,9 @@ import torch
 
 from ..numerics import nvfp4
 from ..numerics.constants import E4M3_MAX, GLOBAL_SCALE_DENOM, e4m3_positive_values
-from . import cast_kernels, hessian_kernel, mse_kernel
+from . import cast_kernels, floor_kernel, hessian_kernel, mse_kernel
 from .reference import _check_hessian, _check_weight, default_betas
 from .types import ScaleChoice
-from .windows import schur_floor
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
@@ -85,9 +84,9 @@ def search_mse(w: torch.Tensor, global_amax: torch.Tensor) -> ScaleChoice:
 def _hessian_inputs(w: torch.Tensor, hessian: torch.Tensor):
     _check_hessian(hessian, w)
     h = _fp32(hessian, w.device)
-    # 16x16 float64 factorizations: the CPU's LAPACK beats batched GPU solvers at this size
-    # (on an H200 the GPU path cost ~1.5 ms per search, about as much as the kernel)
-    return h, schur_floor(h.cpu()).to(w.device).contiguous()
+    # one launch on the device: a host round trip or batched GPU solvers cost about as much as
+    # the sweep itself on an 8192x4096 weight
+    return h, floor_kernel.launch_schur_floor(h)
 
 
 def search_local_hessian(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor) -> ScaleChoice:
@@ -107,7 +106,10 @@ def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor
         h, kappa = _hessian_inputs(w, hessian)
         values = _values(w.device)
         k, loss = hessian_kernel.launch_hessian_sweep(w, h, kappa, s, values)
-        betas = _fp32(default_betas() if betas is None else betas, w.device).reshape(-1)
+        betas = (default_betas() if betas is None else betas).detach().float().cpu().reshape(-1)
+        # beta = 1 repeats a coupled candidate, whose loss the sweep already proved no lower than
+        # the coupled optimum (evaluated or outside the exact window): it never wins strictly
+        betas = _fp32(betas[betas != 1.0], w.device)
         beta = hessian_kernel.launch_dss_search(w, h, s, values, betas, k, loss)
     return _choice(k, loss, g, beta)
 

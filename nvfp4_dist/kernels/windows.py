@@ -35,10 +35,10 @@ _SEARCH_STEPS = 7  # ceil(log2(127)): bisection over any sub-range of the 126 ca
 # Rounding of the spec's Hessian loss: 16 products and 15 sequential sums for (H dw)_j, then a
 # product and the 4-level tree, give |L_fp32 - L| <= 21.1 u |dw|^T |H| |dw| (u = 2^-24);
 # 2^-19 = 32 u covers it.
-_LOSS_ROUNDING = 2.0**-19
+LOSS_ROUNDING = 2.0**-19
 # kappa is computed in float64 (inverse of a matrix whose condition the factor below bounds by
 # 2^19) and used in fp32 products of fp32 squares: a few roundings of 2^-24 each.
-_KAPPA_MARGIN = 1.0 - 2.0**-18
+KAPPA_MARGIN = 1.0 - 2.0**-18
 
 
 def schur_floor(hessian: torch.Tensor) -> torch.Tensor:
@@ -56,9 +56,9 @@ def schur_floor(hessian: torch.Tensor) -> torch.Tensor:
     habs = hessian.double().abs()
     rho = habs.sum(-1).amax(-1).maximum(habs.sum(-2).amax(-1))  # >= || |H| ||_2
     # fp32 loss >= (1 - 2^-19 rho / lambda_min) * exact loss, for every dw
-    factor = 1.0 - _LOSS_ROUNDING * rho * inv.abs().sum(-1).amax(-1)
+    factor = 1.0 - LOSS_ROUNDING * rho * inv.abs().sum(-1).amax(-1)
     ok = (chol_info == 0) & (info == 0) & (factor > 0) & torch.isfinite(kappa).all(-1) & (kappa > 0).all(-1)
-    kappa = torch.where(ok[:, None], kappa * (factor * _KAPPA_MARGIN)[:, None], 0.0)
+    kappa = torch.where(ok[:, None], kappa * (factor * KAPPA_MARGIN)[:, None], 0.0)
     return kappa.float()
 
 
