@@ -15,11 +15,13 @@ The state lives in persistent fp32 buffers next to each weight (:mod:`nvfp4_dist
   state: the layer axis a TransformerBlock prepends, the global expert axis (or the
   ``experts.{g}.`` key of ``singleton_local_shards``) a SequentialMLP prepends, the TP axis and
   fragmentation, DP replica ids, and the gate/up split of a gated ``linear_fc1`` (its
-  ShardedTensorFactory is reused on the state). Key scheme, with one worked example:
-  the weight ``decoder.layers.mlp.experts.linear_fc1.weight`` (global ``[L, E, 2F, H]``, TP-split
-  rows) gives ``decoder.layers.mlp.experts.linear_fc1.weight_nvfp4_block_amax`` (global
+  ShardedTensorFactory is reused on the state). Key scheme, with one worked example: the
+  SequentialMLP weight Megatron saves as ``decoder.layers.mlp.experts.experts.linear_fc1.weight``
+  (global ``[L, E, 2F, H]``, rows split over expert TP) gives
+  ``decoder.layers.mlp.experts.experts.linear_fc1.weight_nvfp4_block_amax`` (global
   ``[L, E, 2F, H/16]``, split the same way) and ``..._nvfp4_global_amax`` (global ``[L, E]``,
-  replicated over TP: written by the piece at TP offset 0 of DP replica 0 only).
+  replicated over TP: written by the piece at TP offset 0 of (expert-)data-parallel replica 0
+  only). The global expert index is an axis, never part of a local name.
 
 Why a wrapper on the ROOT model's ``sharded_state_dict`` (installed by ``quantize()`` and
 :func:`init_quantizer_state`) rather than on each linear: the gate/up factory is applied by the
@@ -29,6 +31,7 @@ keeps the usual flow unchanged, including Megatron's own training-loop checkpoin
 ``model.sharded_state_dict()`` through its DDP/Float16 wrappers::
 
     dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)          # after quantize()
+                                                          # (or save_megatron_checkpoint; CLI --save-dist-ckpt)
     init_quantizer_state(fresh_model, config)                              # any TP/EP layout
     state = dist_checkpointing.load(fresh_model.sharded_state_dict(), ckpt_dir)
     fresh_model.load_state_dict(state)                                     # fake-quant as after quantize()
