@@ -40,28 +40,29 @@ def _tile(w_ptr, stride_row, rows, h_ptr, pid, b, BLK_R: tl.constexpr, BF16_DOT:
     w = w.to(tl.float32)
     h = tl.load(h_ptr + b.to(tl.int64) * 256 + c[:, None] * 16 + c[None, :])
     h1, h2, h3 = split3(h)
-    return r, rmask, w, h1, h2, h3, weight_times_hessian(w, h1, h2, h3, BF16_DOT)
+    eye = tl.where(c[:, None] == c[None, :], 1.0, 0.0)
+    return r, rmask, w, h1, h2, h3, eye, weight_times_hessian(w, h1, h2, h3, BF16_DOT)
 
 
 @triton.jit
 def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr,
                    BLK_R: tl.constexpr, BF16_DOT: tl.constexpr):
     b = tl.program_id(1)
-    r, rmask, w, h1, h2, h3, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R, BF16_DOT)
+    r, rmask, w, h1, h2, h3, eye, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R, BF16_DOT)
     a = tl.abs(w)
     S = tl.load(s_ptr)
     kappa = tl.load(kappa_ptr + b * 16 + tl.arange(0, 16))[None, :]
     amax = tl.max(a, axis=1)
     k0 = start_candidate(amax, v_ptr, S)
     v0 = tl.load(v_ptr + k0)
-    best = hessian_loss(w, a, hw, h1, h2, h3, v0, v0 * S, S, BF16_DOT)
+    best = hessian_loss(w, a, hw, h1, h2, h3, eye, v0, v0 * S, S, BF16_DOT, False)
     best_k = k0
     k_lo, k_hi = candidate_window(a, amax, k0, best, kappa, v_ptr, S, True)
     width = tl.max(tl.where(rmask, k_hi - k_lo + 1, 0))
     for i in range(width):
         k = k_lo + i
         v = tl.load(v_ptr + tl.minimum(k, 125))
-        loss = hessian_loss(w, a, hw, h1, h2, h3, v, v * S, S, BF16_DOT)
+        loss = hessian_loss(w, a, hw, h1, h2, h3, eye, v, v * S, S, BF16_DOT, False)
         better = (k <= k_hi) & (k != k0) & ((loss < best) | ((loss == best) & (k < best_k)))
         best = tl.where(better, loss, best)
         best_k = tl.where(better, k, best_k)
@@ -75,7 +76,7 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
                 k_ptr, loss_ptr, beta_ptr, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr):
     """In place: (k, loss) hold the coupled optimum on entry, the DSS choice on exit."""
     b = tl.program_id(1)
-    r, rmask, w, h1, h2, h3, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R, BF16_DOT)
+    r, rmask, w, h1, h2, h3, eye, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R, BF16_DOT)
     a = tl.abs(w)
     S = tl.load(s_ptr)
     out = r * nb + b
@@ -89,7 +90,7 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
         d = v * S
         for j in range(n_betas):
             beta = tl.load(betas_ptr + j)
-            loss = hessian_loss(w, a, hw, h1, h2, h3, v, beta * d, S, BF16_DOT)
+            loss = hessian_loss(w, a, hw, h1, h2, h3, eye, v, beta * d, S, BF16_DOT, True)
             better = loss < best  # strict: the incumbent and earlier pairs win ties
             best = tl.where(better, loss, best)
             best_k = tl.where(better, k, best_k)

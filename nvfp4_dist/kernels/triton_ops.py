@@ -46,7 +46,11 @@ def interpreted() -> bool:
 
 
 def _on_device(w: torch.Tensor):
-    return torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext()
+    """Launches go to the current device: switch to ``w``'s only when it is another one (the
+    switch costs microseconds per call, a fifth of a fake-quant launch)."""
+    if w.is_cuda and w.device.index != torch.cuda.current_device():
+        return torch.cuda.device(w.device)
+    return contextlib.nullcontext()
 
 
 def _unit_stride(w: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,19 @@ def test_fake_quant_and_pack_are_bit_exact(dtype, dss, device):
     assert torch.equal(scale.view(torch.uint8).cpu(), ref_scale.view(torch.uint8))
 
 
+@pytest.mark.parametrize("shape", [(300, 2064), (256, 1024)], ids=["ragged", "even"])
+def test_fake_quant_tiles(shape, device):
+    """Several row and column tiles with both edges partial, and tiles that cover the weight
+    exactly (the unmasked path); the interpreter's tiles are 256 x 1024, the GPU's 4 x 1024."""
+    w = weight(*shape, "heavy", seed=44, dtype=torch.bfloat16)
+    g = global_amax(w)
+    bamax, beta = _scales(w, 45)
+    for b in (None, beta):
+        args = [t if t is None else t.to(device) for t in (bamax, g, b)]
+        got = triton_ops.fake_quant(w.to(device), *args)
+        assert torch.equal(_bits(got), _bits(nvfp4.fake_quant(w, bamax, g, b)))
+
+
 def test_scale_rounding_ties_and_range(device):
     """Every E4M3 value, every midpoint between neighbours (exact ties: S = 1) and ratios
     beyond both clamp edges give the reference's scale bytes."""
