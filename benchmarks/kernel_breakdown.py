@@ -1,0 +1,73 @@
+"""Where the time of a Hessian / DSS search and of fake-quant goes, on one CUDA device.
+
+Run: ``python benchmarks/kernel_breakdown.py [--rows 8192 --cin 4096]``. For a bf16 weight
+N(0, 0.02^2) and the benchmark's correlated-activation Hessians it prints (``do_bench`` medians):
+the Schur floors in Triton and through the host; the whole ``search_local_hessian`` /
+``search_dss`` calls against their kernels alone (sweep, DSS phase); fake-quant against a copy
+of the weight, as a ``do_bench`` figure and as back-to-back calls timed on the wall clock (which
+shows host overhead). Complements ``bench_kernels.py``, which compares with ModelOpt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from triton.testing import do_bench
+
+from bench_kernels import make_hessian, make_weight
+from nvfp4_dist.kernels import floor_kernel, hessian_kernel, triton_ops
+from nvfp4_dist.kernels import reference as R
+from nvfp4_dist.kernels.windows import schur_floor
+
+
+def ms(fn) -> float:
+    return do_bench(fn, rep=300, return_mode="median")
+
+
+def wall_us(fn, calls: int = 2000) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--cin", type=int, default=4096)
+    args = parser.parse_args()
+    w = make_weight((args.rows, args.cin), "gauss", 100)
+    g = w.float().abs().amax()
+    h = make_hessian(args.cin, 101).contiguous()
+    print(f"{torch.cuda.get_device_name()}, weight {args.rows}x{args.cin} bf16")
+    print(f"Schur floors: Triton {ms(lambda: floor_kernel.launch_schur_floor(h)) * 1e3:.1f} us, "
+          f"torch through the host {ms(lambda: schur_floor(h.cpu()).cuda()) * 1e3:.1f} us")
+
+    wv, _, s = triton_ops._prepare(w, g)
+    hh, kappa = triton_ops._hessian_inputs(wv, h)
+    values = triton_ops._values(w.device)
+    betas = R.default_betas()
+    k, loss = hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values)
+    dss_betas = betas[betas != 1.0].cuda()  # as search_dss launches it
+    whole_h = ms(lambda: triton_ops.search_local_hessian(w, g, h))
+    whole_d = ms(lambda: triton_ops.search_dss(w, g, h, betas))
+    sweep = ms(lambda: hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values))
+    clones = ms(lambda: (k.clone(), loss.clone()))
+    dss = ms(lambda: hessian_kernel.launch_dss_search(wv, hh, s, values, dss_betas, k.clone(), loss.clone()))
+    print(f"search_local_hessian {whole_h:.3f} ms (sweep kernel {sweep:.3f} ms)")
+    print(f"search_dss {whole_d:.3f} ms (DSS kernel {dss - clones:.3f} ms; DSS phase / sweep "
+          f"{(whole_d - whole_h) / whole_h:.2f})")
+
+    bamax = triton_ops.search_mse(w, g).block_amax
+    fq, copy = ms(lambda: triton_ops.fake_quant(w, bamax, g)), ms(lambda: w.clone())
+    print(f"fake_quant {fq * 1e3:.1f} us, bf16 copy {copy * 1e3:.1f} us (x{fq / copy:.2f}); back to back: "
+          f"fake_quant {wall_us(lambda: triton_ops.fake_quant(w, bamax, g)):.1f} us, "
+          f"copy {wall_us(w.clone):.1f} us per call")
+
+
+if __name__ == "__main__":
+    main()
