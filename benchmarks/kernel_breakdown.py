@@ -5,7 +5,8 @@ N(0, 0.02^2) and the benchmark's correlated-activation Hessians it prints (``do_
 the Schur floors in Triton and through the host; the whole ``search_local_hessian`` /
 ``search_dss`` calls against their kernels alone (sweep, DSS phase); fake-quant against a copy
 of the weight, as a ``do_bench`` figure and as back-to-back calls timed on the wall clock (which
-shows host overhead). Complements ``bench_kernels.py``, which compares with ModelOpt.
+shows host overhead); with ``--mse-tiles``, the MSE sweep at other fixed tiles. Complements
+``bench_kernels.py``, which compares with ModelOpt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from triton.testing import do_bench
 
 from bench_kernels import make_hessian, make_weight
-from nvfp4_dist.kernels import floor_kernel, hessian_kernel, triton_ops
+from nvfp4_dist.kernels import floor_kernel, hessian_kernel, mse_kernel, triton_ops
 from nvfp4_dist.kernels import reference as R
 from nvfp4_dist.kernels.windows import schur_floor
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--cin", type=int, default=4096)
+    parser.add_argument("--mse-tiles", action="store_true", help="also time the MSE sweep's tile choices")
     args = parser.parse_args()
     w = make_weight((args.rows, args.cin), "gauss", 100)
     g = w.float().abs().amax()
@@ -67,6 +69,24 @@ def main() -> None:
     print(f"fake_quant {fq * 1e3:.1f} us, bf16 copy {copy * 1e3:.1f} us (x{fq / copy:.2f}); back to back: "
           f"fake_quant {wall_us(lambda: triton_ops.fake_quant(w, bamax, g)):.1f} us, "
           f"copy {wall_us(w.clone):.1f} us per call")
+    if args.mse_tiles:
+        mse_tiles()
+
+
+def mse_tiles() -> None:
+    """The MSE sweep at each (blocks per program, warps), for an 8B model's weight shapes."""
+    for rows, cin in ((4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288)):
+        w = make_weight((rows, cin), "gauss", 7)
+        _, _, s = triton_ops._prepare(w, w.float().abs().amax())
+        values = triton_ops._values(w.device)
+        default = mse_kernel.launch_mse_sweep(w, s, values)
+        times = []
+        for blk, warps in ((32, 1), (64, 1), (64, 2), (128, 2), (128, 4), (256, 4), (256, 8)):
+            got = mse_kernel.launch_mse_sweep(w, s, values, blk, warps)
+            assert torch.equal(got[0], default[0]) and torch.equal(got[1], default[1])
+            times.append(f"{blk}x{warps}w {ms(lambda: mse_kernel.launch_mse_sweep(w, s, values, blk, warps)):.3f}")
+        print(f"MSE sweep {rows}x{cin} (ms, blocks x warps; default {mse_kernel.CUDA_BLK}x"
+              f"{mse_kernel.CUDA_WARPS}w): " + ", ".join(times))
 
 
 if __name__ == "__main__":

@@ -97,12 +97,9 @@ def _quantize_pack(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, 
     tl.store(scale_ptr + n, e4m3_bits(v).to(tl.uint8), mask=mask)
 
 
-def _configs():
-    # memory-bound: enough bytes in flight per thread, and enough threads
-    return [triton.Config({"BLK": blk}, num_warps=warps) for blk in (128, 256, 512) for warps in (4, 8)]
-
-
-_TUNED_PACK = triton.autotune(configs=_configs(), key=["n_blocks"])(_quantize_pack)
+# Export packs each weight once: a fixed tile (autotuning compiled six variants on first use).
+PACK_BLK = 256
+PACK_WARPS = 4
 INTERPRETER_BLK = 4096
 MAX_BLOCKS = 2**31 - 4096  # block indices are int32 in-kernel
 
@@ -119,13 +116,9 @@ def _launch_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.T
                          f"{MAX_BLOCKS} one launch handles: split the rows into smaller shards")
     beta = dss_beta if dss_beta is not None else block_amax  # placeholder pointer, never read
     args = (w, w.stride(0), nb, n_blocks, block_amax, beta, global_amax, *outs)
-    if w.is_cuda:
-        grid = lambda cfg: (triton.cdiv(n_blocks, cfg["BLK"]),)  # noqa: E731
-        _TUNED_PACK[grid](*args, HAS_BETA=dss_beta is not None, enable_fp_fusion=False)
-    else:
-        blk = min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
-        _quantize_pack[(triton.cdiv(n_blocks, blk),)](*args, HAS_BETA=dss_beta is not None, BLK=blk,
-                                                      num_warps=4, enable_fp_fusion=False)
+    blk = PACK_BLK if w.is_cuda else min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
+    _quantize_pack[(triton.cdiv(n_blocks, blk),)](*args, HAS_BETA=dss_beta is not None, BLK=blk,
+                                                  num_warps=PACK_WARPS, enable_fp_fusion=False)
 
 
 # Fake-quant tiles: 4096 elements per program and 4 warps, the best of a sweep on an H200

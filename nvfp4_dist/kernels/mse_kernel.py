@@ -18,7 +18,7 @@ from .tl_nvfp4 import candidate_window, load_blocks_by_thread, mse_loss, start_c
 
 
 @triton.jit
-def _mse_sweep(w_ptr, stride_row, nb, n_blocks, s_ptr, v_ptr, k_ptr, loss_ptr, size_class,
+def _mse_sweep(w_ptr, stride_row, nb, n_blocks, s_ptr, v_ptr, k_ptr, loss_ptr,
                BLK: tl.constexpr):
     n, mask, w = load_blocks_by_thread(w_ptr, stride_row, nb, n_blocks, BLK)
     a = tl.abs(w)
@@ -40,22 +40,23 @@ def _mse_sweep(w_ptr, stride_row, nb, n_blocks, s_ptr, v_ptr, k_ptr, loss_ptr, s
     tl.store(loss_ptr + n, best, mask=mask)
 
 
-def _configs():
-    # one or two blocks per thread; narrow tiles keep the tile's widest window close to the mean
-    return [triton.Config({"BLK": 32 * warps * per_thread}, num_warps=warps)
-            for warps in (1, 2, 4) for per_thread in (1, 2)]
-
-
-_mse_sweep_tuned = triton.autotune(configs=_configs(), key=["size_class"])(_mse_sweep)
+# A fixed tile on CUDA: every tile gives the same bits, and autotuning compiled and timed six
+# variants per size class on first use, ~25 s of an 8B model's first quantize() on an H200.
+# One block per thread in narrow tiles keeps the tile's widest window close to the mean one:
+# 32 blocks x 1 warp was the fastest of seven tiles on an H200 for every 8B-model shape, 3-15%
+# ahead (`benchmarks/kernel_breakdown.py --mse-tiles`).
+CUDA_WARPS = 1
+CUDA_BLK = 32 * CUDA_WARPS
 INTERPRETER_BLK = 1024  # the interpreter pays per program: few, large tiles
 
 
 def launch_mse_sweep(w: torch.Tensor, global_scale: torch.Tensor, values: torch.Tensor,
-                     blk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     blk: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidates (int32) and losses (fp32), each ``[rows, cin // 16]``, of ``w [rows, cin]``.
 
     ``w`` has unit stride along cin (any row stride); ``global_scale``: fp32 ``[1]``;
-    ``values``: the 126 E4M3 values (fp32) on ``w``'s device. ``blk`` fixes the tile (tests).
+    ``values``: the 126 E4M3 values (fp32) on ``w``'s device. ``blk`` / ``num_warps`` fix the
+    tile (tests, benchmarks).
     """
     rows, cin = w.shape
     nb = cin // 16
@@ -64,12 +65,9 @@ def launch_mse_sweep(w: torch.Tensor, global_scale: torch.Tensor, values: torch.
     loss = torch.empty(rows, nb, dtype=torch.float32, device=w.device)
     if n_blocks == 0:
         return k, loss
-    args = (w, w.stride(0), nb, n_blocks, global_scale, values, k, loss, n_blocks.bit_length())
-    if blk is None and w.is_cuda:
-        grid = lambda meta: (triton.cdiv(n_blocks, meta["BLK"]),)  # noqa: E731
-        _mse_sweep_tuned[grid](*args, enable_fp_fusion=False)
-    else:
-        blk = blk or min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
-        _mse_sweep[(triton.cdiv(n_blocks, blk),)](*args, BLK=blk, num_warps=max(1, min(8, blk // 32)),
-                                                   enable_fp_fusion=False)
+    args = (w, w.stride(0), nb, n_blocks, global_scale, values, k, loss)
+    if blk is None:
+        blk = CUDA_BLK if w.is_cuda else min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
+    warps = num_warps or max(1, min(8, blk // 32))  # one block per thread
+    _mse_sweep[(triton.cdiv(n_blocks, blk),)](*args, BLK=blk, num_warps=warps, enable_fp_fusion=False)
     return k, loss
