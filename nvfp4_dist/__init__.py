@@ -6,6 +6,7 @@ from .export.checkpoint import (add_quantizer_sharded_state, init_quantizer_stat
                                 load_megatron_checkpoint)
 from .errors import (CalibrationError, ConfigError, ExportError, LayoutError, ModelLoadError,
                      NVFP4DistError)
+from .integrations.megatron import NVFP4Hook
 from .kernels.types import Method
 from .parallel.context import ParallelContext
 
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError", "ConfigError", "DeadExpertPolicy", "ExportError", "KernelBackend",
-    "LayoutError", "Method", "ModelLoadError", "NVFP4DistError", "ParallelContext", "QuantConfig",
+    "LayoutError", "Method", "ModelLoadError", "NVFP4DistError", "NVFP4Hook", "ParallelContext", "QuantConfig",
     "QuantResult", "add_quantizer_sharded_state", "init_quantizer_state", "load_dcp_checkpoint",
     "load_megatron_checkpoint", "quantize", "__version__",
 ]

@@ -1,0 +1,272 @@
+"""NVFP4Hook in a Megatron-core training loop (real megatron-core, gloo, two processes, TP=2).
+
+One worker run covers the lifecycle on the small Qwen3-style GPT:
+* calibrate through ``get_forward_backward_func()`` (forward_only) gives quantizer state
+  bit-identical to ``quantize()`` with a plain forward loop over the same microbatches, in eval
+  mode, with the model's train mode restored after;
+* QAT: two training iterations through Megatron's schedule + torch Adam: losses finite, weights
+  changed, quantizer state unchanged; the weight gradient of one linear equals the gradient of the
+  same loss with that weight replaced by the constant tensor fq(w) (and differs from the gradient
+  at w itself, so the check can fail);
+* export after QAT: our reader dequantizes the HF checkpoint to exactly the model's fake-quant
+  weights gathered over TP; the Megatron distributed checkpoint carries the quantizer state;
+* a Float16Module-wrapped model is unwrapped (its ``sharded_state_dict`` carries the state);
+  two model chunks, and pipeline parallelism 2, are refused with a ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+
+from harness import run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+SEQ, MBS, CALIB_MB = 16, 2, 4
+GRAD_CHECKED = "decoder.layers.0.mlp.linear_fc2"
+
+
+def _patch_schedule_for_cpu() -> None:
+    """megatron-core 0.16's no-pipelining schedule allocates its token counter with
+    ``device="cuda"``; on a machine without CUDA the test worker's schedule gets a ``torch`` whose
+    ``zeros`` puts that counter on the CPU (test workers only, never the library)."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.pipeline_parallel import schedules
+
+    class _CpuTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*args, device=None, **kwargs):
+            return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    schedules.torch = _CpuTorch()
+
+
+def _batches(tokens: torch.Tensor) -> list[dict]:
+    """Microbatches as a training data iterator yields them: tokens and next-token labels."""
+    return [{"tokens": t, "labels": torch.roll(t, -1, dims=1)} for t in tokens.split(MBS)]
+
+
+def _forward_step(modes: list):
+    """A Megatron ``forward_step_func``: GPT with labels -> per-token losses, mean loss func;
+    ``modes`` records the model's training flag at every call."""
+    from nvfp4_dist.models.megatron_gpt import causal_mask
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        modes.append(model.training)
+        tokens = batch["tokens"]
+        positions = torch.arange(tokens.shape[1])[None].expand(tokens.shape[0], -1)
+        losses = model(tokens, positions, attention_mask=causal_mask(tokens.shape[1], "cpu"),
+                       labels=batch["labels"])
+
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss, {"lm loss": loss.detach()}
+
+        return losses, loss_func
+
+    return forward_step
+
+
+def _fake_quant_records(slots, ctx) -> dict:
+    """HF module name -> the forward's fake-quant weight of its rows, gathered over TP."""
+    from nvfp4_dist.calib.apply import fake_quant_param
+    from nvfp4_dist.parallel.access import local_weight
+    from nvfp4_dist.parallel.reduce import gather_slot_tensor
+
+    out = {}
+    with torch.no_grad():
+        for slot in slots:
+            fq = fake_quant_param(slot.module, slot.param_name, local_weight(slot))
+            whole = gather_slot_tensor(fq.contiguous(), slot.layout, ctx, elems_per_col=1)
+            out.update({part.name: whole[part.rows].clone() for part in slot.parts()})
+    return out
+
+
+def _states(slots) -> dict:
+    from nvfp4_dist.calib.state import read_state
+
+    return {(s.name, k): v.detach().clone() for s in slots for k, v in read_state(s.module, s.param_name).items()}
+
+
+def _weight_grad(schedule, model, batches, step) -> tuple[torch.Tensor, list]:
+    for p in model.parameters():
+        p.grad = None
+    losses = schedule(forward_step_func=step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+             seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+    return model.get_submodule(GRAD_CHECKED).weight.grad.clone(), losses
+
+
+def _gradient_check(schedule, model, batches, step) -> dict:
+    """The checked linear's weight gradient under QAT (straight-through), and of the same loss
+    with the weight set to the constant fq(w) (fake-quant off on that linear only), and at w;
+    leaves the QAT gradients on the parameters and returns the QAT pass's losses too."""
+    from nvfp4_dist.calib.apply import fake_quant_param, install_fake_quant, remove_fake_quant
+
+    linear = model.get_submodule(GRAD_CHECKED)
+    qat, losses = _weight_grad(schedule, model, batches, step)
+    qat_grads = {n: p.grad for n, p in model.named_parameters()}
+    w = linear.weight.detach().clone()
+    with torch.no_grad():
+        fq = fake_quant_param(linear, "weight", linear.weight)
+    remove_fake_quant(linear)
+    try:
+        with torch.no_grad():
+            linear.weight.copy_(fq)
+        at_fq, _ = _weight_grad(schedule, model, batches, step)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        at_w, _ = _weight_grad(schedule, model, batches, step)
+    finally:
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        install_fake_quant(linear, ["weight"])
+    for n, p in model.named_parameters():  # the optimizer steps on the QAT gradients
+        p.grad = qat_grads[n]
+    return dict(qat=qat, at_fq=at_fq, at_w=at_w, fq_differs=not torch.equal(fq, w)), losses
+
+
+def _worker(root: str) -> dict:
+    from checkpoint_testutil import allow_megatron_save_in_worker, differences, slot_records
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.module import Float16Module
+    from small_model import small_hf_model, small_tokens
+
+    from nvfp4_dist import ConfigError, NVFP4Hook, QuantConfig, quantize
+    from nvfp4_dist.export.reader import read_dequantized
+    from nvfp4_dist.launch import init_distributed, init_megatron
+    from nvfp4_dist.models.megatron_gpt import build_megatron_gpt, megatron_forward_loop
+    from nvfp4_dist.parallel.access import local_weight
+
+    _patch_schedule_for_cpu()
+    allow_megatron_save_in_worker()
+    init_distributed(timeout_s=120)
+    ctx = init_megatron(2, timeout_s=120)
+    hf = small_hf_model()
+    tokens = small_tokens(samples=CALIB_MB * MBS, seq_len=SEQ)
+    config = QuantConfig(method="local_hessian")
+    out = {}
+
+    # Calibration through Megatron's schedule vs. quantize() with a plain loop, same microbatches.
+    model = build_megatron_gpt(hf).train()
+    modes: list = []
+    hook = NVFP4Hook(config, calib_microbatches=CALIB_MB, export_dir=f"{root}/hf", hf_config=hf.config.to_dict(),
+                     dist_ckpt_dir=f"{root}/dist", show_progress=False)
+    result = hook.calibrate([model], iter(_batches(tokens)), _forward_step(modes), seq_length=SEQ,
+                            micro_batch_size=MBS)
+    out["calib_modes"], out["mode_after"] = list(modes), model.training
+    reference = build_megatron_gpt(hf)
+    ref_result = quantize(reference, config, megatron_forward_loop(tokens, MBS), ctx=ctx, show_progress=False)
+    out["calib_differences"] = differences(slot_records(ref_result.slots, ctx), slot_records(result.slots, ctx))
+    out["calib_tokens"] = sorted({state.tokens for state in result.states.values()})
+
+    # QAT: two iterations of Megatron's schedule + Adam.
+    schedule = get_forward_backward_func()
+    state_before = _states(result.slots)
+    weights_before = {s.name: local_weight(s).detach().clone() for s in result.slots}
+    train = _batches(small_tokens(samples=2 * MBS, seq_len=SEQ, seed=1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = _forward_step([])
+    out["grads"], losses = _gradient_check(schedule, model, train, step)  # iteration 1's backward
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses += schedule(forward_step_func=step, data_iterator=iter(train), model=[model],
+                       num_microbatches=len(train), seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+    optimizer.step()
+    out["losses"] = torch.stack([d["lm loss"] for d in losses])
+    out["changed"] = [s.name for s in result.slots if not torch.equal(local_weight(s), weights_before[s.name])]
+    state_after = _states(result.slots)
+    out["state_unchanged"] = (state_before.keys() == state_after.keys()
+                              and all(torch.equal(v, state_after[k]) for k, v in state_before.items()))
+
+    # Export after QAT: HF checkpoint == the forward's fake-quant weights; dist checkpoint with state.
+    hook.export([model])
+    out["fq"] = _fake_quant_records(result.slots, ctx)
+    out["exported"] = read_dequantized(f"{root}/hf") if ps.get_tensor_model_parallel_rank() == 0 else None
+    out["dist_keys"] = sorted(k for k in dist_checkpointing.load_tensors_metadata(f"{root}/dist") if "_nvfp4_" in k)
+
+    # Wrappers and refusals.
+    inner = build_megatron_gpt(hf)
+    wrapped = Float16Module(dataclasses.replace(inner.config, bf16=True), inner)
+    f16 = NVFP4Hook(QuantConfig(method="max"), calib_microbatches=1, show_progress=False).calibrate(
+        wrapped, iter(_batches(tokens)), _forward_step([]), seq_length=SEQ, micro_batch_size=MBS)
+    out["wrapped_inner"] = all(any(s.module is m for m in inner.modules()) for s in f16.slots)
+    out["wrapped_state_keys"] = sum("_nvfp4_" in k for k in wrapped.sharded_state_dict())
+    refusals = []
+    for chunks in ([model, reference], [model]):
+        if len(chunks) == 1:  # pipeline parallelism 2 (TP=1) on the same two ranks
+            ps.destroy_model_parallel()
+            ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
+        try:
+            NVFP4Hook(config, show_progress=False).calibrate(chunks, iter(()), step, seq_length=SEQ,
+                                                             micro_batch_size=MBS)
+            refusals.append(None)
+        except ConfigError as exc:
+            refusals.append(str(exc))
+    out["refusals"] = refusals
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_ranks(_worker, 2, str(tmp_path_factory.mktemp("hook")))
+
+
+def test_calibration_through_the_schedule_equals_quantize_with_a_plain_loop(runs):
+    for run in runs:
+        assert run["calib_differences"] == []
+        assert run["calib_tokens"] == [CALIB_MB * MBS * SEQ]  # every microbatch observed, once
+        assert run["calib_modes"] == [False] * CALIB_MB, "calibration must run in eval mode"
+        assert run["mode_after"] is True, "the model's training mode must be restored"
+
+
+def test_qat_weight_gradient_is_the_straight_through_gradient(runs):
+    for run in runs:
+        g = run["grads"]
+        assert g["fq_differs"]
+        assert torch.equal(g["qat"], g["at_fq"]), (g["qat"] - g["at_fq"]).abs().max()
+        assert not torch.equal(g["at_fq"], g["at_w"]), "the check cannot tell fq(w) from w"
+
+
+def test_qat_trains_weights_and_keeps_the_calibrated_scales(runs):
+    for run in runs:
+        assert torch.isfinite(run["losses"]).all() and run["losses"].numel() == 2 * 2  # 2 iterations x 2 mb
+        assert len(run["changed"]) == 2 * 4, run["changed"]  # every quantized linear of both layers
+        assert run["state_unchanged"]
+
+
+def test_export_after_qat_dequantizes_to_the_fake_quant_weights(runs):
+    exported, fq = runs[0]["exported"], runs[0]["fq"]
+    assert set(exported) == set(fq) and len(fq) == 2 * 7
+    bad = [name for name in fq if not torch.equal(exported[name], fq[name])]
+    assert bad == []
+    assert len(runs[0]["dist_keys"]) == 4 * 3  # global, block and input amax of 4 linears (layer-stacked)
+
+
+def test_wrapped_model_is_unwrapped_and_keeps_state_in_its_checkpoint(runs):
+    for run in runs:
+        assert run["wrapped_inner"]
+        assert run["wrapped_state_keys"] == 2 * 4 * 3
+
+
+def test_model_chunks_and_pipeline_parallelism_are_refused(runs):
+    for run in runs:
+        chunks, pp = run["refusals"]
+        assert chunks is not None and "2 model chunk(s)" in chunks
+        assert pp is not None and "pipeline size 2" in pp
