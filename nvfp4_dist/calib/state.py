@@ -56,7 +56,9 @@ def attach_buffer(slot: WeightSlot, suffix: str, value: torch.Tensor) -> None:
     module, name = slot.module, buffer_name(slot.param_name, suffix)
     value = value.detach().float()
     if slot.expert is None:
-        module.register_buffer(name, state_like(slot.parameter(), value.clone()), persistent=True)
+        # no copy: the buffer shares storage with ``value`` (the QuantResult's state), which
+        # would otherwise be held twice (1.6 GiB per copy of an 8B model's block amaxes)
+        module.register_buffer(name, state_like(slot.parameter(), value), persistent=True)
         return
     n_experts = slot.parameter().shape[0]
     buf = getattr(module, name, None)

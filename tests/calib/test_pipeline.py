@@ -67,6 +67,11 @@ def test_tiny_dense_slots_groups_and_forward(tiny_tokens):
         assert row.tokens == tiny_tokens.numel()
         assert row.hessian_loss <= row.hessian_loss_max
     assert "q_proj" in result.table()
+    # the state is held once: the module buffers share storage with the returned result's
+    for slot in result.slots:
+        st, buffers = result.states[slot.name], read_state(slot.module, slot.param_name)
+        assert buffers["block_amax"].data_ptr() == st.block_amax.data_ptr()
+        assert buffers["dss_beta"].data_ptr() == st.dss_beta.data_ptr()
 
 
 def test_hessian_matches_an_independent_computation(tiny_tokens):
