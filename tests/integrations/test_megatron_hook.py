@@ -223,9 +223,80 @@ def _worker(root: str) -> dict:
     return out
 
 
+def _ddp_worker(root: str) -> dict:
+    """TP=1 x DP=2 with Megatron's DistributedDataParallel: each data-parallel rank calibrates on its
+    own half of the microbatches; QAT gradients through DDP's main_grad buffers + torch Adam."""
+    from checkpoint_testutil import differences, slot_records
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from small_model import small_hf_model, small_tokens
+
+    from nvfp4_dist import NVFP4Hook, QuantConfig, quantize
+    from nvfp4_dist.export.reader import read_dequantized
+    from nvfp4_dist.launch import init_distributed, init_megatron
+    from nvfp4_dist.models.megatron_gpt import build_megatron_gpt, megatron_forward_loop
+    from nvfp4_dist.parallel.access import local_weight
+    from nvfp4_dist.parallel.megatron import megatron_context
+
+    _patch_schedule_for_cpu()
+    init_distributed(timeout_s=120)
+    init_megatron(1, timeout_s=120)
+    hf = small_hf_model()
+    tokens = small_tokens(samples=CALIB_MB * MBS, seq_len=SEQ)
+    config = QuantConfig(method="max")  # input amax is MAX-reduced over DP: exact under any split
+    out = {}
+
+    model = build_megatron_gpt(hf).train()
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
+    model.config.finalize_model_grads_func = finalize_model_grads  # as Megatron's training sets it up
+    model.config.no_sync_func = ddp.no_sync
+    rank, half = ps.get_data_parallel_rank(), CALIB_MB // 2
+    hook = NVFP4Hook(config, calib_microbatches=half, export_dir=f"{root}/hf", hf_config=hf.config.to_dict(),
+                     show_progress=False)
+    result = hook.calibrate([ddp], iter(_batches(tokens)[rank * half:(rank + 1) * half]), _forward_step([]),
+                            seq_length=SEQ, micro_batch_size=MBS)
+    reference = build_megatron_gpt(hf)
+    ref_ctx = megatron_context(data_split=False)  # every rank sees all the data
+    ref_result = quantize(reference, config, megatron_forward_loop(tokens, MBS), ctx=ref_ctx, show_progress=False)
+    out["calib_differences"] = differences(slot_records(ref_result.slots, ref_ctx), slot_records(result.slots, ref_ctx))
+    out["calib_tokens"] = sorted({state.tokens for state in result.states.values()})
+    out["state_keys"] = sum("_nvfp4_" in k for k in ddp.sharded_state_dict())
+
+    state_before = _states(result.slots)
+    weights_before = {s.name: local_weight(s).detach().clone() for s in result.slots}
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+    schedule = get_forward_backward_func()
+    train = _batches(small_tokens(samples=2 * MBS, seq_len=SEQ, seed=2 + rank))  # DP ranks: own data
+    losses = []
+    for _ in range(2):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad(set_to_none=True)
+        losses += schedule(forward_step_func=_forward_step([]), data_iterator=iter(train), model=[ddp],
+                           num_microbatches=len(train), seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+        for p in ddp.parameters():  # DDP reduced the gradients into main_grad (over DP)
+            p.grad = p.main_grad
+        optimizer.step()
+    out["losses"] = torch.stack([d["lm loss"] for d in losses])
+    out["weights"] = {s.name: local_weight(s).detach().clone() for s in result.slots}
+    out["changed"] = [n for n, w in out["weights"].items() if not torch.equal(w, weights_before[n])]
+    state_after = _states(result.slots)
+    out["state_unchanged"] = all(torch.equal(v, state_after[k]) for k, v in state_before.items())
+    hook.export([ddp])
+    out["fq"] = _fake_quant_records(result.slots, ref_ctx)
+    out["exported"] = read_dequantized(f"{root}/hf") if rank == 0 else None
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return run_ranks(_worker, 2, str(tmp_path_factory.mktemp("hook")))
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    return run_ranks(_ddp_worker, 2, str(tmp_path_factory.mktemp("hook_ddp")))
 
 
 def test_calibration_through_the_schedule_equals_quantize_with_a_plain_loop(runs):
@@ -270,3 +341,21 @@ def test_model_chunks_and_pipeline_parallelism_are_refused(runs):
         chunks, pp = run["refusals"]
         assert chunks is not None and "2 model chunk(s)" in chunks
         assert pp is not None and "pipeline size 2" in pp
+
+
+def test_ddp_data_parallel_calibration_equals_all_data_in_one_process(ddp_runs):
+    for run in ddp_runs:
+        assert run["calib_differences"] == []
+        assert run["calib_tokens"] == [CALIB_MB * MBS * SEQ]  # both ranks' halves, summed over DP
+        assert run["state_keys"] == 2 * 4 * 3  # DDP's sharded_state_dict carries the state
+
+
+def test_ddp_qat_keeps_replicas_in_sync_and_exports_the_fake_quant_weights(ddp_runs):
+    first, second = ddp_runs
+    for run in ddp_runs:
+        assert torch.isfinite(run["losses"]).all() and run["losses"].numel() == 2 * 2
+        assert len(run["changed"]) == 2 * 4 and run["state_unchanged"]
+    assert not torch.equal(first["losses"], second["losses"])  # the ranks trained on different data
+    assert all(torch.equal(w, second["weights"][n]) for n, w in first["weights"].items())
+    exported, fq = first["exported"], first["fq"]
+    assert set(exported) == set(fq) and all(torch.equal(exported[n], fq[n]) for n in fq)
