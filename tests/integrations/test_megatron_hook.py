@@ -11,7 +11,11 @@ One worker run covers the lifecycle on the small Qwen3-style GPT:
 * export after QAT: our reader dequantizes the HF checkpoint to exactly the model's fake-quant
   weights gathered over TP; the Megatron distributed checkpoint carries the quantizer state;
 * a Float16Module-wrapped model is unwrapped (its ``sharded_state_dict`` carries the state);
-  two model chunks, and pipeline parallelism 2, are refused with a ConfigError.
+  two model chunks, pipeline parallelism 2, and gradient_accumulation_fusion (which bypasses the
+  straight-through estimator) are refused with a ConfigError.
+
+DP=2 under Megatron's DistributedDataParallel (TP=1): each rank calibrates on its own half of the
+microbatches, equal to one process calibrating on all of them; QAT keeps the replicas in sync.
 """
 
 from __future__ import annotations
@@ -209,8 +213,10 @@ def _worker(root: str) -> dict:
     out["wrapped_inner"] = all(any(s.module is m for m in inner.modules()) for s in f16.slots)
     out["wrapped_state_keys"] = sum("_nvfp4_" in k for k in wrapped.sharded_state_dict())
     refusals = []
-    for chunks in ([model, reference], [model]):
-        if len(chunks) == 1:  # pipeline parallelism 2 (TP=1) on the same two ranks
+    fused = build_megatron_gpt(hf)
+    fused.get_submodule(GRAD_CHECKED).gradient_accumulation_fusion = True  # as the config would set it
+    for chunks in ([model, reference], [fused], [model]):
+        if chunks == [model]:  # pipeline parallelism 2 (TP=1) on the same two ranks
             ps.destroy_model_parallel()
             ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=2)
         try:
@@ -336,10 +342,11 @@ def test_wrapped_model_is_unwrapped_and_keeps_state_in_its_checkpoint(runs):
         assert run["wrapped_state_keys"] == 2 * 4 * 3
 
 
-def test_model_chunks_and_pipeline_parallelism_are_refused(runs):
+def test_model_chunks_pipeline_parallelism_and_fused_wgrad_are_refused(runs):
     for run in runs:
-        chunks, pp = run["refusals"]
+        chunks, fused, pp = run["refusals"]
         assert chunks is not None and "2 model chunk(s)" in chunks
+        assert fused is not None and f"gradient_accumulation_fusion is on in ['{GRAD_CHECKED}']" in fused
         assert pp is not None and "pipeline size 2" in pp
 
 
