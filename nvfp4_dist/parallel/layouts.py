@@ -110,3 +110,7 @@ class LinearAdapter(LayoutAdapter):
         layout = local_layout(module.weight, ctx)
         return [WeightSlot(name=name, module=module, param_name="weight", layout=layout,
                            fused_group=group, stats_key=stats_key)]
+
+
+# Registered wherever layouts are: families no adapter handles are refused, not skipped.
+from . import unsupported  # noqa: E402,F401

@@ -14,8 +14,9 @@ expert-data-parallel group ("edp": the ranks holding the same expert), in float6
 do not depend on the order tokens arrive in (observers.InputStats). Dead-expert fallbacks and the
 experts summary reduce over the EP group ("ep").
 
-``TEGroupedMLP`` (TransformerEngine grouped GEMM) is not adapted: TransformerEngine is not
-installed where this was built and tested, and an adapter that no test runs is not shipped.
+``TEGroupedMLP`` (TransformerEngine grouped GEMM) and the legacy ``GroupedMLP`` are not adapted:
+TransformerEngine is not installed where this was built and tested, and an adapter that no test
+runs is not shipped. :mod:`.unsupported` refuses them by class name instead of passing them over.
 Route-all (DeadExpertPolicy.ROUTE_ALL) needs every token of every EP rank at every expert and is
 refused for Megatron experts.
 """

@@ -1,0 +1,43 @@
+"""parallel/unsupported.py: TransformerEngine and grouped-GEMM families are refused, not skipped.
+
+The stand-in classes carry the Megatron class names the refusal matches on (it never imports
+TransformerEngine); excluding the modules keeps them in high precision knowingly.
+"""
+
+import pytest
+from torch import nn
+
+import nvfp4_dist as nd
+from nvfp4_dist.errors import LayoutError
+
+
+class TEGroupedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(32, 64)
+
+
+class TELayerNormColumnParallelLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(nn.Linear(32, 32).weight.detach())
+
+
+class _Model(nn.Module):
+    def __init__(self, family):
+        super().__init__()
+        self.dense = nn.Linear(32, 32)
+        self.block = family()
+
+
+CONFIG = dict(method="mse", quantize_inputs=False)
+
+
+@pytest.mark.parametrize("family,fix", [(TEGroupedMLP, "SequentialMLP experts"),
+                                        (TELayerNormColumnParallelLinear, "local layer spec")])
+def test_refused_with_the_alternative_then_kept_when_excluded(family, fix):
+    with pytest.raises(LayoutError, match=fix) as err:
+        nd.quantize(_Model(family), nd.QuantConfig(**CONFIG), show_progress=False)
+    assert str(err.value).startswith(f"block: {family.__name__}") and "exclude 'block*'" in str(err.value)
+    result = nd.quantize(_Model(family), nd.QuantConfig(**CONFIG, exclude=("block*",)), show_progress=False)
+    assert [s.name for s in result.slots] == ["dense"] and "block" in result.ignored
