@@ -20,7 +20,9 @@ microbatches, equal to one process calibrating on all of them; QAT keeps the rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import sys
 from pathlib import Path
 
@@ -200,6 +202,11 @@ def _worker(root: str) -> dict:
                               and all(torch.equal(v, state_after[k]) for k, v in state_before.items()))
 
     # Export after QAT: HF checkpoint == the forward's fake-quant weights; dist checkpoint with state.
+    try:
+        hook.export([reference])
+        out["other_model"] = None
+    except ConfigError as exc:
+        out["other_model"] = str(exc)
     hook.export([model])
     out["fq"] = _fake_quant_records(result.slots, ctx)
     out["exported"] = read_dequantized(f"{root}/hf") if ps.get_tensor_model_parallel_rank() == 0 else None
@@ -259,10 +266,12 @@ def _ddp_worker(root: str) -> dict:
     model.config.finalize_model_grads_func = finalize_model_grads  # as Megatron's training sets it up
     model.config.no_sync_func = ddp.no_sync
     rank, half = ps.get_data_parallel_rank(), CALIB_MB // 2
-    hook = NVFP4Hook(config, calib_microbatches=half, export_dir=f"{root}/hf", hf_config=hf.config.to_dict(),
-                     show_progress=False)
-    result = hook.calibrate([ddp], iter(_batches(tokens)[rank * half:(rank + 1) * half]), _forward_step([]),
-                            seq_length=SEQ, micro_batch_size=MBS)
+    hook = NVFP4Hook(config, calib_microbatches=half, export_dir=f"{root}/hf", hf_config=hf.config.to_dict())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):  # progress on
+        result = hook.calibrate([ddp], iter(_batches(tokens)[rank * half:(rank + 1) * half]), _forward_step([]),
+                                seq_length=SEQ, micro_batch_size=MBS)
+    out["printed"] = printed.getvalue()
     reference = build_megatron_gpt(hf)
     ref_ctx = megatron_context(data_split=False)  # every rank sees all the data
     ref_result = quantize(reference, config, megatron_forward_loop(tokens, MBS), ctx=ref_ctx, show_progress=False)
@@ -334,6 +343,7 @@ def test_export_after_qat_dequantizes_to_the_fake_quant_weights(runs):
     bad = [name for name in fq if not torch.equal(exported[name], fq[name])]
     assert bad == []
     assert len(runs[0]["dist_keys"]) == 4 * 3  # global, block and input amax of 4 linears (layer-stacked)
+    assert runs[0]["other_model"] is not None and "not the one calibrate() quantized" in runs[0]["other_model"]
 
 
 def test_wrapped_model_is_unwrapped_and_keeps_state_in_its_checkpoint(runs):
@@ -355,6 +365,9 @@ def test_ddp_data_parallel_calibration_equals_all_data_in_one_process(ddp_runs):
         assert run["calib_differences"] == []
         assert run["calib_tokens"] == [CALIB_MB * MBS * SEQ]  # both ranks' halves, summed over DP
         assert run["state_keys"] == 2 * 4 * 3  # DDP's sharded_state_dict carries the state
+    table, silent = ddp_runs[0]["printed"], ddp_runs[1]["printed"]
+    assert "decoder.layers.1.mlp.linear_fc2" in table and "rel.err" in table, "rank 0 prints the report"
+    assert silent == ""
 
 
 def test_ddp_qat_keeps_replicas_in_sync_and_exports_the_fake_quant_weights(ddp_runs):
@@ -366,3 +379,18 @@ def test_ddp_qat_keeps_replicas_in_sync_and_exports_the_fake_quant_weights(ddp_r
     assert all(torch.equal(w, second["weights"][n]) for n, w in first["weights"].items())
     exported, fq = first["exported"], first["fq"]
     assert set(exported) == set(fq) and all(torch.equal(exported[n], fq[n]) for n in fq)
+
+
+def test_hook_options_are_checked_up_front():
+    from torch import nn
+
+    from nvfp4_dist import ConfigError, NVFP4Hook
+
+    with pytest.raises(ConfigError, match="needs hf_config"):
+        NVFP4Hook(export_dir="out")
+    with pytest.raises(ConfigError, match="calib_microbatches=0"):
+        NVFP4Hook(calib_microbatches=0)
+    with pytest.raises(ConfigError, match="export format 'gguf'"):
+        NVFP4Hook(export_format="gguf")
+    with pytest.raises(ConfigError, match="call hook.calibrate"):
+        NVFP4Hook().export([nn.Linear(16, 16)])
