@@ -112,7 +112,8 @@ def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor
         k, loss = hessian_kernel.launch_hessian_sweep(w, h, kappa, s, values)
         betas = (default_betas() if betas is None else betas).detach().float().cpu().reshape(-1)
         # beta = 1 repeats a coupled candidate, whose loss the sweep already proved no lower than
-        # the coupled optimum (evaluated or outside the exact window): it never wins strictly
+        # the coupled optimum (evaluated, or outside the exact window): skipping it can change the
+        # choice only within the fp32 rounding of the loss that the loss-exact criterion allows
         betas = _fp32(betas[betas != 1.0], w.device)
         beta = hessian_kernel.launch_dss_search(w, h, s, values, betas, k, loss)
     return _choice(k, loss, g, beta)
