@@ -1,0 +1,27 @@
+"""benchmarks/bench_e2e.py runs end to end on a two-layer Qwen3 on the CPU (the script's smoke
+test: the GPU figures in RESULTS.md come from the same code at full size)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH_E2E = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
+
+
+def test_bench_e2e_small_on_cpu(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("nvfp4_benchmarks_e2e", BENCH_E2E)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "e2e.md"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_e2e.py", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "2",
+        "--kv-heads", "1", "--head-dim", "32", "--vocab", "97", "--samples", "4", "--seq", "16",
+        "--batch", "2", "--device", "cpu", "--methods", "max,local_hessian+dss", "--out", str(out)])
+    module.main()
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "quantize s" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| max", "| local_hessian+dss"]
+    assert all(r.split(" | ")[5] == "14" for r in rows)  # 2 layers x 7 linears quantized
+    assert "observe" in rows[1] and "search" in rows[1]
