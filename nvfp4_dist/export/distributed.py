@@ -71,20 +71,21 @@ def _rows(rows, device):
 
 def dtensor_namer(ctx: ParallelContext) -> Namer:
     """State keys are the exported keys (HF and FSDP2 models); DTensors are split as their
-    placement says (FSDP2: ``torch.chunk`` along the shard dim), plain tensors are whole."""
+    placement says (FSDP2: ``torch.chunk`` along the shard dim, over the mesh dimension that
+    shards them: HSDP replicas are other holders of the same pieces), plain tensors are whole."""
     del ctx
 
     def name(key, module, tensor):
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import DTensor
+
+        from ..parallel.fsdp import dtensor_split
 
         whole = ((key, slice(None)),)
-        if not isinstance(tensor, DTensor) or not isinstance(tensor.placements[0], Shard):
+        split = dtensor_split(tensor) if isinstance(tensor, DTensor) else None
+        if split is None:
             return PassThrough(whole)
-        axis = tensor.placements[0].dim
-        mesh = tensor.device_mesh
-        chunk = -(-tensor.shape[axis] // mesh.size())
-        offset = min(mesh.get_local_rank() * chunk, tensor.shape[axis])
-        return PassThrough(whole, axis, offset, mesh.get_group())
+        axis, offset, group = split
+        return PassThrough(whole, axis, offset, group)
 
     return name
 

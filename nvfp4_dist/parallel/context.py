@@ -61,7 +61,8 @@ def detect_context(model) -> ParallelContext:
 
     * Megatron ``parallel_state`` initialised: its TP/EP groups, statistics summed over its
       data-parallel group (every DP rank feeds its own share of the calibration data).
-    * FSDP2 (DTensor parameters): the mesh's group as "fsdp", statistics summed over it.
+    * FSDP2 (DTensor parameters): the shard mesh dimension's group as "fsdp", statistics summed
+      over the whole mesh (both dimensions of an HSDP mesh).
     * otherwise, under torch.distributed: every rank a data-parallel replica (WORLD).
     """
     if _megatron_initialized():

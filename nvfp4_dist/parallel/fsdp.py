@@ -5,6 +5,11 @@ quantizer state of a weight is a DTensor with the weight's own mesh and placemen
 sharded exactly like the weight and travels with DCP. The one gather is in the fake-quant
 forward: FSDP2 hands the module its unsharded weight, so the (16x smaller, fp32) block-scale
 buffers are gathered with ``full_tensor()`` to match it (see :func:`state_for_weight`).
+
+Meshes: 1-D (``Shard(d)``: FSDP) or 2-D with placements ``(Replicate(), Shard(d))`` (HSDP: the
+first mesh dimension holds identical replicas, the second shards). A weight's shard group is the
+mesh dimension that shards it; replicas hold identical weights, so MAX over that group alone
+gives the global amax.
 """
 
 from __future__ import annotations
@@ -20,31 +25,59 @@ from .context import ParallelContext
 FSDP_GROUP = "fsdp"
 
 
-def dtensor_layout(param) -> ShardLayout:
-    """ShardLayout of a 2-D DTensor sharded on at most one dimension over a 1-D mesh.
+def shard_placement(tensor) -> tuple[int | None, int | None]:
+    """``(mesh dim, tensor dim)`` of the one ``Shard`` placement of a DTensor, ``(None, None)``
+    when it is replicated on every mesh dimension.
 
-    FSDP2 shards dim 0 with ``torch.chunk`` semantics: every rank but the last holds
-    ``ceil(rows / world)`` rows, the last ones may hold fewer (or none).
+    Accepted: 1-D ``(Shard(d),)`` / ``(Replicate(),)``; 2-D (HSDP) ``(Replicate(), Shard(d))`` /
+    ``(Replicate(), Replicate())``. Anything else (two Shard placements, Shard on the replica
+    dimension, Partial, meshes of more dimensions) raises LayoutError.
     """
     from torch.distributed.tensor import Replicate, Shard
 
-    placements = param.placements
-    if len(placements) != 1:
-        raise LayoutError(f"DTensor over a {len(placements)}-D mesh is not supported (need 1-D): "
-                          "HSDP meshes are not handled; shard over one mesh dimension")
-    placement = placements[0]
+    placements = tuple(tensor.placements)
+    shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
+    others = [p for p in placements if not isinstance(p, (Shard, Replicate))]
+    hsdp_ok = len(placements) == 2 and shard_dims in ([], [1])
+    if others or not (len(placements) == 1 or hsdp_ok):
+        raise LayoutError(
+            f"DTensor placements {placements} over a {len(placements)}-D mesh are not supported: "
+            "nvfp4_dist handles FSDP2 over a 1-D mesh (Shard) and HSDP over a 2-D mesh "
+            "(Replicate(), Shard(d)); shard over the last mesh dimension only")
+    if not shard_dims:
+        return None, None
+    return shard_dims[0], placements[shard_dims[0]].dim
+
+
+def _chunk_offset(tensor, mesh_dim: int, axis: int) -> int:
+    """Offset of this rank's piece along ``axis`` under FSDP2's ``torch.chunk`` split over mesh
+    dimension ``mesh_dim``: every rank but the last holds ``ceil(n / ranks)``, the last ones may
+    hold fewer (or none)."""
+    mesh = tensor.device_mesh
+    n = int(tensor.shape[axis])
+    chunk = -(-n // mesh.size(mesh_dim))
+    return min(mesh.get_local_rank(mesh_dim) * chunk, n)
+
+
+def dtensor_split(tensor) -> tuple[int, int, object] | None:
+    """``(tensor axis, this rank's offset along it, ProcessGroup of the mesh dimension that
+    shards it)`` of a DTensor of any dimension; None when it is replicated everywhere."""
+    mesh_dim, axis = shard_placement(tensor)
+    if mesh_dim is None:
+        return None
+    return axis, _chunk_offset(tensor, mesh_dim, axis), tensor.device_mesh.get_group(mesh_dim)
+
+
+def dtensor_layout(param) -> ShardLayout:
+    """ShardLayout of a 2-D DTensor parameter (FSDP2 1-D mesh or HSDP 2-D mesh, see
+    :func:`shard_placement`); the shard group is the mesh dimension that shards it."""
+    mesh_dim, axis = shard_placement(param)
     global_shape = tuple(int(s) for s in param.shape)
-    if isinstance(placement, Replicate):
+    if mesh_dim is None:
         return ShardLayout.whole(global_shape)
-    if not isinstance(placement, Shard):
-        raise LayoutError(f"unsupported DTensor placement {placement}")
-    axis = placement.dim
     local = tuple(int(s) for s in param.to_local().shape)
-    mesh = param.device_mesh
-    rank = mesh.get_local_rank()
-    chunk = -(-global_shape[axis] // mesh.size())
     offset = [0, 0]
-    offset[axis] = min(rank * chunk, global_shape[axis])
+    offset[axis] = _chunk_offset(param, mesh_dim, axis)
     return ShardLayout(global_shape, local, tuple(offset), axis, FSDP_GROUP)
 
 
@@ -65,20 +98,33 @@ def fsdp_mesh(model: nn.Module):
 
 
 def fsdp_context(model: nn.Module, data_split: bool = True) -> ParallelContext:
-    """Context of an FSDP2 model: its mesh group as "fsdp".
+    """Context of an FSDP2 / HSDP model: the mesh dimension that shards the weights as "fsdp".
 
     ``data_split=True``: each rank feeds its own share of the calibration data (FSDP is data
-    parallel), statistics are summed over the mesh. ``False``: every rank feeds all the data and
-    nothing is summed, which makes the result bit-identical to one process.
+    parallel), statistics are summed over every rank of the mesh (for HSDP both dimensions:
+    replicas see different data too). ``False``: every rank feeds all the data and nothing is
+    summed, which makes the result bit-identical to one process.
     """
     mesh = fsdp_mesh(model)
     if mesh is None:
         raise LayoutError("fsdp_context: the model has no DTensor parameters; apply "
                           "torch.distributed.fsdp.fully_shard first")
-    if mesh.ndim != 1:
-        raise LayoutError(f"fsdp_context: a {mesh.ndim}-D mesh is not supported (need 1-D)")
-    group = mesh.get_group()
-    return ParallelContext(dp=group if data_split else None, groups={FSDP_GROUP: group})
+    dtensor = _dtensor_cls()
+    for name, param in model.named_parameters():
+        if isinstance(param, dtensor):
+            try:
+                shard_placement(param)
+            except LayoutError as exc:
+                raise LayoutError(f"fsdp_context: parameter {name}: {exc}") from None
+    if mesh.ndim == 1:
+        group = mesh.get_group()
+        return ParallelContext(dp=group if data_split else None, groups={FSDP_GROUP: group})
+    # HSDP: weights are sharded over the last mesh dimension. The statistics group spans both
+    # dimensions: torch's flattened mesh (created once, cached by the mesh, on every rank;
+    # DeviceMesh has no public API for one group over several dimensions).
+    shard = mesh.get_group(1)
+    dp = mesh._flatten().get_group() if data_split else None
+    return ParallelContext(dp=dp, groups={FSDP_GROUP: shard})
 
 
 def reshard_all(model: nn.Module) -> None:
@@ -96,7 +142,8 @@ def state_like(param, value: torch.Tensor) -> torch.Tensor:
     """``value`` (this rank's quantizer state of ``param``) as a DTensor sharded like ``param``.
 
     Block-shaped state ``[local_rows, local_cin / 16]`` takes the weight's placements (global
-    shape ``[rows, cin / 16]``); 0-d state is replicated. Plain parameters: ``value`` unchanged.
+    shape ``[rows, cin / 16]``; HSDP: replicated over the replica dimension, sharded over the
+    other); 0-d state is replicated on every mesh dimension. Plain parameters: ``value`` unchanged.
     """
     dtensor = _dtensor_cls()
     if not isinstance(param, dtensor):
@@ -105,7 +152,7 @@ def state_like(param, value: torch.Tensor) -> torch.Tensor:
 
     mesh = param.device_mesh
     if value.dim() == 0:
-        return dtensor.from_local(value, mesh, [Replicate()], run_check=False)
+        return dtensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
     shape = (int(param.shape[0]), int(param.shape[1]) // BLOCK_SIZE)
     return dtensor.from_local(value, mesh, list(param.placements), run_check=False, shape=shape,
                               stride=(shape[1], 1))
