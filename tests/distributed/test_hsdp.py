@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))  # check
 
 from harness import run_ranks
 from small_model import small_hf_model, small_tokens
-from test_fsdp2 import METHODS, _fq_whole, _Spy
+from fsdp_testutil import METHODS, _fq_whole, _Spy
 
 from nvfp4_dist import QuantConfig, quantize
 from nvfp4_dist.kernels.reference import block_loss
