@@ -71,7 +71,7 @@ def _share(tokens: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
 
 def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp: int,
                 batch_size: int, split_calib: bool, float64_calib: bool, timeout_s: float,
-                device: torch.device, show_progress: bool, ep: int = 1) -> PreparedRun:
+                device: torch.device, show_progress: bool, ep: int = 1, replicas: int = 1) -> PreparedRun:
     """Lay ``hf_model`` out for ``backend`` on this rank (see module docstring)."""
     from .cli import make_forward_loop
     from .export.distributed import dtensor_namer, export_distributed
@@ -82,6 +82,8 @@ def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp:
     config = _hf_config(hf_model)
     if backend is not Backend.MEGATRON and (tp != 1 or ep != 1):
         raise ConfigError(f"--tp {tp} / --ep {ep} need --backend megatron")
+    if backend is not Backend.FSDP2 and replicas != 1:
+        raise ConfigError(f"--replicas {replicas} (HSDP) needs --backend fsdp2")
 
     if backend is Backend.MEGATRON:
         from .models.megatron_gpt import build_megatron_gpt, megatron_forward_loop
@@ -110,7 +112,7 @@ def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp:
         if backend is Backend.FSDP2:
             from .parallel.fsdp import fsdp_context
 
-            model = shard_fsdp2(hf_model.to(device), device)
+            model = shard_fsdp2(hf_model.to(device), device, replicas)
             ctx = fsdp_context(model, data_split=split_calib)
         else:
             model = hf_model.to(device)
@@ -138,7 +140,8 @@ def run_quantize(args, config: QuantConfig) -> int:
         loaded = load_model(args.model, seed=args.seed, dtype=DTYPES[args.dtype], device="cpu")
         tokens = load_calibration(loaded, args.calib_samples, args.seq_len, args.seed, args.calib_file)
         run = prepare_run(loaded.model, tokens, args.backend, args.tp, args.batch_size, args.split_calib,
-                          args.float64_calib, args.dist_timeout, info.device, show, ep=args.ep)
+                          args.float64_calib, args.dist_timeout, info.device, show, ep=args.ep,
+                          replicas=args.replicas)
         result = quantize(run.model, config, run.forward_loop, ctx=run.ctx, show_progress=show)
         out = run.export(result, args.out, args.format, args.overwrite, loaded.source_dir)
         if args.save_dist_ckpt is not None:  # Megatron only (the CLI checks)
@@ -149,7 +152,8 @@ def run_quantize(args, config: QuantConfig) -> int:
         print(result.table())
         dss = " + DSS" if config.dss else ""
         split = f", data split over {run.data_ranks} ranks" if run.data_ranks > 1 else ""
-        print(f"\n{args.backend} backend on {info.world_size} rank(s) (tp={args.tp}, ep={args.ep}{split}): "
+        hsdp = f", {args.replicas} replicas" if args.replicas > 1 else ""
+        print(f"\n{args.backend} backend on {info.world_size} rank(s) (tp={args.tp}, ep={args.ep}{hsdp}{split}): "
               f"{len(result.slots)} weight shards quantized per rank ({config.method.value}{dss}), "
               f"{len(result.ignored)} modules kept in high precision; calibration "
               f"{tokens.shape[0]}x{tokens.shape[1]} tokens; {time.perf_counter() - t_start:.1f} s")

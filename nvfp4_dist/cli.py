@@ -4,7 +4,7 @@
                         --format {modelopt,compressed-tensors} --out DIR [--calib-samples N]
                         [--seq-len L] [--seed S] [--dead-experts {weight_only,route_all}] [--overwrite]
     torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] [--ep E] ...
-                        [--save-dist-ckpt DIR]
+                        [--replicas R] [--save-dist-ckpt DIR]
     nvfp4-dist inspect DIR
 """
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel size (--backend megatron)")
     q.add_argument("--ep", type=int, default=1,
                    help="expert-parallel size for MoE models (--backend megatron)")
+    q.add_argument("--replicas", type=int, default=1,
+                   help="--backend fsdp2: HSDP with this many model replicas, each sharded over "
+                        "world / replicas ranks (a (replicate, shard) mesh); default 1: plain FSDP2")
     q.add_argument("--dead-experts", choices=[p.value for p in DeadExpertPolicy],
                    default=DeadExpertPolicy.WEIGHT_ONLY.value,
                    help="MoE experts no calibration token reaches: weight_only (MSE search, input "
@@ -124,6 +127,11 @@ def cmd_quantize(args) -> int:
 
     config = _config_from_args(args)
     _check_out_dir(args.out, args.overwrite)
+    # layout options of another backend would be ignored: refuse them before any work
+    if args.backend != "megatron" and (args.tp != 1 or args.ep != 1):
+        raise ConfigError(f"--tp {args.tp} / --ep {args.ep} need --backend megatron")
+    if args.backend != "fsdp2" and args.replicas != 1:
+        raise ConfigError(f"--replicas {args.replicas} (HSDP) needs --backend fsdp2")
     if args.save_dist_ckpt is not None:
         from .export.checkpoint import check_empty_dir
 

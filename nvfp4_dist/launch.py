@@ -118,14 +118,22 @@ def init_megatron(tp: int, timeout_s: float = DEFAULT_TIMEOUT_S, data_split: boo
     return megatron_context(data_split=data_split)
 
 
-def shard_fsdp2(model: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """``fully_shard`` every decoder layer of an HF causal LM, then the root, over all ranks
-    (1-D mesh on ``device``'s type); returns the model (now an FSDPModule)."""
+def shard_fsdp2(model: nn.Module, device: torch.device | None = None, replicas: int = 1) -> nn.Module:
+    """``fully_shard`` every decoder layer of an HF causal LM, then the root, over all ranks;
+    returns the model (now an FSDPModule). ``replicas=1``: one 1-D mesh on ``device``'s type;
+    ``replicas=R``: HSDP, a ``(R, world / R)`` mesh named ("replicate", "shard") whose rows each
+    hold one whole copy of the model, sharded over the row's ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     device = device or next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    if replicas < 1 or world % replicas:
+        raise ConfigError(f"shard_fsdp2: {replicas} replicas do not divide the {world} ranks")
+    if replicas == 1:
+        mesh = init_device_mesh(device.type, (world,))
+    else:
+        mesh = init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:

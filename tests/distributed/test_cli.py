@@ -77,6 +77,31 @@ def test_torchrun_fsdp2_export_equals_single_process(single, tmp_path):
     _assert_same_checkpoint(out, single)
 
 
+def _hsdp_cli(out: str) -> int:
+    from nvfp4_dist.cli import main
+
+    return main([*ARGS, "--backend", "fsdp2", "--replicas", "2", "--split-calib", "--format", "modelopt",
+                 "--out", out])
+
+
+def test_fsdp2_hsdp_replicas_export_equals_single_process(single, tmp_path):
+    """--replicas 2 on 4 ranks: a (2 replicas x 2 shards) mesh, each rank its quarter of the data
+    (max: bit-identical whatever the split), one copy of every tensor written."""
+    out = tmp_path / "hsdp"
+    assert run_ranks(_hsdp_cli, 4, str(out)) == [0, 0, 0, 0]
+    _assert_same_checkpoint(out, single)
+
+
+@pytest.mark.parametrize("option,message", [(["--replicas", "2"], "--replicas 2 (HSDP) needs --backend fsdp2"),
+                                            (["--tp", "2"], "--tp 2 / --ep 1 need --backend megatron")])
+def test_layout_options_of_another_backend_are_refused(option, message, tmp_path, capsys):
+    from nvfp4_dist.cli import main
+
+    assert main([*ARGS, *option, "--format", "modelopt", "--out", str(tmp_path / "x")]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def _megatron_cli(out: str) -> int:
     from nvfp4_dist.cli import main
 
