@@ -69,6 +69,15 @@ def _share(tokens: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
     return tokens.chunk(ranks)[rank]
 
 
+def check_layout_options(backend: Backend | str, tp: int, ep: int, replicas: int) -> None:
+    """Refuse layout options that ``backend`` would ignore (the CLI calls this before any work)."""
+    backend = Backend(backend)
+    if backend is not Backend.MEGATRON and (tp != 1 or ep != 1):
+        raise ConfigError(f"--tp {tp} / --ep {ep} need --backend megatron")
+    if backend is not Backend.FSDP2 and replicas != 1:
+        raise ConfigError(f"--replicas {replicas} (HSDP) needs --backend fsdp2")
+
+
 def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp: int,
                 batch_size: int, split_calib: bool, float64_calib: bool, timeout_s: float,
                 device: torch.device, show_progress: bool, ep: int = 1, replicas: int = 1) -> PreparedRun:
@@ -80,10 +89,7 @@ def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, backend: Backend, tp:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     config = _hf_config(hf_model)
-    if backend is not Backend.MEGATRON and (tp != 1 or ep != 1):
-        raise ConfigError(f"--tp {tp} / --ep {ep} need --backend megatron")
-    if backend is not Backend.FSDP2 and replicas != 1:
-        raise ConfigError(f"--replicas {replicas} (HSDP) needs --backend fsdp2")
+    check_layout_options(backend, tp, ep, replicas)
 
     if backend is Backend.MEGATRON:
         from .models.megatron_gpt import build_megatron_gpt, megatron_forward_loop

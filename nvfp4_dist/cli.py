@@ -127,11 +127,9 @@ def cmd_quantize(args) -> int:
 
     config = _config_from_args(args)
     _check_out_dir(args.out, args.overwrite)
-    # layout options of another backend would be ignored: refuse them before any work
-    if args.backend != "megatron" and (args.tp != 1 or args.ep != 1):
-        raise ConfigError(f"--tp {args.tp} / --ep {args.ep} need --backend megatron")
-    if args.backend != "fsdp2" and args.replicas != 1:
-        raise ConfigError(f"--replicas {args.replicas} (HSDP) needs --backend fsdp2")
+    from .backends import check_layout_options, is_launched, run_quantize
+
+    check_layout_options(args.backend, args.tp, args.ep, args.replicas)  # before any work
     if args.save_dist_ckpt is not None:
         from .export.checkpoint import check_empty_dir
 
@@ -139,7 +137,6 @@ def cmd_quantize(args) -> int:
             raise ConfigError("--save-dist-ckpt writes a Megatron distributed checkpoint: it needs "
                               "--backend megatron (other backends: save model.state_dict() or use torch DCP)")
         check_empty_dir(args.save_dist_ckpt)
-    from .backends import is_launched, run_quantize
 
     if args.backend != "hf" or is_launched():  # under torchrun, or a layout needing a process group
         return run_quantize(args, config)
