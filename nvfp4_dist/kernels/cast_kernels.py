@@ -7,6 +7,8 @@ explicit round-to-nearest-even, then the spec's codes. Fake-quant writes
 :mod:`.tl_nvfp4`); cast/pack writes two codes per byte (element 2j in the low nibble) and the
 E4M3 scale bytes. Memory-bound: fake-quant (the forward's hot path) takes 2-D tiles of whole
 row segments on a fixed grid; cast/pack (export, once per weight) tiles ``[BLK, 16]`` blocks.
+bf16 weights are fake-quantized two elements per instruction by :mod:`.bf16_fake_quant`; the
+element-wise kernel here serves fp16, fp32 and bf16 views whose pairs are not 4-byte aligned.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import bf16_fake_quant
 from .tl_nvfp4 import (bf16_round, code_values, e2m1_codes, e2m1_pick, e4m3_bits, global_scale, load_blocks,
                        scale_value)
 
@@ -34,14 +37,15 @@ def _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, HAS
 
 
 @triton.jit
-def _fake_quant(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, out_ptr, HAS_BETA: tl.constexpr,
-                ROUND_BF16: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, EVEN: tl.constexpr):
+def _fake_quant(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g_rows, out_ptr, HAS_BETA: tl.constexpr,
+                GROUP_G: tl.constexpr, ROUND_BF16: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+                EVEN: tl.constexpr):
     """One ``[ROWS, COLS]`` tile of the weight, seen as ``ROWS * COLS / 16`` blocks of 16.
 
     A 2-D grid over row and column tiles: block indices come from the program ids and
     constexpr shifts, with no per-block integer division (which cost ~15% here), and wide
     rows keep every load and store a long contiguous run. ``EVEN``: the tiles cover the
-    weight exactly, so no access needs a mask.
+    weight exactly, so no access needs a mask. ``GROUP_G``: one global amax per ``g_rows`` rows.
     """
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     c = tl.program_id(1) * COLS + tl.arange(0, COLS)
@@ -58,7 +62,10 @@ def _fake_quant(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, out_pt
     block_col = tl.program_id(1) * per_row + i % per_row
     nb = cin // 16
     block = (block_row.to(tl.int64) * nb + block_col)[:, None]
-    S = global_scale(g_ptr)
+    if GROUP_G:
+        S = global_scale(g_ptr + (tl.minimum(block_row, rows - 1) // g_rows)[:, None])
+    else:
+        S = global_scale(g_ptr)
     if EVEN:
         v = scale_value(tl.load(bamax_ptr + block), S)
     else:
@@ -121,9 +128,10 @@ def _launch_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.T
                                                   num_warps=PACK_WARPS, enable_fp_fusion=False)
 
 
-# Fake-quant tiles: 4096 elements per program and 4 warps, the best of a sweep on an H200
-# (rows x cols 2..16 x 256..2048, 4/8 warps, persistent or not: within 10% of each other);
-# the interpreter takes 64x larger tiles (it pays per program).
+# Fake-quant tiles: 4096 elements per program and 4 warps, the best of a sweep on an H200 for the
+# element-wise kernel (rows x cols 2..16 x 256..2048, 4/8 warps, persistent or not: within 10% of
+# each other) and within 3% of the best on an H100 for the bf16-pair kernel (1..16 x 256..1024,
+# 2..8 warps); the interpreter takes 64x larger tiles (it pays per program).
 FQ_TILE_ELEMS = 4096
 FQ_MAX_COLS = 1024
 INTERPRETER_FQ_TILE_ELEMS = 2**18
@@ -136,11 +144,12 @@ def _fq_tile(rows: int, cin: int, interpreted: bool) -> tuple[int, int]:
 
 
 def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
-                      dss_beta: torch.Tensor | None) -> torch.Tensor:
+                      dss_beta: torch.Tensor | None, g_rows: int = 0) -> torch.Tensor:
     """Quantize-dequantize ``w [rows, cin]`` (unit stride along cin) -> contiguous, w's dtype.
 
     ``block_amax`` (and ``dss_beta``) fp32 contiguous ``[rows, cin // 16]``; ``global_amax``
-    fp32, one element.
+    fp32, one element, or with ``g_rows > 0`` one per ``g_rows`` rows. bf16 weights (the
+    training dtype) go through :mod:`.bf16_fake_quant`'s pair kernel, others element-wise.
     """
     rows, cin = w.shape
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
@@ -149,10 +158,13 @@ def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
     tile_rows, cols = _fq_tile(rows, cin, not w.is_cuda)
     beta = dss_beta if dss_beta is not None else block_amax  # placeholder pointer, never read
     grid = (triton.cdiv(rows, tile_rows), triton.cdiv(cin, cols))
-    _fake_quant[grid](w, w.stride(0), rows, cin, block_amax, beta, global_amax, out,
-                      HAS_BETA=dss_beta is not None, ROUND_BF16=w.dtype == torch.bfloat16 and not w.is_cuda,
-                      ROWS=tile_rows, COLS=cols, EVEN=rows % tile_rows == 0 and cin % cols == 0,
-                      num_warps=4, enable_fp_fusion=False)
+    args = (w, w.stride(0), rows, cin, block_amax, beta, global_amax, max(g_rows, 1), out)
+    flags = dict(HAS_BETA=dss_beta is not None, GROUP_G=g_rows > 0, ROWS=tile_rows, COLS=cols,
+                 EVEN=rows % tile_rows == 0 and cin % cols == 0, num_warps=4, enable_fp_fusion=False)
+    if bf16_fake_quant.supports(w):
+        bf16_fake_quant.fake_quant_pairs[grid](*args, PTX=w.is_cuda, **flags)
+    else:
+        _fake_quant[grid](*args, ROUND_BF16=w.dtype == torch.bfloat16 and not w.is_cuda, **flags)
     return out
 
 

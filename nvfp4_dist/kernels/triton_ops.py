@@ -11,6 +11,7 @@ first imported), with fixed large tiles instead of autotuning.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -120,7 +121,9 @@ def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor
 
 
 def _static_inputs(w, block_amax, global_amax, dss_beta):
-    """2-D unit-stride view of ``w [..., cin]`` and its fp32 scale inputs on w's device."""
+    """2-D unit-stride view of ``w [..., cin]``, its fp32 scale inputs on w's device, and the
+    rows per global amax: 0 for one global amax, ``w.shape[-2]`` for one per leading index
+    (stacked experts ``[E, rows, cin]`` with ``global_amax [E]``)."""
     w = w.detach()
     if w.dim() < 1 or w.shape[-1] % 16:
         raise ValueError(f"weight shape {tuple(w.shape)}: the last dimension must be a multiple of 16")
@@ -133,15 +136,26 @@ def _static_inputs(w, block_amax, global_amax, dss_beta):
         raise ValueError(f"block_amax shape {tuple(block_amax.shape)} does not match weight "
                          f"{tuple(w.shape)}: expected {(*w.shape[:-1], nb)}")
     beta = None if dss_beta is None else _fp32(dss_beta, w.device).reshape(-1, nb)
-    return w2, bamax, _fp32(global_amax, w.device).reshape(1), beta
+    g = _fp32(global_amax, w.device).reshape(-1)
+    g_rows = 0
+    if g.numel() != 1:
+        if w.dim() < 3 or g.numel() != math.prod(w.shape[:-2]):
+            raise ValueError(f"global_amax shape {tuple(global_amax.shape)} does not match weight "
+                             f"{tuple(w.shape)}: one value, or one per leading index {tuple(w.shape[:-2])}")
+        g_rows = w.shape[-2]
+    return w2, bamax, g, beta, g_rows
 
 
 def fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
                dss_beta: torch.Tensor | None = None) -> torch.Tensor:
-    """NVFP4 quantize-dequantize of ``w [..., cin]`` in ``w.dtype`` (no autograd graph)."""
-    w2, bamax, g, beta = _static_inputs(w, block_amax, global_amax, dss_beta)
+    """NVFP4 quantize-dequantize of ``w [..., cin]`` in ``w.dtype`` (no autograd graph).
+
+    ``global_amax``: one value, or for stacked experts ``w [E, rows, cin]`` one per expert
+    (``[E]``): all experts then go in one launch.
+    """
+    w2, bamax, g, beta, g_rows = _static_inputs(w, block_amax, global_amax, dss_beta)
     with _on_device(w2):
-        out = cast_kernels.launch_fake_quant(w2, bamax, g, beta)
+        out = cast_kernels.launch_fake_quant(w2, bamax, g, beta, g_rows)
     return out.reshape(w.shape)
 
 
@@ -149,6 +163,6 @@ def quantize_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.
                   dss_beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed codes ``uint8 [rows, cin // 2]`` and scales ``float8_e4m3fn [rows, cin // 16]``."""
     _check_weight(w)
-    w2, bamax, g, beta = _static_inputs(w, block_amax, global_amax, dss_beta)
+    w2, bamax, g, beta, _ = _static_inputs(w, block_amax, global_amax, dss_beta)  # 2-D: one global amax
     with _on_device(w2):
         return cast_kernels.launch_quantize_pack(w2, bamax, g, beta)

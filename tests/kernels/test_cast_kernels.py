@@ -73,10 +73,34 @@ def test_fake_quant_views_and_expert_stacks(device):
     bamax = nvfp4.block_amax(w)
     assert torch.equal(triton_ops.fake_quant(wt.to(device), bamax.to(device), g.to(device)).cpu(),
                        nvfp4.fake_quant(w, bamax, g))
+    odd = torch.zeros(48 * 64 + 1, dtype=torch.bfloat16, device=device)[1:].view(48, 64)  # pairs not 4-byte aligned
+    odd.copy_(w)
+    assert torch.equal(_bits(triton_ops.fake_quant(odd, bamax.to(device), g.to(device))),
+                       _bits(nvfp4.fake_quant(odd.cpu(), bamax, g)))
     experts = w.reshape(3, 16, 64)  # [E, rows, cin] with one amax tensor [E, rows, cin / 16]
     got = triton_ops.fake_quant(experts.to(device), bamax.reshape(3, 16, 4).to(device), g.to(device))
     assert got.shape == experts.shape
     assert torch.equal(got.cpu(), nvfp4.fake_quant(experts, bamax.reshape(3, 16, 4), g))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fake_quant_of_stacked_experts_with_one_global_amax_each(dtype, device):
+    """[E, rows, cin] with global_amax [E]: one launch, each expert as if quantized alone
+    (rows per expert not a multiple of the tile, experts of very different magnitudes)."""
+    experts = torch.stack([weight(37, 160, "heavy", seed=60 + e, dtype=dtype) * 4.0**e for e in range(3)])
+    g = experts.float().abs().amax(dim=(1, 2))
+    bamax = torch.stack([_scales(experts[e], 61 + e)[0] for e in range(3)])
+    beta = 0.5 + torch.rand(bamax.shape, generator=torch.Generator().manual_seed(62))
+    for b in (None, beta):
+        args = [t if t is None else t.to(device) for t in (bamax, g, b)]
+        got = triton_ops.fake_quant(experts.to(device), *args)
+        ref = torch.stack([nvfp4.fake_quant(experts[e], bamax[e], g[e], None if b is None else b[e])
+                           for e in range(3)])
+        assert torch.equal(_bits(got), _bits(ref))
+    with pytest.raises(ValueError, match="global_amax shape"):
+        triton_ops.fake_quant(experts.to(device), bamax.to(device), g[:2].to(device))
+    with pytest.raises(ValueError, match="global_amax shape"):
+        triton_ops.fake_quant(experts[0].to(device), bamax[0].to(device), g.to(device))
 
 
 def test_bad_shapes_are_rejected(device):
