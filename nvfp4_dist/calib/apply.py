@@ -32,11 +32,8 @@ def fake_quant_param(module: nn.Module, param_name: str, weight: torch.Tensor,
     if weight.dim() == 2:
         fq = fake_quant_weight(weight.detach(), _local(bamax, weight), _local(g, weight), _local(beta, weight),
                                backend=backend)
-    else:  # [E, rows, cin] fused experts: one global amax per expert
-        fq = torch.stack([
-            fake_quant_weight(weight[e].detach(), bamax[e], g[e], None if beta is None else beta[e],
-                              backend=backend)
-            for e in range(weight.shape[0])])
+    else:  # [E, rows, cin] fused experts, one global amax per expert: one launch for all
+        fq = fake_quant_weight(weight.detach(), bamax, g, beta, backend=backend)
     if torch.is_grad_enabled() and weight.requires_grad:
         return weight + (fq - weight).detach()
     return fq

@@ -79,7 +79,14 @@ def quantize_pack_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax:
 def fake_quant_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
                       dss_beta: torch.Tensor | None = None,
                       backend: KernelBackend = KernelBackend.AUTO) -> torch.Tensor:
-    """NVFP4 quantize-dequantize of ``w [..., cin]`` with static scales, in ``w.dtype``."""
+    """NVFP4 quantize-dequantize of ``w [..., cin]`` with static scales, in ``w.dtype``.
+
+    ``global_amax``: one value, or for stacked experts ``w [E, rows, cin]`` one per expert.
+    """
     if _use_triton(w, backend):
         return _triton_module().fake_quant(w, block_amax, global_amax, dss_beta)
+    if global_amax.numel() > 1 and w.dim() == 3:  # the reference takes one global amax per call
+        return torch.stack([nvfp4.fake_quant(w[e], block_amax[e], global_amax[e],
+                                             None if dss_beta is None else dss_beta[e])
+                            for e in range(w.shape[0])])
     return nvfp4.fake_quant(w, block_amax, global_amax, dss_beta)
