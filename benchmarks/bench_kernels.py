@@ -7,7 +7,8 @@ correlated activation rows, it times (``triton.testing.do_bench``, median):
     ``nvfp4_fp8_scale_sweep`` / ``nvfp4_fp8_scale_sweep_hessian`` on the same inputs when
     ``nvidia-modelopt`` is importable (its Hessian kernel is warmed up first);
   * our torch reference MSE search (smallest shape only);
-  * fake-quant forward against a plain copy of the bf16 weight.
+  * fake-quant forward against a plain copy of the bf16 weight (GPU time, in CUDA graphs), and
+    the host time of one fake-quant call.
 It checks that our chosen candidates equal our reference's (MSE: identical on every block of
 a 1024-row slice; Hessian: loss-exact, see ``hessian_kernel.HESSIAN_REL_TOL``) and reports how
 often ModelOpt picks the same scale. Prints one markdown table and writes it to ``--out``.
@@ -19,10 +20,11 @@ import argparse
 import datetime
 import json
 import platform
+import time
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from nvfp4_dist.kernels import hessian_kernel, triton_ops
 from nvfp4_dist.kernels import reference as R
@@ -69,6 +71,17 @@ def load_modelopt():
 
 def bench(fn, ms: float = 400.0) -> float:
     return do_bench(fn, warmup=100, rep=ms, return_mode="median")
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Host time of one call, with the GPU kept busy so that no launch waits for the queue."""
+    torch.cuda._sleep(10**9)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return elapsed
 
 
 def hessian_check(w, g, h, got, ref, where=None) -> float:
@@ -118,9 +131,13 @@ def run_shape(shape, kind, seed, modelopt, quick) -> dict:
     dss_part = triton_ops.search_dss(part, g, h, betas)
     row["dss_exact_frac"] = hessian_check(part, g, h, dss_part, R.search_dss(part, g, h, betas), same_start)
 
-    fq_ms = bench(lambda: triton_ops.fake_quant(w, mse.block_amax, g), ms)
-    copy_ms = bench(lambda: w.clone(), ms)
-    row["fq_ms"], row["copy_ms"] = fq_ms, copy_ms
+    # fake-quant and the copy in CUDA graphs of 20 calls: the GPU's time, not the host's (one
+    # fake_quant call costs ~40 us of Python and launch, about its kernel's time, so a plain
+    # do_bench of it measures the host); the host time has its own column
+    fq = lambda: triton_ops.fake_quant(w, mse.block_amax, g)  # noqa: E731
+    row["fq_ms"] = do_bench_cudagraph(lambda: [fq() for _ in range(20)], rep=ms, return_mode="median") / 20
+    row["copy_ms"] = do_bench_cudagraph(lambda: [w.clone() for _ in range(20)], rep=ms, return_mode="median") / 20
+    row["fq_host_us"] = host_us(fq)
     if shape == SHAPES[0]:
         row["torch_ref_mse_ms"] = bench(lambda: R.search_mse(w, g), 1000.0)
 
@@ -161,7 +178,8 @@ def hessian_configs(shape, seed) -> list[str]:
 def table(rows, modelopt) -> str:
     head = ["weight", "kind", "blocks (M)", "MSE ours ms", "MSE ModelOpt ms", "MSE x", "MSE = ref",
             "MSE same as MO", "Hess ours ms", "Hess ModelOpt ms", "Hess x", "Hess loss-exact",
-            "DSS ms", "DSS / Hess", "DSS loss-exact", "fake-quant ms", "bf16 copy ms", "FQ / copy"]
+            "DSS ms", "DSS / Hess", "DSS loss-exact", "fake-quant ms", "bf16 copy ms", "FQ / copy",
+            "FQ host us"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mo_m, mo_h = r.get("mo_mse_ms"), r.get("mo_hess_ms")
@@ -171,7 +189,8 @@ def table(rows, modelopt) -> str:
                  f"{r['hess_ms']:.3f}", "-" if mo_h is None else f"{mo_h:.3f}",
                  "-" if mo_h is None else f"{mo_h / r['hess_ms']:.2f}", f"{r['hess_exact_frac']:.4f}",
                  f"{r['dss_ms']:.3f}", f"{r['dss_ms'] / r['hess_ms']:.2f}", f"{r['dss_exact_frac']:.4f}",
-                 f"{r['fq_ms']:.3f}", f"{r['copy_ms']:.3f}", f"{r['fq_ms'] / r['copy_ms']:.2f}"]
+                 f"{r['fq_ms']:.3f}", f"{r['copy_ms']:.3f}", f"{r['fq_ms'] / r['copy_ms']:.2f}",
+                 f"{r['fq_host_us']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

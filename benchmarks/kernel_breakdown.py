@@ -5,7 +5,8 @@ N(0, 0.02^2) and the benchmark's correlated-activation Hessians it prints (``do_
 the Schur floors in Triton and through the host; the whole ``search_local_hessian`` /
 ``search_dss`` calls against their kernels alone (sweep, DSS phase); fake-quant against a copy
 of the weight, as a ``do_bench`` figure and as back-to-back calls timed on the wall clock (which
-shows host overhead); with ``--mse-tiles``, the MSE sweep at other fixed tiles. Complements
+shows host overhead); stacked experts' fake-quant in one launch against one per expert; with
+``--mse-tiles``, the MSE sweep at other fixed tiles. Complements
 ``bench_kernels.py``, which compares with ModelOpt.
 """
 
@@ -15,9 +16,9 @@ import argparse
 import time
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
-from bench_kernels import make_hessian, make_weight
+from bench_kernels import host_us, make_hessian, make_weight
 from nvfp4_dist.kernels import floor_kernel, hessian_kernel, mse_kernel, triton_ops
 from nvfp4_dist.kernels import reference as R
 from nvfp4_dist.kernels.windows import schur_floor
@@ -69,8 +70,30 @@ def main() -> None:
     print(f"fake_quant {fq * 1e3:.1f} us, bf16 copy {copy * 1e3:.1f} us (x{fq / copy:.2f}); back to back: "
           f"fake_quant {wall_us(lambda: triton_ops.fake_quant(w, bamax, g)):.1f} us, "
           f"copy {wall_us(w.clone):.1f} us per call")
+    # a CUDA graph of 20 calls takes the host out: the kernel's own time
+    graph_fq = do_bench_cudagraph(lambda: [triton_ops.fake_quant(w, bamax, g) for _ in range(20)], rep=300) / 20
+    graph_copy = do_bench_cudagraph(lambda: [w.clone() for _ in range(20)], rep=300) / 20
+    print(f"in CUDA graphs: fake_quant {graph_fq * 1e3:.1f} us, copy {graph_copy * 1e3:.1f} us "
+          f"(x{graph_fq / graph_copy:.2f}); host time per fake_quant call "
+          f"{host_us(lambda: triton_ops.fake_quant(w, bamax, g)):.1f} us")
+    experts()
     if args.mse_tiles:
         mse_tiles()
+
+
+def experts(n: int = 128, rows: int = 768, cin: int = 2048) -> None:
+    """Fake-quant of stacked experts [n, rows, cin] (a 128-expert MoE projection): one launch with a
+    global amax per expert against the former per-expert launches and a stack."""
+    w = make_weight((n * rows, cin), "gauss", 8).view(n, rows, cin)
+    g = w.float().abs().amax(dim=(1, 2))
+    bamax = torch.stack([triton_ops.search_mse(w[e], g[e]).block_amax for e in range(n)])
+    one = triton_ops.fake_quant(w, bamax, g)
+    loop = torch.stack([triton_ops.fake_quant(w[e], bamax[e], g[e]) for e in range(n)])
+    assert torch.equal(one, loop)
+    t_one = ms(lambda: triton_ops.fake_quant(w, bamax, g))
+    t_loop = ms(lambda: torch.stack([triton_ops.fake_quant(w[e], bamax[e], g[e]) for e in range(n)]))
+    print(f"stacked experts {n}x{rows}x{cin} bf16 fake-quant: one launch {t_one * 1e3:.1f} us, per expert + "
+          f"stack {t_loop * 1e3:.1f} us, copy {ms(lambda: w.clone()) * 1e3:.1f} us")
 
 
 def mse_tiles() -> None:

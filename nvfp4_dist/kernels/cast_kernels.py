@@ -137,10 +137,16 @@ FQ_MAX_COLS = 1024
 INTERPRETER_FQ_TILE_ELEMS = 2**18
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _fq_tile(rows: int, cin: int, interpreted: bool) -> tuple[int, int]:
-    cols = min(FQ_MAX_COLS, triton.next_power_of_2(cin))
+    # plain integer arithmetic: triton.next_power_of_2 / cdiv cost microseconds per call from
+    # Python, and fake-quant runs once per weight per forward
+    cols = min(FQ_MAX_COLS, _next_pow2(cin))
     elems = INTERPRETER_FQ_TILE_ELEMS if interpreted else FQ_TILE_ELEMS
-    return max(1, min(elems // cols, triton.next_power_of_2(rows))), cols
+    return max(1, min(elems // cols, _next_pow2(rows))), cols
 
 
 def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
@@ -157,7 +163,7 @@ def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
         return out
     tile_rows, cols = _fq_tile(rows, cin, not w.is_cuda)
     beta = dss_beta if dss_beta is not None else block_amax  # placeholder pointer, never read
-    grid = (triton.cdiv(rows, tile_rows), triton.cdiv(cin, cols))
+    grid = (-(-rows // tile_rows), -(-cin // cols))
     args = (w, w.stride(0), rows, cin, block_amax, beta, global_amax, max(g_rows, 1), out)
     flags = dict(HAS_BETA=dss_beta is not None, GROUP_G=g_rows > 0, ROWS=tile_rows, COLS=cols,
                  EVEN=rows % tile_rows == 0 and cin % cols == 0, num_warps=4, enable_fp_fusion=False)
