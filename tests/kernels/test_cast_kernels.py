@@ -66,6 +66,34 @@ def test_scale_rounding_ties_and_range(device):
     assert torch.equal(scale.view(torch.uint8).cpu(), R.quantize_pack(w, bamax, g)[1].view(torch.uint8))
 
 
+def _bf16_neighbours(t: torch.Tensor) -> torch.Tensor:
+    """bf16 values around fp32 ``t > 0``: rounded down and up, and one bf16 step beyond each."""
+    bits = t.view(torch.int32)
+    down = bits & -65536
+    up = (bits + 65535) & -65536
+    return torch.stack([down - 65536, down, up, up + 65536], -1).view(torch.float32).bfloat16()
+
+
+@pytest.mark.parametrize("dss", [False, True])
+def test_fake_quant_at_the_thresholds(dss, device):
+    """bf16 weights at, just below and just above every code threshold ``fl(t * d_q)``, for scales
+    whose thresholds are exact in bf16 and for quant scales whose thresholds are not (beta):
+    the strict / inclusive comparisons and the rounding of the thresholds to bf16."""
+    v = e4m3_positive_values()[torch.tensor([0, 5, 40, 56, 64, 83, 100, 125])]  # 2^-9 .. 448
+    beta = torch.tensor([0.7, 1.05, 1.3, 0.55, 0.9, 1.45, 0.6, 1.2]) if dss else None
+    d_q = v if beta is None else beta * v  # S = 1 below: d = v
+    t = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    near = _bf16_neighbours(t[None, :] * d_q[:, None]).reshape(len(v), -1)  # [8, 28]
+    sign = torch.where(torch.arange(32) % 3 == 0, -1.0, 1.0)
+    w = torch.cat([near, near[:, :4]], 1).float() * sign  # 32 values: two blocks per scale
+    w = w.bfloat16()
+    g = torch.tensor(GLOBAL_SCALE_DENOM)  # S = 1
+    bamax = (v * 6).reshape(-1, 1).expand(-1, 2).contiguous()
+    b = None if beta is None else beta.reshape(-1, 1).expand(-1, 2).contiguous()
+    got = triton_ops.fake_quant(w.to(device), bamax.to(device), g.to(device), None if b is None else b.to(device))
+    assert torch.equal(_bits(got), _bits(nvfp4.fake_quant(w, bamax, g, b)))
+
+
 def test_fake_quant_views_and_expert_stacks(device):
     w = weight(48, 64, "gauss", seed=43)
     g = global_amax(w)
