@@ -1,7 +1,9 @@
 """Fake-quant of bf16 weights on pairs of elements: the forward's hot path in QAT.
 
-Bit-exact with :func:`nvfp4_dist.numerics.nvfp4.fake_quant` (as the generic kernel in
-:mod:`.cast_kernels`), with a third of its instructions, so that it runs near the speed of a copy.
+Bit-exact with :func:`nvfp4_dist.numerics.nvfp4.fake_quant` (as the element-wise kernel in
+:mod:`.cast_kernels`), with half its per-element instructions and no fp32 conversions (840 SASS
+instructions per thread for 32 elements against 1080): 1.3x a copy on an H200 where the
+element-wise kernel takes 1.7x.
 
 Why pairs. A bf16 weight element is an exact bf16 value ``a``; the spec compares it with fp32
 thresholds ``fl(t * d_q)`` and writes ``fl(fl(e2m1 * v) * S)`` rounded to bf16. For bf16 ``a`` and
@@ -22,7 +24,7 @@ per-block operands one block per thread, handing them over through shared memory
 The PTX chain runs only on the GPU; under the Triton interpreter the same selection is done
 with integer comparisons of the 15-bit magnitudes (non-negative bf16 order like their bit
 patterns; NaN, above 0x7F80, fails every comparison as the hardware's does), so the CPU tests
-check everything but the seven-instruction asm block, which the GPU tests check.
+check everything but the asm block itself, which the GPU tests check.
 """
 
 from __future__ import annotations
