@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import bf16_fake_quant
+from .tl_bf16x2 import pairs_fit
 from .tl_nvfp4 import (bf16_round, code_values, e2m1_codes, e2m1_pick, e4m3_bits, global_scale, load_blocks,
                        scale_value)
 
@@ -167,7 +168,7 @@ def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
     args = (w, w.stride(0), rows, cin, block_amax, beta, global_amax, max(g_rows, 1), out)
     flags = dict(HAS_BETA=dss_beta is not None, GROUP_G=g_rows > 0, ROWS=tile_rows, COLS=cols,
                  EVEN=rows % tile_rows == 0 and cin % cols == 0, num_warps=4, enable_fp_fusion=False)
-    if bf16_fake_quant.supports(w):
+    if pairs_fit(w):
         bf16_fake_quant.fake_quant_pairs[grid](*args, PTX=w.is_cuda, **flags)
     else:
         _fake_quant[grid](*args, ROUND_BF16=w.dtype == torch.bfloat16 and not w.is_cuda, **flags)

@@ -11,6 +11,12 @@ The sweep evaluates per row the start candidate, then its exact window (Schur-fl
 strict improvement over the coupled optimum. The tile shape is fixed (never autotuned): the
 row reduction's order follows the layout, and a fixed layout keeps every row's result
 independent of the shard it sits in.
+
+bf16 weights (``PAIRS``) take the codes two elements per instruction (:mod:`.tl_bf16x2`): the
+magnitudes and signs are paired once per tile, and each candidate costs seven bf16x2
+comparisons and bit-selects per pair instead of seven fp32 compares and selects per element.
+The selected ``e2m1 * v`` are the same values, so the results are the same bits as the fp32
+chain's (tested); on an H200 the DSS kernel went from 3.40 to 2.36 ms at 8192x4096.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_nvfp4 import candidate_window, hessian_loss, split3, start_candidate, weight_times_hessian
+from .tl_bf16x2 import both_halves, magnitude_and_sign, pair_chain, pairs_fit
+from .tl_nvfp4 import candidate_window, hessian_loss, loss_of_values, split3, start_candidate, weight_times_hessian
 
 # Relative tolerance of the chosen Hessian loss, in units of |w|^T |H| |w| of the block: the
 # kernel's error is ~u (2^-24) times that scale per operation (the cancellation in
@@ -32,37 +39,88 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _tile(w_ptr, stride_row, rows, h_ptr, pid, b, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr):
+def _tile(w_ptr, stride_row, rows, h_ptr, pid, b, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
+          PTX: tl.constexpr):
     r = pid.to(tl.int64) * BLK_R + tl.arange(0, BLK_R)
     rmask = r < rows
     c = tl.arange(0, 16)
-    w = tl.load(w_ptr + r[:, None] * stride_row + b * 16 + c[None, :], mask=rmask[:, None], other=0.0)
+    w = tl.load(w_ptr + r[:, None] * stride_row + b * 16 + c[None, :], mask=rmask[:, None], other=0)
+    if PAIRS:  # the same 16 bf16 values as 8 int32 pairs: their magnitudes and signs
+        wp = w.to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        lo, hi = tl.split(tl.reshape(wp, [BLK_R, 8, 2]))
+        wa, ws = magnitude_and_sign(lo | (hi << 16), PTX)
+    else:
+        wa, ws = 0, 0
     w = w.to(tl.float32)
     h = tl.load(h_ptr + b.to(tl.int64) * 256 + c[:, None] * 16 + c[None, :])
     h1, h2, h3 = split3(h)
     eye = tl.where(c[:, None] == c[None, :], 1.0, 0.0)
-    return r, rmask, w, h1, h2, h3, eye, weight_times_hessian(w, h1, h2, h3, BF16_DOT)
+    return r, rmask, w, wa, ws, h1, h2, h3, eye, weight_times_hessian(w, h1, h2, h3, BF16_DOT)
+
+
+@triton.jit
+def _pair_values(v):
+    """``e2m1 * v`` of codes 1..7 per row (exact in bf16: at most 6 significant bits), each in
+    both halves of an int32: the values the pair chain selects."""
+    v = v[:, None]
+    return (both_halves(0.5 * v, False), both_halves(v, False), both_halves(1.5 * v, False),
+            both_halves(2.0 * v, False), both_halves(3.0 * v, False), both_halves(4.0 * v, False),
+            both_halves(6.0 * v, False))
+
+
+@triton.jit
+def _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, d_q, S, BF16_DOT: tl.constexpr,
+                M_FROM_DOT: tl.constexpr, PTX: tl.constexpr):
+    """:func:`.tl_nvfp4.hessian_loss` for bf16 weights: the codes of two elements per
+    instruction (:mod:`.tl_bf16x2`), the same ``e2m1 * v`` values, the same loss."""
+    d = d_q[:, None]
+    pairs = pair_chain(wa, ws, both_halves(0.25 * d, False), both_halves(0.75 * d, True),
+                       both_halves(1.25 * d, False), both_halves(1.75 * d, True), both_halves(2.5 * d, False),
+                       both_halves(3.5 * d, True), both_halves(5.0 * d, False), m1, m2, m3, m4, m5, m6, m7, PTX)
+    # element 2j is the low half of pair j
+    if BF16_DOT and M_FROM_DOT:  # only the tensor-core operand is read: the pairs as they are
+        mb = tl.join(pairs.to(tl.int16).to(tl.bfloat16, bitcast=True),
+                     (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True))
+        mb = tl.reshape(mb, [w.shape[0], 16])
+        m = mb
+    else:  # a bf16 is the top half of its fp32
+        m = tl.join((pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True))
+        m = tl.reshape(m, [w.shape[0], 16])
+        if BF16_DOT:
+            mb = m.to(tl.bfloat16)
+        else:
+            mb = m
+    return loss_of_values(w, hw, h1, h2, h3, eye, m, mb, S, BF16_DOT, M_FROM_DOT)
 
 
 @triton.jit
 def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr,
-                   BLK_R: tl.constexpr, BF16_DOT: tl.constexpr):
+                   BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr, PTX: tl.constexpr):
     b = tl.program_id(1)
-    r, rmask, w, h1, h2, h3, eye, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R, BF16_DOT)
+    r, rmask, w, wa, ws, h1, h2, h3, eye, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R,
+                                                 BF16_DOT, PAIRS, PTX)
     a = tl.abs(w)
     S = tl.load(s_ptr)
     kappa = tl.load(kappa_ptr + b * 16 + tl.arange(0, 16))[None, :]
     amax = tl.max(a, axis=1)
     k0 = start_candidate(amax, v_ptr, S)
     v0 = tl.load(v_ptr + k0)
-    best = hessian_loss(w, a, hw, h1, h2, h3, eye, v0, v0 * S, S, BF16_DOT, False)
+    if PAIRS:
+        m1, m2, m3, m4, m5, m6, m7 = _pair_values(v0)
+        best = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, v0 * S, S, BF16_DOT, False, PTX)
+    else:
+        best = hessian_loss(w, a, hw, h1, h2, h3, eye, v0, v0 * S, S, BF16_DOT, False)
     best_k = k0
     k_lo, k_hi = candidate_window(a, amax, k0, best, kappa, v_ptr, S, True)
     width = tl.max(tl.where(rmask, k_hi - k_lo + 1, 0))
     for i in range(width):
         k = k_lo + i
         v = tl.load(v_ptr + tl.minimum(k, 125))
-        loss = hessian_loss(w, a, hw, h1, h2, h3, eye, v, v * S, S, BF16_DOT, False)
+        if PAIRS:
+            m1, m2, m3, m4, m5, m6, m7 = _pair_values(v)
+            loss = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, v * S, S, BF16_DOT, False, PTX)
+        else:
+            loss = hessian_loss(w, a, hw, h1, h2, h3, eye, v, v * S, S, BF16_DOT, False)
         better = (k <= k_hi) & (k != k0) & ((loss < best) | ((loss == best) & (k < best_k)))
         best = tl.where(better, loss, best)
         best_k = tl.where(better, k, best_k)
@@ -73,10 +131,12 @@ def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, 
 
 @triton.jit
 def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_betas,
-                k_ptr, loss_ptr, beta_ptr, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr):
+                k_ptr, loss_ptr, beta_ptr, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
+                PTX: tl.constexpr):
     """In place: (k, loss) hold the coupled optimum on entry, the DSS choice on exit."""
     b = tl.program_id(1)
-    r, rmask, w, h1, h2, h3, eye, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R, BF16_DOT)
+    r, rmask, w, wa, ws, h1, h2, h3, eye, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R,
+                                                 BF16_DOT, PAIRS, PTX)
     a = tl.abs(w)
     S = tl.load(s_ptr)
     out = r * nb + b
@@ -88,9 +148,15 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
         k = tl.minimum(tl.maximum(k_star + (offset - 1), 0), 125)
         v = tl.load(v_ptr + k)
         d = v * S
+        if PAIRS:  # the selected values depend on k only
+            m1, m2, m3, m4, m5, m6, m7 = _pair_values(v)
         for j in range(n_betas):
             beta = tl.load(betas_ptr + j)
-            loss = hessian_loss(w, a, hw, h1, h2, h3, eye, v, beta * d, S, BF16_DOT, True)
+            if PAIRS:
+                loss = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, beta * d, S, BF16_DOT,
+                                   True, PTX)
+            else:
+                loss = hessian_loss(w, a, hw, h1, h2, h3, eye, v, beta * d, S, BF16_DOT, True)
             better = loss < best  # strict: the incumbent and earlier pairs win ties
             best = tl.where(better, loss, best)
             best_k = tl.where(better, k, best_k)
@@ -119,7 +185,7 @@ def launch_hessian_sweep(w: torch.Tensor, hessian: torch.Tensor, kappa: torch.Te
     if rows and nb:
         _hessian_sweep[_grid(rows, nb, blk_r)](
             w, w.stride(0), rows, nb, hessian, kappa, global_scale, values, k, loss,
-            BLK_R=blk_r, BF16_DOT=w.is_cuda, num_warps=num_warps)
+            BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda, num_warps=num_warps)
     return k, loss
 
 
@@ -133,5 +199,6 @@ def launch_dss_search(w: torch.Tensor, hessian: torch.Tensor, global_scale: torc
     if rows and nb and betas.numel():
         _dss_search[_grid(rows, nb, blk_r)](
             w, w.stride(0), rows, nb, hessian, global_scale, values, betas, betas.numel(),
-            k, loss, beta, BLK_R=blk_r, BF16_DOT=w.is_cuda, num_warps=num_warps)
+            k, loss, beta, BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda,
+            num_warps=num_warps)
     return beta

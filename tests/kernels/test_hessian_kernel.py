@@ -52,3 +52,26 @@ def test_dss_is_loss_exact_and_never_worse(dtype, device):
     _assert_loss_exact(w, g, h, got, ref, where=same_start)
     assert torch.all(got.loss <= coupled.loss)
     assert torch.all(torch.isin(got.dss_beta.cpu(), torch.cat([betas, torch.ones(1)])))
+
+
+def test_bf16_pairs_give_the_fp32_chains_choices_bit_for_bit(device):
+    """bf16 weights take the two-elements-per-instruction code chain (tl_bf16x2); the same values
+    as fp32 take the element-wise one. Both select the same e2m1 * v, so candidates, betas and
+    losses are identical, including rows of zeros, -0.0, a partial tile and an odd-aligned view
+    (which falls back to the element-wise chain)."""
+    w = weight(66, 32, "heavy", seed=33, dtype=torch.bfloat16)
+    w[3] = 0.0
+    w[4, :16] = -0.0
+    g, h = global_amax(w), hessian(32, seed=10)
+    betas = R.beta_grid(0.5, 1.5, 0.25)
+    odd = torch.zeros(66 * 32 + 1, dtype=torch.bfloat16, device=device)[1:].view(66, 32)
+    odd.copy_(w)
+    args = (g.to(device), h.to(device))
+    for search in (triton_ops.search_local_hessian, lambda x, *a: triton_ops.search_dss(x, *a, betas)):
+        ref = search(w.float().to(device), *args)
+        for got in (search(w.to(device), *args), search(odd, *args)):
+            assert torch.equal(got.candidate, ref.candidate)
+            assert torch.equal(got.loss, ref.loss)
+            assert (got.dss_beta is None) == (ref.dss_beta is None)
+            if got.dss_beta is not None:
+                assert torch.equal(got.dss_beta, ref.dss_beta)

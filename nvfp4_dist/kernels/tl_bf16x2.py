@@ -1,0 +1,123 @@
+"""Triton device functions on pairs of bf16 values held in one int32: the spec's E2M1 code
+chain for bf16 weights, two elements per instruction.
+
+For a bf16 magnitude ``a`` and an fp32 threshold ``t > 0``: ``a > t`` iff ``a > RD(t)`` and
+``a >= t`` iff ``a >= RU(t)`` (RD/RU: rounded down/up to bf16; no bf16 lies strictly between RD(t)
+and t, nor between t and RU(t)). So the spec's seven comparisons (strict at 0.25, 1.25, 2.5, 5,
+inclusive at 0.75, 1.75, 3.5, times the quant scale) are bf16 comparisons against rounded
+thresholds, and one ``set.{gt,ge}.u32.bf16x2`` compares two elements; one ``lop3`` then selects
+both lanes' values. The selected values are whatever the caller puts in both halves of the
+operands: the bf16-rounded dequantized values for fake-quant, the exact ``e2m1 * v`` for the
+Hessian searches' tensor-core operand.
+
+The PTX runs only on the GPU; under the Triton interpreter the same selection is done with
+integer comparisons of the 15-bit magnitudes (non-negative bf16 order like their bit patterns;
+NaN, above 0x7F80, fails every comparison as the hardware's does), so that the CPU tests check
+everything but the asm block, which the GPU tests check.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# mask = a > t (strict thresholds) or a >= t (inclusive), per bf16 lane as 0xFFFF / 0; then
+# q = (mask & q_i) | (~mask & q) (lop3 table 0xCA); finally the sign bits. $1: magnitudes of a
+# pair; $2: its sign bits (sign_bits); $3..$9: thresholds t0..t6 (bf16 in both halves);
+# $10..$16: code values q1..q7 (likewise).
+_PAIR_CHAIN = tl.constexpr("""{
+.reg .b32 m;
+set.gt.u32.bf16x2 m, $1, $3;
+and.b32 $0, m, $10;
+set.ge.u32.bf16x2 m, $1, $4;
+lop3.b32 $0, m, $11, $0, 0xCA;
+set.gt.u32.bf16x2 m, $1, $5;
+lop3.b32 $0, m, $12, $0, 0xCA;
+set.ge.u32.bf16x2 m, $1, $6;
+lop3.b32 $0, m, $13, $0, 0xCA;
+set.gt.u32.bf16x2 m, $1, $7;
+lop3.b32 $0, m, $14, $0, 0xCA;
+set.ge.u32.bf16x2 m, $1, $8;
+lop3.b32 $0, m, $15, $0, 0xCA;
+set.gt.u32.bf16x2 m, $1, $9;
+lop3.b32 $0, m, $16, $0, 0xCA;
+or.b32 $0, $0, $2;
+}""")
+
+# the sign bit of each lane of $1 where its magnitude $2 is > 0 and not NaN, i.e. where w < 0
+# (-0.0 and NaN get none, as in the reference)
+_SIGN_BITS = tl.constexpr("""{
+.reg .b32 m, z;
+mov.b32 z, 0;
+set.gt.u32.bf16x2 m, $2, z;
+and.b32 $0, $1, 0x80008000;
+and.b32 $0, $0, m;
+}""")
+
+BF16_NAN_BITS = tl.constexpr(0x7F80)  # magnitudes above this are NaN
+
+
+@triton.jit
+def both_halves(x, UP: tl.constexpr):
+    """int32 holding fp32 ``x >= 0`` rounded to bf16 (down, or up if ``UP``) in both halves.
+
+    Rounding down keeps the top 16 bits; rounding up adds 0xFFFF first, so any dropped bit
+    carries into them (into the exponent when the mantissa is full: the next bf16 value).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    if UP:
+        bits = bits + 65535
+    top = bits & 0xFFFF0000
+    return (top | (top >> 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def magnitude_and_sign(w, PTX: tl.constexpr):
+    """``(a, s)`` of bf16 pairs ``w`` (int32): the lanes' magnitudes, and their sign bits where
+    the lane is negative (not for -0.0 or NaN). Loop-invariant in the searches: computed once."""
+    a = w & 0x7FFF7FFF
+    if PTX:
+        s = tl.inline_asm_elementwise(_SIGN_BITS, "=r,r,r", [w, a], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        lo = a & 65535
+        hi = (a >> 16) & 65535
+        lo_neg = (lo > 0) & (lo <= BF16_NAN_BITS)
+        hi_neg = (hi > 0) & (hi <= BF16_NAN_BITS)
+        s = w & tl.where(lo_neg, 0x8000, 0) | (w & tl.where(hi_neg, -2147483648, 0))
+    return a, s
+
+
+@triton.jit
+def select_half(a, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7):
+    """One 16-bit lane of the chain in integers (the interpreter's twin of the PTX)."""
+    ok = a <= BF16_NAN_BITS
+    q = tl.where(ok & (a > t0), q1, 0)
+    q = tl.where(ok & (a >= t1), q2, q)
+    q = tl.where(ok & (a > t2), q3, q)
+    q = tl.where(ok & (a >= t3), q4, q)
+    q = tl.where(ok & (a > t4), q5, q)
+    q = tl.where(ok & (a >= t5), q6, q)
+    return tl.where(ok & (a > t6), q7, q)
+
+
+@triton.jit
+def pair_chain(a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7, PTX: tl.constexpr):
+    """The selected values of bf16 pairs with magnitudes ``a`` and sign bits ``s``
+    (:func:`magnitude_and_sign`), from per-block (or per-row) operands: thresholds ``t0..t6``
+    and values ``q1..q7``, each a bf16 in both halves of an int32."""
+    if PTX:
+        out = tl.inline_asm_elementwise(
+            _PAIR_CHAIN, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        m = 65535
+        lo = select_half(a & m, t0 & m, t1 & m, t2 & m, t3 & m, t4 & m, t5 & m, t6 & m,
+                         q1 & m, q2 & m, q3 & m, q4 & m, q5 & m, q6 & m, q7 & m)
+        hi = select_half((a >> 16) & m, t0 & m, t1 & m, t2 & m, t3 & m, t4 & m, t5 & m, t6 & m,
+                         q1 & m, q2 & m, q3 & m, q4 & m, q5 & m, q6 & m, q7 & m)
+        out = (lo | (hi << 16)) | s
+    return out
+
+
+def pairs_fit(w: torch.Tensor) -> bool:
+    """True for bf16 ``w [rows, cin]`` whose pairs are 4-byte aligned (even row stride and offset)."""
+    return w.dtype == torch.bfloat16 and w.stride(-1) == 1 and w.stride(0) % 2 == 0 and w.data_ptr() % 4 == 0
