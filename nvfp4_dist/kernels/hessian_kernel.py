@@ -113,17 +113,28 @@ def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, 
     best_k = k0
     k_lo, k_hi = candidate_window(a, amax, k0, best, kappa, v_ptr, S, True)
     width = tl.max(tl.where(rmask, k_hi - k_lo + 1, 0))
-    for i in range(width):
-        k = k_lo + i
-        v = tl.load(v_ptr + tl.minimum(k, 125))
+    # two candidates per step (two independent evaluations in flight); past k_hi nothing counts
+    for i in range(0, width, 2):
+        ka = k_lo + i
+        kb = ka + 1
+        va = tl.load(v_ptr + tl.minimum(ka, 125))
+        vb = tl.load(v_ptr + tl.minimum(kb, 125))
         if PAIRS:
-            m1, m2, m3, m4, m5, m6, m7 = _pair_values(v)
-            loss = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, v * S, S, BF16_DOT, False, PTX)
+            m1, m2, m3, m4, m5, m6, m7 = _pair_values(va)
+            loss_a = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, va * S, S, BF16_DOT,
+                                 False, PTX)
+            m1, m2, m3, m4, m5, m6, m7 = _pair_values(vb)
+            loss_b = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, vb * S, S, BF16_DOT,
+                                 False, PTX)
         else:
-            loss = hessian_loss(w, a, hw, h1, h2, h3, eye, v, v * S, S, BF16_DOT, False)
-        better = (k <= k_hi) & (k != k0) & ((loss < best) | ((loss == best) & (k < best_k)))
-        best = tl.where(better, loss, best)
-        best_k = tl.where(better, k, best_k)
+            loss_a = hessian_loss(w, a, hw, h1, h2, h3, eye, va, va * S, S, BF16_DOT, False)
+            loss_b = hessian_loss(w, a, hw, h1, h2, h3, eye, vb, vb * S, S, BF16_DOT, False)
+        better = (ka <= k_hi) & (ka != k0) & ((loss_a < best) | ((loss_a == best) & (ka < best_k)))
+        best = tl.where(better, loss_a, best)
+        best_k = tl.where(better, ka, best_k)
+        better = (kb <= k_hi) & (kb != k0) & ((loss_b < best) | ((loss_b == best) & (kb < best_k)))
+        best = tl.where(better, loss_b, best)
+        best_k = tl.where(better, kb, best_k)
     out = r * nb + b
     tl.store(k_ptr + out, best_k, mask=rmask)
     tl.store(loss_ptr + out, best, mask=rmask)
@@ -150,17 +161,27 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
         d = v * S
         if PAIRS:  # the selected values depend on k only
             m1, m2, m3, m4, m5, m6, m7 = _pair_values(v)
-        for j in range(n_betas):
-            beta = tl.load(betas_ptr + j)
+        # two betas per step: two independent evaluations in flight (the loop is latency-bound).
+        # An odd count repeats the last beta, whose second evaluation cannot be strictly better.
+        for j in range(0, n_betas, 2):
+            beta0 = tl.load(betas_ptr + j)
+            beta1 = tl.load(betas_ptr + tl.minimum(j + 1, n_betas - 1))
             if PAIRS:
-                loss = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, beta * d, S, BF16_DOT,
-                                   True, PTX)
+                loss0 = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, beta0 * d, S,
+                                    BF16_DOT, True, PTX)
+                loss1 = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, beta1 * d, S,
+                                    BF16_DOT, True, PTX)
             else:
-                loss = hessian_loss(w, a, hw, h1, h2, h3, eye, v, beta * d, S, BF16_DOT, True)
-            better = loss < best  # strict: the incumbent and earlier pairs win ties
-            best = tl.where(better, loss, best)
+                loss0 = hessian_loss(w, a, hw, h1, h2, h3, eye, v, beta0 * d, S, BF16_DOT, True)
+                loss1 = hessian_loss(w, a, hw, h1, h2, h3, eye, v, beta1 * d, S, BF16_DOT, True)
+            better = loss0 < best  # strict: the incumbent and earlier pairs win ties
+            best = tl.where(better, loss0, best)
             best_k = tl.where(better, k, best_k)
-            best_beta = tl.where(better, beta, best_beta)
+            best_beta = tl.where(better, beta0, best_beta)
+            better = loss1 < best
+            best = tl.where(better, loss1, best)
+            best_k = tl.where(better, k, best_k)
+            best_beta = tl.where(better, beta1, best_beta)
     tl.store(k_ptr + out, best_k, mask=rmask)
     tl.store(loss_ptr + out, best, mask=rmask)
     tl.store(beta_ptr + out, best_beta, mask=rmask)
