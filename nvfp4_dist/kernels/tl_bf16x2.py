@@ -22,7 +22,7 @@ import triton.language as tl
 
 # mask = a > t (strict thresholds) or a >= t (inclusive), per bf16 lane as 0xFFFF / 0; then
 # q = (mask & q_i) | (~mask & q) (lop3 table 0xCA); finally the sign bits. $1: magnitudes of a
-# pair; $2: its sign bits (sign_bits); $3..$9: thresholds t0..t6 (bf16 in both halves);
+# pair; $2: its sign bits (magnitude_and_sign); $3..$9: thresholds t0..t6 (bf16 in both halves);
 # $10..$16: code values q1..q7 (likewise).
 _PAIR_CHAIN = tl.constexpr("""{
 .reg .b32 m;
