@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .tl_bf16x2 import both_halves, magnitude_and_sign, pair_chain
-from .tl_nvfp4 import bf16_round, code_values, global_scale, scale_value, thresholds
+from .tl_nvfp4 import bf16_round, code_values, static_block_scales, thresholds
 
 
 @triton.jit
@@ -45,24 +45,13 @@ def fake_quant_pairs(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g
     pair = tl.arange(0, 8)[None, :]
     src = w_ptr.to(tl.pointer_type(tl.int32)) + (row.to(tl.int64) * (stride_row // 2) + col * 8)[:, None] + pair
     dst = out_ptr.to(tl.pointer_type(tl.int32)) + (row.to(tl.int64) * (cin // 2) + col * 8)[:, None] + pair
+    mask = (row < rows) & (col < nb)
     if EVEN:
         w = tl.load(src)
-        bamax = tl.load(bamax_ptr + block)
     else:
-        mask = (row < rows) & (col < nb)
         w = tl.load(src, mask=mask[:, None], other=0)
-        bamax = tl.load(bamax_ptr + block, mask=mask, other=0.0)
-    if GROUP_G:
-        S = global_scale(g_ptr + tl.minimum(row, rows - 1) // g_rows)
-    else:
-        S = global_scale(g_ptr)
-    v = scale_value(bamax, S)
-    d = v * S  # decode scale
-    if HAS_BETA:
-        if EVEN:
-            d = tl.load(beta_ptr + block) * d  # quant scale fl(beta * d)
-        else:
-            d = tl.load(beta_ptr + block, mask=mask, other=1.0) * d
+    v, d, S = static_block_scales(bamax_ptr, beta_ptr, g_ptr, block, row, rows, g_rows, mask, HAS_BETA, GROUP_G,
+                                  not EVEN)
     t0, t1, t2, t3, t4, t5, t6 = thresholds(d)
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
     a, s = magnitude_and_sign(w, PTX)

@@ -19,8 +19,7 @@ import triton.language as tl
 
 from . import bf16_fake_quant
 from .tl_bf16x2 import pairs_fit
-from .tl_nvfp4 import (bf16_round, code_values, e2m1_codes, e2m1_pick, e4m3_bits, global_scale, load_blocks,
-                       scale_value)
+from .tl_nvfp4 import bf16_round, code_values, e2m1_codes, e2m1_pick, e4m3_bits, load_blocks, static_block_scales
 
 
 @triton.jit
@@ -29,11 +28,7 @@ def _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, HAS
     n, mask, w = load_blocks(w_ptr, stride_row, nb, n_blocks, BLK)
     # per-block values as [BLK, 1]: they broadcast against the tile in its own layout
     n1, mask1 = n.to(tl.int64)[:, None], mask[:, None]
-    S = global_scale(g_ptr)
-    v = scale_value(tl.load(bamax_ptr + n1, mask=mask1, other=0.0), S)
-    d = v * S  # decode scale
-    if HAS_BETA:
-        d = tl.load(beta_ptr + n1, mask=mask1, other=1.0) * d  # quant scale fl(beta * d)
+    v, d, S = static_block_scales(bamax_ptr, beta_ptr, g_ptr, n1, n1, 0, 1, mask1, HAS_BETA, False, True)
     return n1, mask1, w, v, d, S
 
 
@@ -63,21 +58,9 @@ def _fake_quant(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g_rows
     block_col = tl.program_id(1) * per_row + i % per_row
     nb = cin // 16
     block = (block_row.to(tl.int64) * nb + block_col)[:, None]
-    if GROUP_G:
-        S = global_scale(g_ptr + (tl.minimum(block_row, rows - 1) // g_rows)[:, None])
-    else:
-        S = global_scale(g_ptr)
-    if EVEN:
-        v = scale_value(tl.load(bamax_ptr + block), S)
-    else:
-        bmask = ((block_row < rows) & (block_col < nb))[:, None]
-        v = scale_value(tl.load(bamax_ptr + block, mask=bmask, other=0.0), S)
-    d = v * S  # decode scale
-    if HAS_BETA:
-        if EVEN:
-            d = tl.load(beta_ptr + block) * d  # quant scale fl(beta * d)
-        else:
-            d = tl.load(beta_ptr + block, mask=bmask, other=1.0) * d
+    bmask = ((block_row < rows) & (block_col < nb))[:, None]
+    v, d, S = static_block_scales(bamax_ptr, beta_ptr, g_ptr, block, block_row[:, None], rows, g_rows, bmask,
+                                  HAS_BETA, GROUP_G, not EVEN)
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
     q = e2m1_pick(tl.abs(w), d, q1, q2, q3, q4, q5, q6, q7)
     if ROUND_BF16:

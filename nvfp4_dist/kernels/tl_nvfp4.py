@@ -113,6 +113,30 @@ def scale_value(block_amax, S):
 
 
 @triton.jit
+def static_block_scales(bamax_ptr, beta_ptr, g_ptr, block, row, rows, g_rows, mask, HAS_BETA: tl.constexpr,
+                        GROUP_G: tl.constexpr, MASKED: tl.constexpr):
+    """``(v, d_q, S)`` of the blocks at offsets ``block`` (rows ``row``) from their static block
+    amaxes: the stored scale's value, the quant scale (``fl(v S)``, or ``fl(beta fl(v S))`` with
+    ``HAS_BETA``) and the global scale, one per block with ``GROUP_G`` (one global amax per
+    ``g_rows`` rows), else one. ``MASKED``: loads under ``mask`` (amax 0, beta 1 outside it)."""
+    if GROUP_G:
+        S = global_scale(g_ptr + tl.minimum(row, rows - 1) // g_rows)
+    else:
+        S = global_scale(g_ptr)
+    if MASKED:
+        v = scale_value(tl.load(bamax_ptr + block, mask=mask, other=0.0), S)
+    else:
+        v = scale_value(tl.load(bamax_ptr + block), S)
+    d = v * S  # decode scale
+    if HAS_BETA:
+        if MASKED:
+            d = tl.load(beta_ptr + block, mask=mask, other=1.0) * d  # quant scale fl(beta * d)
+        else:
+            d = tl.load(beta_ptr + block) * d
+    return v, d, S
+
+
+@triton.jit
 def bf16_round(x):
     """fp32 ``x`` rounded to the nearest bf16 value (ties to even), still fp32 (finite x)."""
     bits = x.to(tl.int32, bitcast=True)
