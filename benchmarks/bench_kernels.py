@@ -26,7 +26,7 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from nvfp4_dist.kernels import hessian_kernel, triton_ops
+from nvfp4_dist.kernels import dss_kernel, hessian_kernel, triton_ops
 from nvfp4_dist.kernels import reference as R
 from nvfp4_dist.kernels.candidates import CandidateTables, dss_errors
 from nvfp4_dist.kernels.hessian_kernel import HESSIAN_REL_TOL
@@ -162,13 +162,13 @@ def hessian_configs(shape, seed) -> list[str]:
     s = nvfp4.global_scale(g).reshape(1)
     values = triton_ops._values(w.device)
     kappa = schur_floor(h).contiguous()
-    betas = R.default_betas().cuda()
+    betas = R.default_betas()
     out = []
     for blk_r, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
         sweep = lambda: hessian_kernel.launch_hessian_sweep(w, h, kappa, s, values, blk_r, warps)  # noqa: E731
         k, loss = sweep()
         t_sweep = bench(sweep, 300.0)
-        t_dss = bench(lambda: hessian_kernel.launch_dss_search(w, h, s, values, betas, k.clone(), loss.clone(),
+        t_dss = bench(lambda: dss_kernel.launch_dss_search(w, h, s, values, betas, k.clone(), loss.clone(),
                                                                blk_r, warps), 300.0)
         out.append(f"hessian tile {blk_r} rows x {warps} warps: sweep {t_sweep:.3f} ms, dss phase {t_dss:.3f} ms")
         print(out[-1], flush=True)

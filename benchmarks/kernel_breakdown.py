@@ -19,7 +19,7 @@ import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from bench_kernels import host_us, make_hessian, make_weight
-from nvfp4_dist.kernels import floor_kernel, hessian_kernel, mse_kernel, triton_ops
+from nvfp4_dist.kernels import dss_kernel, floor_kernel, hessian_kernel, mse_kernel, triton_ops
 from nvfp4_dist.kernels import reference as R
 from nvfp4_dist.kernels.windows import schur_floor
 
@@ -55,12 +55,12 @@ def main() -> None:
     values = triton_ops._values(w.device)
     betas = R.default_betas()
     k, loss = hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values)
-    dss_betas = betas[betas != 1.0].cuda()  # as search_dss launches it
+    dss_betas = betas[betas != 1.0]  # as search_dss launches it
     whole_h = ms(lambda: triton_ops.search_local_hessian(w, g, h))
     whole_d = ms(lambda: triton_ops.search_dss(w, g, h, betas))
     sweep = ms(lambda: hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values))
     clones = ms(lambda: (k.clone(), loss.clone()))
-    dss = ms(lambda: hessian_kernel.launch_dss_search(wv, hh, s, values, dss_betas, k.clone(), loss.clone()))
+    dss = ms(lambda: dss_kernel.launch_dss_search(wv, hh, s, values, dss_betas, k.clone(), loss.clone()))
     print(f"search_local_hessian {whole_h:.3f} ms (sweep kernel {sweep:.3f} ms)")
     print(f"search_dss {whole_d:.3f} ms (DSS kernel {dss - clones:.3f} ms; DSS phase / sweep "
           f"{(whole_d - whole_h) / whole_h:.2f})")

@@ -1,4 +1,4 @@
-"""Triton local-Hessian sweep and DSS search: ``dw^T H_b dw`` on tensor cores.
+"""Triton local-Hessian sweep: ``dw^T H_b dw`` on tensor cores (DSS: :mod:`.dss_kernel`).
 
 A program takes ``BLK_R`` rows of one cin-block b (all share ``H_b``). ``H_b w`` is computed
 once per tile; per candidate only ``H_b (e2m1 * v)`` is needed, whose operands are exact in
@@ -7,17 +7,14 @@ the products exactly and the loss agrees with the reference to fp32 rounding: th
 is within ``HESSIAN_REL_TOL`` of the best, relative to ``|w|^T |H| |w|`` (the tests' criterion).
 
 The sweep evaluates per row the start candidate, then its exact window (Schur-floor bounds,
-:mod:`.windows`); DSS tries ``k* - 1, k*, k* + 1`` times the beta grid, in the spec's order,
-strict improvement over the coupled optimum. The tile shape is fixed (never autotuned): the
-row reduction's order follows the layout, and a fixed layout keeps every row's result
-independent of the shard it sits in.
+:mod:`.windows`). The tile shape is fixed (never autotuned): the row reduction's order follows
+the layout, and a fixed layout keeps every row's result independent of the shard it sits in.
 
 bf16 weights (``PAIRS``) take the codes two elements per instruction (:mod:`.tl_bf16x2`): the
 magnitudes and signs are paired once per tile, and each candidate costs seven bf16x2
 comparisons and bit-selects per pair instead of seven fp32 compares and selects per element.
 The selected ``e2m1 * v`` are the same values, so the results are the same bits as the fp32
-chain's (tested). Both loops take two candidates per step, whose evaluations are independent.
-On an H200 at 8192x4096 the two changes took the DSS kernel from 3.40 to 2.26 ms.
+chain's (tested). The loop takes two candidates per step, whose evaluations are independent.
 """
 
 from __future__ import annotations
@@ -55,8 +52,7 @@ def _tile(w_ptr, stride_row, rows, h_ptr, pid, b, BLK_R: tl.constexpr, BF16_DOT:
     w = w.to(tl.float32)
     h = tl.load(h_ptr + b.to(tl.int64) * 256 + c[:, None] * 16 + c[None, :])
     h1, h2, h3 = split3(h)
-    eye = tl.where(c[:, None] == c[None, :], 1.0, 0.0)
-    return r, rmask, w, wa, ws, h1, h2, h3, eye, weight_times_hessian(w, h1, h2, h3, BF16_DOT)
+    return r, rmask, w, wa, ws, h1, h2, h3, weight_times_hessian(w, h1, h2, h3, BF16_DOT)
 
 
 @triton.jit
@@ -70,36 +66,30 @@ def _pair_values(v):
 
 
 @triton.jit
-def _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, d_q, S, BF16_DOT: tl.constexpr,
-                M_FROM_DOT: tl.constexpr, PTX: tl.constexpr):
+def _pairs_loss(wa, ws, w, hw, h1, h2, h3, m1, m2, m3, m4, m5, m6, m7, d_q, S, BF16_DOT: tl.constexpr,
+                PTX: tl.constexpr):
     """:func:`.tl_nvfp4.hessian_loss` for bf16 weights: the codes of two elements per
     instruction (:mod:`.tl_bf16x2`), the same ``e2m1 * v`` values, the same loss."""
     d = d_q[:, None]
     pairs = pair_chain(wa, ws, both_halves(0.25 * d, False), both_halves(0.75 * d, True),
                        both_halves(1.25 * d, False), both_halves(1.75 * d, True), both_halves(2.5 * d, False),
                        both_halves(3.5 * d, True), both_halves(5.0 * d, False), m1, m2, m3, m4, m5, m6, m7, PTX)
-    # element 2j is the low half of pair j
-    if BF16_DOT and M_FROM_DOT:  # only the tensor-core operand is read: the pairs as they are
-        mb = tl.join(pairs.to(tl.int16).to(tl.bfloat16, bitcast=True),
-                     (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True))
-        mb = tl.reshape(mb, [w.shape[0], 16])
-        m = mb
-    else:  # a bf16 is the top half of its fp32
-        m = tl.join((pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True))
-        m = tl.reshape(m, [w.shape[0], 16])
-        if BF16_DOT:
-            mb = m.to(tl.bfloat16)
-        else:
-            mb = m
-    return loss_of_values(w, hw, h1, h2, h3, eye, m, mb, S, BF16_DOT, M_FROM_DOT)
+    # element 2j is the low half of pair j; a bf16 is the top half of its fp32
+    m = tl.join((pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True))
+    m = tl.reshape(m, [w.shape[0], 16])
+    if BF16_DOT:
+        mb = m.to(tl.bfloat16)
+    else:
+        mb = m
+    return loss_of_values(w, hw, h1, h2, h3, m, mb, S, BF16_DOT)
 
 
 @triton.jit
 def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr,
                    BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr, PTX: tl.constexpr):
     b = tl.program_id(1)
-    r, rmask, w, wa, ws, h1, h2, h3, eye, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R,
-                                                 BF16_DOT, PAIRS, PTX)
+    r, rmask, w, wa, ws, h1, h2, h3, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R,
+                                            BF16_DOT, PAIRS, PTX)
     a = tl.abs(w)
     S = tl.load(s_ptr)
     kappa = tl.load(kappa_ptr + b * 16 + tl.arange(0, 16))[None, :]
@@ -108,9 +98,9 @@ def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, 
     v0 = tl.load(v_ptr + k0)
     if PAIRS:
         m1, m2, m3, m4, m5, m6, m7 = _pair_values(v0)
-        best = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, v0 * S, S, BF16_DOT, False, PTX)
+        best = _pairs_loss(wa, ws, w, hw, h1, h2, h3, m1, m2, m3, m4, m5, m6, m7, v0 * S, S, BF16_DOT, PTX)
     else:
-        best = hessian_loss(w, a, hw, h1, h2, h3, eye, v0, v0 * S, S, BF16_DOT, False)
+        best = hessian_loss(w, a, hw, h1, h2, h3, v0, v0 * S, S, BF16_DOT)
     best_k = k0
     k_lo, k_hi = candidate_window(a, amax, k0, best, kappa, v_ptr, S, True)
     width = tl.max(tl.where(rmask, k_hi - k_lo + 1, 0))
@@ -122,14 +112,12 @@ def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, 
         vb = tl.load(v_ptr + tl.minimum(kb, 125))
         if PAIRS:
             m1, m2, m3, m4, m5, m6, m7 = _pair_values(va)
-            loss_a = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, va * S, S, BF16_DOT,
-                                 False, PTX)
+            loss_a = _pairs_loss(wa, ws, w, hw, h1, h2, h3, m1, m2, m3, m4, m5, m6, m7, va * S, S, BF16_DOT, PTX)
             m1, m2, m3, m4, m5, m6, m7 = _pair_values(vb)
-            loss_b = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, vb * S, S, BF16_DOT,
-                                 False, PTX)
+            loss_b = _pairs_loss(wa, ws, w, hw, h1, h2, h3, m1, m2, m3, m4, m5, m6, m7, vb * S, S, BF16_DOT, PTX)
         else:
-            loss_a = hessian_loss(w, a, hw, h1, h2, h3, eye, va, va * S, S, BF16_DOT, False)
-            loss_b = hessian_loss(w, a, hw, h1, h2, h3, eye, vb, vb * S, S, BF16_DOT, False)
+            loss_a = hessian_loss(w, a, hw, h1, h2, h3, va, va * S, S, BF16_DOT)
+            loss_b = hessian_loss(w, a, hw, h1, h2, h3, vb, vb * S, S, BF16_DOT)
         better = (ka <= k_hi) & (ka != k0) & ((loss_a < best) | ((loss_a == best) & (ka < best_k)))
         best = tl.where(better, loss_a, best)
         best_k = tl.where(better, ka, best_k)
@@ -139,53 +127,6 @@ def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, 
     out = r * nb + b
     tl.store(k_ptr + out, best_k, mask=rmask)
     tl.store(loss_ptr + out, best, mask=rmask)
-
-
-@triton.jit
-def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_betas,
-                k_ptr, loss_ptr, beta_ptr, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
-                PTX: tl.constexpr):
-    """In place: (k, loss) hold the coupled optimum on entry, the DSS choice on exit."""
-    b = tl.program_id(1)
-    r, rmask, w, wa, ws, h1, h2, h3, eye, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R,
-                                                 BF16_DOT, PAIRS, PTX)
-    a = tl.abs(w)
-    S = tl.load(s_ptr)
-    out = r * nb + b
-    k_star = tl.load(k_ptr + out, mask=rmask, other=0)
-    best = tl.load(loss_ptr + out, mask=rmask, other=0.0)
-    best_k = k_star
-    best_beta = tl.zeros([BLK_R], tl.float32) + 1.0
-    for offset in tl.static_range(3):
-        k = tl.minimum(tl.maximum(k_star + (offset - 1), 0), 125)
-        v = tl.load(v_ptr + k)
-        d = v * S
-        if PAIRS:  # the selected values depend on k only
-            m1, m2, m3, m4, m5, m6, m7 = _pair_values(v)
-        # two betas per step: two independent evaluations in flight (the loop is latency-bound).
-        # An odd count repeats the last beta, whose second evaluation cannot be strictly better.
-        for j in range(0, n_betas, 2):
-            beta0 = tl.load(betas_ptr + j)
-            beta1 = tl.load(betas_ptr + tl.minimum(j + 1, n_betas - 1))
-            if PAIRS:
-                loss0 = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, beta0 * d, S,
-                                    BF16_DOT, True, PTX)
-                loss1 = _pairs_loss(wa, ws, w, hw, h1, h2, h3, eye, m1, m2, m3, m4, m5, m6, m7, beta1 * d, S,
-                                    BF16_DOT, True, PTX)
-            else:
-                loss0 = hessian_loss(w, a, hw, h1, h2, h3, eye, v, beta0 * d, S, BF16_DOT, True)
-                loss1 = hessian_loss(w, a, hw, h1, h2, h3, eye, v, beta1 * d, S, BF16_DOT, True)
-            better = loss0 < best  # strict: the incumbent and earlier pairs win ties
-            best = tl.where(better, loss0, best)
-            best_k = tl.where(better, k, best_k)
-            best_beta = tl.where(better, beta0, best_beta)
-            better = loss1 < best
-            best = tl.where(better, loss1, best)
-            best_k = tl.where(better, k, best_k)
-            best_beta = tl.where(better, beta1, best_beta)
-    tl.store(k_ptr + out, best_k, mask=rmask)
-    tl.store(loss_ptr + out, best, mask=rmask)
-    tl.store(beta_ptr + out, best_beta, mask=rmask)
 
 
 def _grid(rows: int, nb: int, blk_r: int):
@@ -209,18 +150,3 @@ def launch_hessian_sweep(w: torch.Tensor, hessian: torch.Tensor, kappa: torch.Te
             w, w.stride(0), rows, nb, hessian, kappa, global_scale, values, k, loss,
             BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda, num_warps=num_warps)
     return k, loss
-
-
-def launch_dss_search(w: torch.Tensor, hessian: torch.Tensor, global_scale: torch.Tensor,
-                      values: torch.Tensor, betas: torch.Tensor, k: torch.Tensor, loss: torch.Tensor,
-                      blk_r: int = BLK_R, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """DSS from the coupled ``(k, loss)`` (updated in place); returns beta fp32 ``[rows, cin // 16]``."""
-    rows, cin = w.shape
-    nb = cin // 16
-    beta = torch.ones(rows, nb, dtype=torch.float32, device=w.device)
-    if rows and nb and betas.numel():
-        _dss_search[_grid(rows, nb, blk_r)](
-            w, w.stride(0), rows, nb, hessian, global_scale, values, betas, betas.numel(),
-            k, loss, beta, BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda,
-            num_warps=num_warps)
-    return beta

@@ -55,6 +55,31 @@ and.b32 $0, $0, m;
 
 BF16_NAN_BITS = tl.constexpr(0x7F80)  # magnitudes above this are NaN
 
+# The seven thresholds of one quant scale q (fp32 bits in $7), each rounded to bf16 in both halves
+# of an int32 ($0..$6): prmt 0x3232 copies the top half into both halves (round down); adding
+# 0xFFFF first rounds up. fl(2.5 q), fl(3.5 q), fl(5 q) are fl(1.25 q) and fl(1.75 q) times a
+# power of two, exact in fp32 and in bf16: an exponent step in each half (0x0080 per factor 2)
+# instead of a product and its rounding. For q < 2^124 (FAST_Q_LIMIT) every step stays finite.
+_THRESHOLDS = tl.constexpr("""{
+.reg .b32 x;
+mul.rn.f32 x, $7, 0f3E800000;
+prmt.b32 $0, x, 0, 0x3232;
+mul.rn.f32 x, $7, 0f3F400000;
+add.u32 x, x, 0xFFFF;
+prmt.b32 $1, x, 0, 0x3232;
+mul.rn.f32 x, $7, 0f3FA00000;
+prmt.b32 $2, x, 0, 0x3232;
+add.u32 $4, $2, 0x00800080;
+add.u32 $6, $2, 0x01000100;
+mul.rn.f32 x, $7, 0f3FE00000;
+add.u32 x, x, 0xFFFF;
+prmt.b32 $3, x, 0, 0x3232;
+add.u32 $5, $3, 0x00800080;
+}""")
+FAST_Q_LIMIT = tl.constexpr(2.0**124)
+ONE_OCTAVE = tl.constexpr(0x00800080)  # x2 in both bf16 halves
+TWO_OCTAVES = tl.constexpr(0x01000100)  # x4
+
 
 @triton.jit
 def both_halves(x, UP: tl.constexpr):
@@ -68,6 +93,31 @@ def both_halves(x, UP: tl.constexpr):
         bits = bits + 65535
     top = bits & 0xFFFF0000
     return (top | (top >> 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def scaled_thresholds(q, FULL_RANGE: tl.constexpr, PTX: tl.constexpr):
+    """The code chain's thresholds ``t0..t6`` (:func:`pair_chain`) of quant scales ``q > 0``
+    (fp32): ``fl(t q)`` for t = 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, rounded down (strict
+    thresholds) or up (inclusive ones) to bf16, in both halves.
+
+    Four products instead of seven: ``fl(2.5 q) = 2 fl(1.25 q)``, ``fl(5 q) = 4 fl(1.25 q)`` and
+    ``fl(3.5 q) = 2 fl(1.75 q)`` exactly, and rounding to bf16 commutes with powers of two, so
+    those are exponent steps of the rounded ``fl(1.25 q)`` and ``fl(1.75 q)``; valid for
+    ``q < FAST_Q_LIMIT``. ``FULL_RANGE`` (any q, where a step could overflow into the sign bit)
+    takes the seven products.
+    """
+    if FULL_RANGE:
+        return (both_halves(0.25 * q, False), both_halves(0.75 * q, True), both_halves(1.25 * q, False),
+                both_halves(1.75 * q, True), both_halves(2.5 * q, False), both_halves(3.5 * q, True),
+                both_halves(5.0 * q, False))
+    if PTX:
+        return tl.inline_asm_elementwise(_THRESHOLDS, "=r,=r,=r,=r,=r,=r,=r,r", [q.to(tl.int32, bitcast=True)],
+                                         dtype=(tl.int32,) * 7, is_pure=True, pack=1)
+    t2 = both_halves(1.25 * q, False)
+    t3 = both_halves(1.75 * q, True)
+    return (both_halves(0.25 * q, False), both_halves(0.75 * q, True), t2, t3, t2 + ONE_OCTAVE,
+            t3 + ONE_OCTAVE, t2 + TWO_OCTAVES)
 
 
 @triton.jit

@@ -312,13 +312,13 @@ def weight_times_hessian(w, h1, h2, h3, BF16_DOT: tl.constexpr):
 
 
 @triton.jit
-def hessian_loss(w, a, hw, h1, h2, h3, eye, v, d_q, S, BF16_DOT: tl.constexpr, M_FROM_DOT: tl.constexpr):
+def hessian_loss(w, a, hw, h1, h2, h3, v, d_q, S, BF16_DOT: tl.constexpr):
     """``dw^T H dw`` per row for dequant scale values ``v [B]`` and quant scales ``d_q [B]``.
 
     Codes are the spec's. ``H dw = H w - S * H (e2m1 v)``: ``e2m1 * v`` is exact in bf16 and H
     is split exactly, so the tensor cores see exact products; ``hw = w @ H`` is computed once.
     Written out in one function (the interpreter pays per call); the loss from ``e2m1 * v`` is
-    :func:`loss_of_values`, shared with the bf16-pair searches.
+    :func:`loss_of_values`, shared with the bf16-pair sweep.
     """
     d = d_q[:, None]
     v = v[:, None]
@@ -334,28 +334,16 @@ def hessian_loss(w, a, hw, h1, h2, h3, eye, v, d_q, S, BF16_DOT: tl.constexpr, M
         mb = m.to(tl.bfloat16)  # exact: e2m1 * v has at most 7 significant bits
     else:
         mb = m
-    return loss_of_values(w, hw, h1, h2, h3, eye, m, mb, S, BF16_DOT, M_FROM_DOT)
+    return loss_of_values(w, hw, h1, h2, h3, m, mb, S, BF16_DOT)
 
 
 @triton.jit
-def loss_of_values(w, hw, h1, h2, h3, eye, m, mb, S, BF16_DOT: tl.constexpr, M_FROM_DOT: tl.constexpr):
+def loss_of_values(w, hw, h1, h2, h3, m, mb, S, BF16_DOT: tl.constexpr):
     """``tl.sum((w - m S) * (hw - S H m))`` per row for signed ``m = e2m1 * v`` (fp32, exact in bf16),
-    ``mb`` its tensor-core operand (bf16 with ``BF16_DOT``, else ``m``); with ``M_FROM_DOT``
-    ``m`` itself is not read.
-
-    With ``M_FROM_DOT``, ``m`` re-enters the elementwise part as its own product with the 16x16
-    identity ``eye`` (exact: one non-zero product per entry), so it arrives in the accumulator's
-    register layout instead of Triton computing the whole code chain a second time in that
-    layout. On an H200 that cut the DSS kernel by 11% but slowed the sweep by 24% (whose window
-    bounds already live in the other layout), so each kernel picks its own.
-    """
+    ``mb`` its tensor-core operand (bf16 with ``BF16_DOT``, else ``m``)."""
     if BF16_DOT:
         hm = tl.dot(mb, h1.to(tl.bfloat16), tl.dot(mb, h2.to(tl.bfloat16), tl.dot(mb, h3.to(tl.bfloat16))))
-        if M_FROM_DOT:
-            m = tl.dot(mb, eye.to(tl.bfloat16))
     else:
         hm = tl.dot(mb, h1, tl.dot(mb, h2, tl.dot(mb, h3, input_precision="ieee"), input_precision="ieee"),
                     input_precision="ieee")
-        if M_FROM_DOT:
-            m = tl.dot(mb, eye, input_precision="ieee")
     return tl.sum((w - m * S) * (hw - S * hm), axis=1)

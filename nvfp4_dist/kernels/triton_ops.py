@@ -17,7 +17,7 @@ import torch
 
 from ..numerics import nvfp4
 from ..numerics.constants import E4M3_MAX, GLOBAL_SCALE_DENOM, e4m3_positive_values
-from . import cast_kernels, floor_kernel, hessian_kernel, mse_kernel
+from . import cast_kernels, dss_kernel, floor_kernel, hessian_kernel, mse_kernel
 from .reference import _check_hessian, _check_weight, default_betas
 from .types import ScaleChoice
 
@@ -115,8 +115,7 @@ def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor
         # beta = 1 repeats a coupled candidate, whose loss the sweep already proved no lower than
         # the coupled optimum (evaluated, or outside the exact window): skipping it can change the
         # choice only within the fp32 rounding of the loss that the loss-exact criterion allows
-        betas = _fp32(betas[betas != 1.0], w.device)
-        beta = hessian_kernel.launch_dss_search(w, h, s, values, betas, k, loss)
+        beta = dss_kernel.launch_dss_search(w, h, s, values, betas[betas != 1.0], k, loss)
     return _choice(k, loss, g, beta)
 
 

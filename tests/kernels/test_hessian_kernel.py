@@ -12,7 +12,7 @@ import torch
 
 from inputs import DTYPES, global_amax, hessian, hessian_scale, loss64, weight
 from nvfp4_dist.kernels import reference as R
-from nvfp4_dist.kernels import triton_ops
+from nvfp4_dist.kernels import dss_kernel, hessian_kernel, triton_ops
 from nvfp4_dist.kernels.hessian_kernel import HESSIAN_REL_TOL
 
 
@@ -43,7 +43,7 @@ def test_hessian_sweep_is_loss_exact(dtype, kind, noise, device):
                                          (torch.bfloat16, torch.tensor([0.6, 0.9, 1.0, 1.25]))],
                          ids=["fp32-4-betas", "bf16-3-betas"])
 def test_dss_is_loss_exact_and_never_worse(dtype, betas, device):
-    """The kernel takes betas two at a time: an odd count (1.0 is skipped) included."""
+    """Grids with and without 1.0 (which search_dss skips: the coupled candidates)."""
     w = weight(40, 32, "heavy", seed=32, dtype=dtype)
     g = global_amax(w)
     h = hessian(32, seed=8)
@@ -77,3 +77,21 @@ def test_bf16_pairs_give_the_fp32_chains_choices_bit_for_bit(device):
             assert (got.dss_beta is None) == (ref.dss_beta is None)
             if got.dss_beta is not None:
                 assert torch.equal(got.dss_beta, ref.dss_beta)
+
+
+def test_dss_full_range_thresholds_give_the_same_choices(device):
+    """Weights whose quant scales could overflow the fast thresholds' exponent steps take seven
+    products per quant scale; forced on ordinary weights, the choices are the same bits."""
+    w = weight(70, 32, "heavy", seed=34, dtype=torch.bfloat16).to(device)
+    g, h = global_amax(w).to(device), hessian(32, seed=11).to(device)
+    w2, _, s = triton_ops._prepare(w, g)
+    h2, kappa = triton_ops._hessian_inputs(w2, h)
+    values = triton_ops._values(w2.device)
+    k, loss = hessian_kernel.launch_hessian_sweep(w2, h2, kappa, s, values)
+    betas = R.beta_grid(0.5, 1.5, 0.1)
+    fast = (k.clone(), loss.clone())
+    full = (k.clone(), loss.clone())
+    beta_fast = dss_kernel.launch_dss_search(w2, h2, s, values, betas, *fast)
+    beta_full = dss_kernel.launch_dss_search(w2, h2, s, values, betas, *full, fast_q_limit=0.0)
+    assert torch.equal(beta_fast, beta_full) and torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
+    assert (beta_fast != 1.0).any()  # DSS moved some blocks: the comparison saw codes at work
