@@ -39,14 +39,17 @@ def test_hessian_sweep_is_loss_exact(dtype, kind, noise, device):
     _assert_loss_exact(w, g, h, got, R.search_local_hessian(w, g, h))
 
 
-@pytest.mark.parametrize("dtype,betas", [(torch.float32, R.beta_grid(0.5, 1.5, 0.25)),
-                                         (torch.bfloat16, torch.tensor([0.6, 0.9, 1.0, 1.25]))],
-                         ids=["fp32-4-betas", "bf16-3-betas"])
-def test_dss_is_loss_exact_and_never_worse(dtype, betas, device):
-    """Grids with and without 1.0 (which search_dss skips: the coupled candidates)."""
-    w = weight(40, 32, "heavy", seed=32, dtype=dtype)
+@pytest.mark.parametrize("dtype,shape,noise,betas", [
+    (torch.float32, (40, 32), 0.3, R.beta_grid(0.5, 1.5, 0.25)),
+    (torch.bfloat16, (40, 32), 0.3, torch.tensor([0.6, 0.9, 1.0, 1.25])),
+    (torch.float16, (130, 48), 0.0, torch.tensor([0.55, 1.1, 1.45]))],
+    ids=["fp32-4-betas", "bf16-3-betas", "fp16-singular-H"])
+def test_dss_is_loss_exact_and_never_worse(dtype, shape, noise, betas, device):
+    """Grids with and without 1.0 (which search_dss skips: the coupled candidates); 130 rows:
+    two full tiles and a partial one."""
+    w = weight(*shape, "heavy", seed=32, dtype=dtype)
     g = global_amax(w)
-    h = hessian(32, seed=8)
+    h = hessian(shape[1], seed=8, noise=noise)
     got = triton_ops.search_dss(w.to(device), g.to(device), h.to(device), betas)
     ref = R.search_dss(w, g, h, betas)
     coupled = triton_ops.search_local_hessian(w.to(device), g.to(device), h.to(device))
