@@ -82,14 +82,16 @@ def _dot(x, y, acc, BF16_DOT: tl.constexpr):
 
 
 @triton.jit
-def _loss(e, c0, hw2, s, h1, h2, h3, eye, BF16_DOT: tl.constexpr):
+def _loss(e, c0, hw2, s, h1, h2, h3, eye, BF16_DOT: tl.constexpr, e_acc=None):
     """``c0 + s * sum(e * (s H e + hw2))`` per row: the loss of signed e2m1 values ``e`` (the MMA
-    operand) at stored scale values ``s [B]``, with ``c0 = w^T H w`` and ``hw2 = -2 H w``."""
+    operand) at stored scale values ``s [B]``, with ``c0 = w^T H w`` and ``hw2 = -2 H w``.
+    ``e_acc``: the same values in fp32 in the accumulator's layout, when the caller has them."""
     he = _dot(e, h1, _dot(e, h2, _dot(e, h3, tl.zeros(hw2.shape, tl.float32), BF16_DOT), BF16_DOT), BF16_DOT)
-    # e in the accumulator's layout: its product with the identity (one non-zero term per entry).
-    # On an H200 this beat unpacking the operand's bf16 pairs (8 more integer operations).
-    e = _dot(e, eye, tl.zeros(hw2.shape, tl.float32), BF16_DOT)
-    return c0 + s * tl.sum(e * (s[:, None] * he + hw2), axis=1)
+    if e_acc is None:
+        # e in the accumulator's layout: its product with the identity (one non-zero term per
+        # entry). On an H200 this beat unpacking the operand's bf16 pairs (8 more operations).
+        e_acc = _dot(e, eye, tl.zeros(hw2.shape, tl.float32), BF16_DOT)
+    return c0 + s * tl.sum(e_acc * (s[:, None] * he + hw2), axis=1)
 
 
 @triton.jit
@@ -102,10 +104,11 @@ def _try_betas(best, best_i, first_i, s, betas_ptr, n_betas, wa, ws, wf, c0, hw2
     for j in range(0, n_betas):
         q = tl.load(betas_ptr + j) * s  # the quant scale
         if PAIRS:
-            e = _codes_pairs(wa, ws, q, BLK_R, BF16_DOT, FULL_RANGE, PTX)
+            loss = _loss(_codes_pairs(wa, ws, q, BLK_R, BF16_DOT, FULL_RANGE, PTX), c0, hw2, s, h1, h2, h3, eye,
+                         BF16_DOT)
         else:
-            e = _codes_fp32(wf, q).to(eye.dtype)
-        loss = _loss(e, c0, hw2, s, h1, h2, h3, eye, BF16_DOT)
+            e = _codes_fp32(wf, q)
+            loss = _loss(e.to(eye.dtype), c0, hw2, s, h1, h2, h3, eye, BF16_DOT, e)
         better = loss < best  # strict: the incumbent and earlier pairs win ties
         best = tl.where(better, loss, best)
         best_i = tl.where(better, first_i + j, best_i)
@@ -136,6 +139,12 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
         lo, hi = tl.split(tl.reshape(bits, [BLK_R, 8, 2]))
         wa, ws = magnitude_and_sign(lo | (hi << 16), PTX)
     else:
+        # w exactly, in the accumulator's layout: its three bf16 parts through the identity (the
+        # sums of disjoint bit ranges are exact); the fp32 chain then runs there too
+        w1, w2, w3 = split3(wf)
+        wf = _dot(w1.to(eye.dtype), eye, _dot(w2.to(eye.dtype), eye, _dot(w3.to(eye.dtype), eye,
+                                                                          tl.zeros([BLK_R, 16], tl.float32),
+                                                                          BF16_DOT), BF16_DOT), BF16_DOT)
         wa, ws = 0, 0
     c0 = tl.sum(wf * hw, axis=1)  # w^T H w
     hw2 = -2.0 * hw
