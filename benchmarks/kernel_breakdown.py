@@ -6,8 +6,9 @@ the Schur floors in Triton and through the host; the whole ``search_local_hessia
 ``search_dss`` calls against their kernels alone (sweep, DSS phase); fake-quant against a copy
 of the weight, as a ``do_bench`` figure and as back-to-back calls timed on the wall clock (which
 shows host overhead); stacked experts' fake-quant in one launch against one per expert; with
-``--mse-tiles``, the MSE sweep at other fixed tiles. Complements
-``bench_kernels.py``, which compares with ModelOpt.
+``--mse-tiles``, the MSE sweep at other fixed tiles; with ``--dtypes``, the sweep and DSS kernels
+for the same weight in bf16, fp16 and fp32. Complements ``bench_kernels.py``, which compares
+with ModelOpt.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--cin", type=int, default=4096)
     parser.add_argument("--mse-tiles", action="store_true", help="also time the MSE sweep's tile choices")
+    parser.add_argument("--dtypes", action="store_true", help="also time the Hessian sweep and DSS kernels "
+                        "for fp16 and fp32 weights")
     args = parser.parse_args()
     w = make_weight((args.rows, args.cin), "gauss", 100)
     g = w.float().abs().amax()
@@ -79,6 +82,8 @@ def main() -> None:
     experts()
     if args.mse_tiles:
         mse_tiles()
+    if args.dtypes:
+        dtypes(args.rows, args.cin)
 
 
 def experts(n: int = 128, rows: int = 768, cin: int = 2048) -> None:
@@ -94,6 +99,25 @@ def experts(n: int = 128, rows: int = 768, cin: int = 2048) -> None:
     t_loop = ms(lambda: torch.stack([triton_ops.fake_quant(w[e], bamax[e], g[e]) for e in range(n)]))
     print(f"stacked experts {n}x{rows}x{cin} bf16 fake-quant: one launch {t_one * 1e3:.1f} us, per expert + "
           f"stack {t_loop * 1e3:.1f} us, copy {ms(lambda: w.clone()) * 1e3:.1f} us")
+
+
+def dtypes(rows: int, cin: int) -> None:
+    """Sweep and DSS kernels for the same Gaussian weight in bf16, fp16 and fp32 (fp16 and fp32
+    take the element-wise code chain, bf16 the pairs)."""
+    h = make_hessian(cin, 101).contiguous()
+    betas = R.default_betas()
+    betas = betas[betas != 1.0]
+    base = make_weight((rows, cin), "gauss", 100)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        wv, _, s = triton_ops._prepare(base.to(dtype), base.float().abs().amax())
+        hh, kappa = triton_ops._hessian_inputs(wv, h)
+        values = triton_ops._values(wv.device)
+        k, loss = hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values)
+        sweep = ms(lambda: hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values))
+        clones = ms(lambda: (k.clone(), loss.clone()))
+        dss = ms(lambda: dss_kernel.launch_dss_search(wv, hh, s, values, betas, k.clone(), loss.clone())) - clones
+        print(f"{str(dtype).removeprefix('torch.')} weight: sweep kernel {sweep:.3f} ms, DSS kernel {dss:.3f} ms "
+              f"(x{dss / sweep:.2f})")
 
 
 def mse_tiles() -> None:
