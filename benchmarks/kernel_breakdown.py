@@ -7,7 +7,7 @@ the Schur floors in Triton and through the host; the whole ``search_local_hessia
 of the weight, as a ``do_bench`` figure and as back-to-back calls timed on the wall clock (which
 shows host overhead); stacked experts' fake-quant in one launch against one per expert; with
 ``--mse-tiles``, the MSE sweep at other fixed tiles; with ``--dtypes``, the sweep and DSS kernels
-for the same weight in bf16, fp16 and fp32. Complements ``bench_kernels.py``, which compares
+and fake-quant for the same weight in bf16, fp16 and fp32. Complements ``bench_kernels.py``, which compares
 with ModelOpt.
 """
 
@@ -102,8 +102,8 @@ def experts(n: int = 128, rows: int = 768, cin: int = 2048) -> None:
 
 
 def dtypes(rows: int, cin: int) -> None:
-    """Sweep and DSS kernels for the same Gaussian weight in bf16, fp16 and fp32 (fp16 and fp32
-    take the element-wise code chain, bf16 the pairs)."""
+    """Sweep and DSS kernels and fake-quant for the same Gaussian weight in bf16, fp16 and fp32
+    (the searches take the element-wise code chain for fp16 and fp32, fake-quant for fp32)."""
     h = make_hessian(cin, 101).contiguous()
     betas = R.default_betas()
     betas = betas[betas != 1.0]
@@ -116,8 +116,14 @@ def dtypes(rows: int, cin: int) -> None:
         sweep = ms(lambda: hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values))
         clones = ms(lambda: (k.clone(), loss.clone()))
         dss = ms(lambda: dss_kernel.launch_dss_search(wv, hh, s, values, betas, k.clone(), loss.clone())) - clones
+        w = base.to(dtype)
+        g = w.float().abs().amax()
+        bamax = triton_ops.search_mse(w, g).block_amax
+        fq = do_bench_cudagraph(lambda: [triton_ops.fake_quant(w, bamax, g) for _ in range(20)], rep=300) / 20
+        copy = do_bench_cudagraph(lambda: [w.clone() for _ in range(20)], rep=300) / 20
         print(f"{str(dtype).removeprefix('torch.')} weight: sweep kernel {sweep:.3f} ms, DSS kernel {dss:.3f} ms "
-              f"(x{dss / sweep:.2f})")
+              f"(x{dss / sweep:.2f}); fake-quant {fq * 1e3:.1f} us against a copy {copy * 1e3:.1f} us "
+              f"(x{fq / copy:.2f}, CUDA graphs)")
 
 
 def mse_tiles() -> None:

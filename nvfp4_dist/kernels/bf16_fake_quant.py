@@ -1,4 +1,4 @@
-"""Fake-quant of bf16 weights on pairs of elements: the forward's hot path in QAT.
+"""Fake-quant of bf16 (and fp16) weights on pairs of elements: the forward's hot path in QAT.
 
 Bit-exact with :func:`nvfp4_dist.numerics.nvfp4.fake_quant` (as the element-wise kernel in
 :mod:`.cast_kernels`), with half its per-element instructions and no fp32 conversions (840 SASS
@@ -17,6 +17,10 @@ gives each thread half a block (two 16-byte accesses, coalesced across the warp)
 per-block operands one block per thread, handing them over through shared memory. The launch
 (tiles, grid) is :func:`.cast_kernels.launch_fake_quant`'s, shared with the element-wise kernel.
 
+fp16 weights take the same kernel with ``set.*.f16x2`` compares, thresholds rounded down / up on
+the fp16 grid and values rounded to nearest fp16 (what the reference's cast of the fp32 value
+does); the argument above holds on any grid, subnormals and infinity included.
+
 The PTX chain runs only on the GPU, its integer twin under the interpreter (:mod:`.tl_bf16x2`).
 """
 
@@ -25,17 +29,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tl_bf16x2 import both_halves, magnitude_and_sign, pair_chain
+from .tl_bf16x2 import both_halves, f16_both_halves, magnitude_and_sign, pair_chain
 from .tl_nvfp4 import bf16_round, code_values, static_block_scales, thresholds
 
 
 @triton.jit
 def fake_quant_pairs(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g_rows, out_ptr,
                      HAS_BETA: tl.constexpr, GROUP_G: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                     EVEN: tl.constexpr, PTX: tl.constexpr):
+                     EVEN: tl.constexpr, PTX: tl.constexpr, F16: tl.constexpr = False):
     """``ROWS x COLS`` elements as blocks; block indices from the program ids and constexpr
     shifts (no integer division per block). ``EVEN``: no access needs a mask. ``GROUP_G``: one
-    global amax per ``g_rows`` rows (stacked experts), else one for the whole weight."""
+    global amax per ``g_rows`` rows (stacked experts), else one for the whole weight. ``F16``:
+    fp16 weights (the same chain on the fp16 grid)."""
     PER_ROW: tl.constexpr = COLS // 16
     i = tl.arange(0, ROWS * PER_ROW)
     row = tl.program_id(0) * ROWS + i // PER_ROW
@@ -54,15 +59,25 @@ def fake_quant_pairs(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g
                                   not EVEN)
     t0, t1, t2, t3, t4, t5, t6 = thresholds(d)
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
-    a, s = magnitude_and_sign(w, PTX)
-    q = pair_chain(a, s, both_halves(t0, False)[:, None], both_halves(t1, True)[:, None],
-                    both_halves(t2, False)[:, None], both_halves(t3, True)[:, None],
-                    both_halves(t4, False)[:, None], both_halves(t5, True)[:, None],
-                    both_halves(t6, False)[:, None],
-                    both_halves(bf16_round(q1), False)[:, None], both_halves(bf16_round(q2), False)[:, None],
-                    both_halves(bf16_round(q3), False)[:, None], both_halves(bf16_round(q4), False)[:, None],
-                    both_halves(bf16_round(q5), False)[:, None], both_halves(bf16_round(q6), False)[:, None],
-                    both_halves(bf16_round(q7), False)[:, None], PTX)
+    a, s = magnitude_and_sign(w, PTX, F16)
+    if F16:  # thresholds rounded down / up on the fp16 grid, values to nearest (the output's rounding)
+        q = pair_chain(a, s, f16_both_halves(t0, False)[:, None], f16_both_halves(t1, True)[:, None],
+                       f16_both_halves(t2, False)[:, None], f16_both_halves(t3, True)[:, None],
+                       f16_both_halves(t4, False)[:, None], f16_both_halves(t5, True)[:, None],
+                       f16_both_halves(t6, False)[:, None],
+                       f16_both_halves(q1, None)[:, None], f16_both_halves(q2, None)[:, None],
+                       f16_both_halves(q3, None)[:, None], f16_both_halves(q4, None)[:, None],
+                       f16_both_halves(q5, None)[:, None], f16_both_halves(q6, None)[:, None],
+                       f16_both_halves(q7, None)[:, None], PTX, True)
+    else:
+        q = pair_chain(a, s, both_halves(t0, False)[:, None], both_halves(t1, True)[:, None],
+                       both_halves(t2, False)[:, None], both_halves(t3, True)[:, None],
+                       both_halves(t4, False)[:, None], both_halves(t5, True)[:, None],
+                       both_halves(t6, False)[:, None],
+                       both_halves(bf16_round(q1), False)[:, None], both_halves(bf16_round(q2), False)[:, None],
+                       both_halves(bf16_round(q3), False)[:, None], both_halves(bf16_round(q4), False)[:, None],
+                       both_halves(bf16_round(q5), False)[:, None], both_halves(bf16_round(q6), False)[:, None],
+                       both_halves(bf16_round(q7), False)[:, None], PTX)
     if EVEN:
         tl.store(dst, q)
     else:

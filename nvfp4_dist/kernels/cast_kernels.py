@@ -7,8 +7,8 @@ explicit round-to-nearest-even, then the spec's codes. Fake-quant writes
 :mod:`.tl_nvfp4`); cast/pack writes two codes per byte (element 2j in the low nibble) and the
 E4M3 scale bytes. Memory-bound: fake-quant (the forward's hot path) takes 2-D tiles of whole
 row segments on a fixed grid; cast/pack (export, once per weight) tiles ``[BLK, 16]`` blocks.
-bf16 weights are fake-quantized two elements per instruction by :mod:`.bf16_fake_quant`; the
-element-wise kernel here serves fp16, fp32 and bf16 views whose pairs are not 4-byte aligned.
+bf16 and fp16 weights are fake-quantized two elements per instruction by :mod:`.bf16_fake_quant`;
+the element-wise kernel here serves fp32 and 16-bit views whose pairs are not 4-byte aligned.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
     """Quantize-dequantize ``w [rows, cin]`` (unit stride along cin) -> contiguous, w's dtype.
 
     ``block_amax`` (and ``dss_beta``) fp32 contiguous ``[rows, cin // 16]``; ``global_amax``
-    fp32, one element, or with ``g_rows > 0`` one per ``g_rows`` rows. bf16 weights (the
-    training dtype) go through :mod:`.bf16_fake_quant`'s pair kernel, others element-wise.
+    fp32, one element, or with ``g_rows > 0`` one per ``g_rows`` rows. bf16 and fp16 weights go
+    through :mod:`.bf16_fake_quant`'s pair kernel, fp32 (and misaligned views) element-wise.
     """
     rows, cin = w.shape
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
@@ -151,8 +151,8 @@ def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
     args = (w, w.stride(0), rows, cin, block_amax, beta, global_amax, max(g_rows, 1), out)
     flags = dict(HAS_BETA=dss_beta is not None, GROUP_G=g_rows > 0, ROWS=tile_rows, COLS=cols,
                  EVEN=rows % tile_rows == 0 and cin % cols == 0, num_warps=4, enable_fp_fusion=False)
-    if pairs_fit(w):
-        bf16_fake_quant.fake_quant_pairs[grid](*args, PTX=w.is_cuda, **flags)
+    if pairs_fit(w, (torch.bfloat16, torch.float16)):
+        bf16_fake_quant.fake_quant_pairs[grid](*args, PTX=w.is_cuda, F16=w.dtype == torch.float16, **flags)
     else:
         _fake_quant[grid](*args, ROUND_BF16=w.dtype == torch.bfloat16 and not w.is_cuda, **flags)
     return out

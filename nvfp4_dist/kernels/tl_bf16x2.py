@@ -1,5 +1,5 @@
-"""Triton device functions on pairs of bf16 values held in one int32: the spec's E2M1 code
-chain for bf16 weights, two elements per instruction.
+"""Triton device functions on pairs of 16-bit floats held in one int32: the spec's E2M1 code
+chain for bf16 (and fp16) weights, two elements per instruction.
 
 For a bf16 magnitude ``a`` and an fp32 threshold ``t > 0``: ``a > t`` iff ``a > RD(t)`` and
 ``a >= t`` iff ``a >= RU(t)`` (RD/RU: rounded down/up to bf16; no bf16 lies strictly between RD(t)
@@ -8,12 +8,14 @@ inclusive at 0.75, 1.75, 3.5, times the quant scale) are bf16 comparisons agains
 thresholds, and one ``set.{gt,ge}.u32.bf16x2`` compares two elements; one ``lop3`` then selects
 both lanes' values. The selected values are whatever the caller puts in both halves of the
 operands: the bf16-rounded dequantized values for fake-quant, the exact ``e2m1 * v`` for the
-Hessian searches' tensor-core operand.
+Hessian searches' tensor-core operand. The same holds on the fp16 grid (subnormals and the
+overflow to infinity included): fp16 weights take ``set.*.f16x2`` against thresholds rounded to
+fp16 (``F16``; fake-quant only).
 
 The PTX runs only on the GPU; under the Triton interpreter the same selection is done with
-integer comparisons of the 15-bit magnitudes (non-negative bf16 order like their bit patterns;
-NaN, above 0x7F80, fails every comparison as the hardware's does), so that the CPU tests check
-everything but the asm block, which the GPU tests check.
+integer comparisons of the 15-bit magnitudes (non-negative bf16 and fp16 order like their bit
+patterns; NaN, above 0x7F80 / 0x7C00, fails every comparison as the hardware's does), so that the
+CPU tests check everything but the asm block, which the GPU tests check.
 """
 
 import torch
@@ -53,7 +55,11 @@ and.b32 $0, $1, 0x80008000;
 and.b32 $0, $0, m;
 }""")
 
+_PAIR_CHAIN_F16 = tl.constexpr(_PAIR_CHAIN.value.replace("bf16x2", "f16x2"))
+_SIGN_BITS_F16 = tl.constexpr(_SIGN_BITS.value.replace("bf16x2", "f16x2"))
+
 BF16_NAN_BITS = tl.constexpr(0x7F80)  # magnitudes above this are NaN
+F16_NAN_BITS = tl.constexpr(0x7C00)
 
 # The seven thresholds of one quant scale q (fp32 bits in $7), each rounded to bf16 in both halves
 # of an int32 ($0..$6): prmt 0x3232 copies the top half into both halves (round down); adding
@@ -121,25 +127,48 @@ def scaled_thresholds(q, FULL_RANGE: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
-def magnitude_and_sign(w, PTX: tl.constexpr):
-    """``(a, s)`` of bf16 pairs ``w`` (int32): the lanes' magnitudes, and their sign bits where
-    the lane is negative (not for -0.0 or NaN). Loop-invariant in the searches: computed once."""
+def f16_both_halves(x, UP: tl.constexpr):
+    """int32 holding fp32 ``x >= 0`` rounded to fp16 (down, or up if ``UP``; ``UP=None``: to
+    nearest, ties to even) in both halves. From the nearest fp16 (a conversion that rounds to
+    nearest even on both backends), one step down or up where it lies on the wrong side of x:
+    subnormals and the overflow to infinity (or to the largest finite value, rounding down)
+    follow from the bit patterns' order."""
+    r = x.to(tl.float16)
+    bits = r.to(tl.int16, bitcast=True).to(tl.int32) & 65535
+    if UP is not None:
+        back = r.to(tl.float32)
+        if UP:
+            bits = tl.where(back < x, bits + 1, bits)
+        else:
+            bits = tl.where(back > x, bits - 1, bits)
+    return bits | (bits << 16)
+
+
+@triton.jit
+def magnitude_and_sign(w, PTX: tl.constexpr, F16: tl.constexpr = False):
+    """``(a, s)`` of bf16 (fp16 with ``F16``) pairs ``w`` (int32): the lanes' magnitudes, and their
+    sign bits where the lane is negative (not for -0.0 or NaN). Loop-invariant in the searches:
+    computed once."""
     a = w & 0x7FFF7FFF
     if PTX:
-        s = tl.inline_asm_elementwise(_SIGN_BITS, "=r,r,r", [w, a], dtype=tl.int32, is_pure=True, pack=1)
+        if F16:
+            s = tl.inline_asm_elementwise(_SIGN_BITS_F16, "=r,r,r", [w, a], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            s = tl.inline_asm_elementwise(_SIGN_BITS, "=r,r,r", [w, a], dtype=tl.int32, is_pure=True, pack=1)
     else:
+        nan = F16_NAN_BITS if F16 else BF16_NAN_BITS
         lo = a & 65535
         hi = (a >> 16) & 65535
-        lo_neg = (lo > 0) & (lo <= BF16_NAN_BITS)
-        hi_neg = (hi > 0) & (hi <= BF16_NAN_BITS)
+        lo_neg = (lo > 0) & (lo <= nan)
+        hi_neg = (hi > 0) & (hi <= nan)
         s = w & tl.where(lo_neg, 0x8000, 0) | (w & tl.where(hi_neg, -2147483648, 0))
     return a, s
 
 
 @triton.jit
-def select_half(a, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7):
+def select_half(a, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7, NAN: tl.constexpr):
     """One 16-bit lane of the chain in integers (the interpreter's twin of the PTX)."""
-    ok = a <= BF16_NAN_BITS
+    ok = a <= NAN
     q = tl.where(ok & (a > t0), q1, 0)
     q = tl.where(ok & (a >= t1), q2, q)
     q = tl.where(ok & (a > t2), q3, q)
@@ -150,24 +179,34 @@ def select_half(a, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7):
 
 
 @triton.jit
-def pair_chain(a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7, PTX: tl.constexpr):
-    """The selected values of bf16 pairs with magnitudes ``a`` and sign bits ``s``
-    (:func:`magnitude_and_sign`), from per-block (or per-row) operands: thresholds ``t0..t6``
-    and values ``q1..q7``, each a bf16 in both halves of an int32."""
+def pair_chain(a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7, PTX: tl.constexpr,
+               F16: tl.constexpr = False):
+    """The selected values of bf16 (fp16 with ``F16``) pairs with magnitudes ``a`` and sign bits
+    ``s`` (:func:`magnitude_and_sign`), from per-block (or per-row) operands: thresholds
+    ``t0..t6`` on the weight's grid and values ``q1..q7``, each in both halves of an int32."""
     if PTX:
-        out = tl.inline_asm_elementwise(
-            _PAIR_CHAIN, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-            [a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7], dtype=tl.int32, is_pure=True, pack=1)
+        if F16:
+            out = tl.inline_asm_elementwise(
+                _PAIR_CHAIN_F16, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                [a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7], dtype=tl.int32, is_pure=True,
+                pack=1)
+        else:
+            out = tl.inline_asm_elementwise(
+                _PAIR_CHAIN, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                [a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7], dtype=tl.int32, is_pure=True,
+                pack=1)
     else:
         m = 65535
+        nan: tl.constexpr = F16_NAN_BITS if F16 else BF16_NAN_BITS
         lo = select_half(a & m, t0 & m, t1 & m, t2 & m, t3 & m, t4 & m, t5 & m, t6 & m,
-                         q1 & m, q2 & m, q3 & m, q4 & m, q5 & m, q6 & m, q7 & m)
+                         q1 & m, q2 & m, q3 & m, q4 & m, q5 & m, q6 & m, q7 & m, nan)
         hi = select_half((a >> 16) & m, t0 & m, t1 & m, t2 & m, t3 & m, t4 & m, t5 & m, t6 & m,
-                         q1 & m, q2 & m, q3 & m, q4 & m, q5 & m, q6 & m, q7 & m)
+                         q1 & m, q2 & m, q3 & m, q4 & m, q5 & m, q6 & m, q7 & m, nan)
         out = (lo | (hi << 16)) | s
     return out
 
 
-def pairs_fit(w: torch.Tensor) -> bool:
-    """True for bf16 ``w [rows, cin]`` whose pairs are 4-byte aligned (even row stride and offset)."""
-    return w.dtype == torch.bfloat16 and w.stride(-1) == 1 and w.stride(0) % 2 == 0 and w.data_ptr() % 4 == 0
+def pairs_fit(w: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
+    """True for ``w [rows, cin]`` of one of ``dtypes`` whose pairs are 4-byte aligned (unit cin
+    stride, even row stride and offset)."""
+    return w.dtype in dtypes and w.stride(-1) == 1 and w.stride(0) % 2 == 0 and w.data_ptr() % 4 == 0

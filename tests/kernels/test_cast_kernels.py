@@ -66,31 +66,46 @@ def test_scale_rounding_ties_and_range(device):
     assert torch.equal(scale.view(torch.uint8).cpu(), R.quantize_pack(w, bamax, g)[1].view(torch.uint8))
 
 
-def _bf16_neighbours(t: torch.Tensor) -> torch.Tensor:
-    """bf16 values around fp32 ``t > 0``: rounded down and up, and one bf16 step beyond each."""
-    bits = t.view(torch.int32)
-    down = bits & -65536
-    up = (bits + 65535) & -65536
-    return torch.stack([down - 65536, down, up, up + 65536], -1).view(torch.float32).bfloat16()
+def _neighbours(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values of ``dtype`` (bf16 or fp16) around fp32 ``t > 0``: ``t`` rounded down and up on
+    that grid and one step beyond each (between 0 and infinity: subnormals included)."""
+    if dtype == torch.bfloat16:
+        bits = t.view(torch.int32)
+        down = bits & -65536
+        up = (bits + 65535) & -65536
+        return torch.stack([down - 65536, down, up, up + 65536], -1).view(torch.float32).bfloat16()
+    near = t.half()
+    bits = near.view(torch.int16).int()
+    down = torch.where(near.float() > t, bits - 1, bits)
+    up = torch.where(near.float() < t, bits + 1, bits)
+    out = torch.stack([down - 1, down, up, up + 1], -1).clamp(0, 0x7C00)
+    return out.short().view(torch.float16)
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1.0), (torch.float16, 1.0),
+                                         (torch.float16, 2.0**-12), (torch.float16, 28.0)],
+                         ids=["bf16", "fp16", "fp16-subnormal", "fp16-overflow"])
 @pytest.mark.parametrize("dss", [False, True])
-def test_fake_quant_at_the_thresholds(dss, device):
-    """bf16 weights at, just below and just above every code threshold ``fl(t * d_q)``, for scales
-    whose thresholds are exact in bf16 and for quant scales whose thresholds are not (beta):
-    the strict / inclusive comparisons and the rounding of the thresholds to bf16."""
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's fp16 casts
+def test_fake_quant_at_the_thresholds(dtype, scale, dss, device):
+    """Weights at, just below and just above every code threshold ``fl(t * d_q)``, for scales
+    whose thresholds are exact on the weight's grid and for quant scales whose thresholds are
+    not (beta): the strict / inclusive comparisons and the rounding of the thresholds to bf16 or
+    fp16. fp16 with a small global scale puts thresholds and values among the subnormals; with
+    a large one the top thresholds beyond the largest finite fp16."""
     v = e4m3_positive_values()[torch.tensor([0, 5, 40, 56, 64, 83, 100, 125])]  # 2^-9 .. 448
     beta = torch.tensor([0.7, 1.05, 1.3, 0.55, 0.9, 1.45, 0.6, 1.2]) if dss else None
-    d_q = v if beta is None else beta * v  # S = 1 below: d = v
+    d_q = v * scale if beta is None else beta * (v * scale)  # S = scale below: d = fl(v S)
     t = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    near = _bf16_neighbours(t[None, :] * d_q[:, None]).reshape(len(v), -1)  # [8, 28]
+    near = _neighbours(t[None, :] * d_q[:, None], dtype).reshape(len(v), -1)  # [8, 28]
     sign = torch.where(torch.arange(32) % 3 == 0, -1.0, 1.0)
-    w = torch.cat([near, near[:, :4]], 1).float() * sign  # 32 values: two blocks per scale
-    w = w.bfloat16()
-    g = torch.tensor(GLOBAL_SCALE_DENOM)  # S = 1
-    bamax = (v * 6).reshape(-1, 1).expand(-1, 2).contiguous()
+    w = (torch.cat([near, near[:, :4]], 1).float() * sign).to(dtype)  # 32 values: two blocks per scale
+    g = torch.tensor(GLOBAL_SCALE_DENOM * scale)  # S = scale, exactly
+    assert torch.equal(g / GLOBAL_SCALE_DENOM, torch.tensor(scale))
+    bamax = (v * 6 * scale).reshape(-1, 1).expand(-1, 2).contiguous()
     b = None if beta is None else beta.reshape(-1, 1).expand(-1, 2).contiguous()
     got = triton_ops.fake_quant(w.to(device), bamax.to(device), g.to(device), None if b is None else b.to(device))
+    assert got.dtype == dtype
     assert torch.equal(_bits(got), _bits(nvfp4.fake_quant(w, bamax, g, b)))
 
 
