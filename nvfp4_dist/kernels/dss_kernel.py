@@ -21,9 +21,9 @@ then feeds the tensor cores without a trip through shared memory, and ``e`` come
 accumulator's layout from a product with the identity. The element-wise chain (fp32, fp16 and
 misaligned bf16 weights) selects the same ``e``, so both give the same bits (tested).
 
-The incumbent's loss is the sweep's, computed in the other form: a beta != 1 whose codes are the
-coupled ones can win by a rounding (the same quantized weight; its loss is the same to within
-the tolerance). On an H200 at 8192x4096 bf16 the kernel takes 1.79 ms for 3 x 20 tries per block
+The coupled optimum is evaluated once more in this kernel's form, and a try must beat both that
+and the sweep's loss: a beta whose codes are the coupled ones (the same quantized weight) cannot
+win by the two forms' rounding. On an H200 at 8192x4096 bf16 the kernel takes 1.79 ms for 3 x 20 tries per block
 (the former element-wise loss with the operand through shared memory: 2.26 ms).
 """
 
@@ -153,7 +153,17 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
     fast = (beta_max * 448.0) * S < q_limit
     out = r * nb + b
     k_star = tl.load(k_ptr + out, mask=rmask, other=0)
-    best = tl.load(loss_ptr + out, mask=rmask, other=0.0)
+    coupled = tl.load(loss_ptr + out, mask=rmask, other=0.0)
+    # The bar to beat: the coupled optimum's loss in this kernel's form as well as the sweep's, so
+    # that a beta whose codes are the coupled ones (the same quantized weight, the same loss in
+    # this form) never wins by the two forms' rounding, and DSS never ends above the sweep.
+    s = tl.load(v_ptr + k_star) * S
+    if PAIRS:
+        best = _loss(_codes_pairs(wa, ws, s, BLK_R, BF16_DOT, True, PTX), c0, hw2, s, h1, h2, h3, eye, BF16_DOT)
+    else:
+        e = _codes_fp32(wf, s)
+        best = _loss(e.to(eye.dtype), c0, hw2, s, h1, h2, h3, eye, BF16_DOT, e)
+    best = tl.minimum(best, coupled)
     # the winner as one index, offset * n_betas + j (-1: the coupled optimum): one select per try
     best_i = tl.zeros([BLK_R], tl.int32) - 1
     for offset in tl.static_range(3):
@@ -169,7 +179,7 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
     best_k = tl.minimum(tl.maximum(k_star + (offset - 1), 0), 125)
     best_beta = tl.where(best_i < 0, 1.0, tl.load(betas_ptr + best_i % n_betas, mask=best_i >= 0, other=1.0))
     tl.store(k_ptr + out, best_k, mask=rmask)
-    tl.store(loss_ptr + out, best, mask=rmask)
+    tl.store(loss_ptr + out, tl.where(best_i < 0, coupled, best), mask=rmask)
     tl.store(beta_ptr + out, best_beta, mask=rmask)
 
 

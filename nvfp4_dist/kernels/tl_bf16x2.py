@@ -183,7 +183,8 @@ def pair_chain(a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7, PTX
                F16: tl.constexpr = False):
     """The selected values of bf16 (fp16 with ``F16``) pairs with magnitudes ``a`` and sign bits
     ``s`` (:func:`magnitude_and_sign`), from per-block (or per-row) operands: thresholds
-    ``t0..t6`` on the weight's grid and values ``q1..q7``, each in both halves of an int32."""
+    ``t0..t6`` on the weight's grid and values ``q1..q7``, one per lane (usually the same value in
+    both halves of an int32)."""
     if PTX:
         if F16:
             out = tl.inline_asm_elementwise(
@@ -200,8 +201,9 @@ def pair_chain(a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7, PTX
         nan: tl.constexpr = F16_NAN_BITS if F16 else BF16_NAN_BITS
         lo = select_half(a & m, t0 & m, t1 & m, t2 & m, t3 & m, t4 & m, t5 & m, t6 & m,
                          q1 & m, q2 & m, q3 & m, q4 & m, q5 & m, q6 & m, q7 & m, nan)
-        hi = select_half((a >> 16) & m, t0 & m, t1 & m, t2 & m, t3 & m, t4 & m, t5 & m, t6 & m,
-                         q1 & m, q2 & m, q3 & m, q4 & m, q5 & m, q6 & m, q7 & m, nan)
+        hi = select_half((a >> 16) & m, (t0 >> 16) & m, (t1 >> 16) & m, (t2 >> 16) & m, (t3 >> 16) & m,
+                         (t4 >> 16) & m, (t5 >> 16) & m, (t6 >> 16) & m, (q1 >> 16) & m, (q2 >> 16) & m,
+                         (q3 >> 16) & m, (q4 >> 16) & m, (q5 >> 16) & m, (q6 >> 16) & m, (q7 >> 16) & m, nan)
         out = (lo | (hi << 16)) | s
     return out
 

@@ -14,6 +14,7 @@ from inputs import DTYPES, global_amax, hessian, hessian_scale, loss64, weight
 from nvfp4_dist.kernels import reference as R
 from nvfp4_dist.kernels import dss_kernel, hessian_kernel, triton_ops
 from nvfp4_dist.kernels.hessian_kernel import HESSIAN_REL_TOL
+from nvfp4_dist.numerics import nvfp4
 
 
 def _assert_loss_exact(w, g, h, got, ref, where=None):
@@ -98,3 +99,19 @@ def test_dss_full_range_thresholds_give_the_same_choices(device):
     beta_full = dss_kernel.launch_dss_search(w2, h2, s, values, betas, *full, fast_q_limit=0.0)
     assert torch.equal(beta_fast, beta_full) and torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
     assert (beta_fast != 1.0).any()  # DSS moved some blocks: the comparison saw codes at work
+
+
+def test_dss_moves_only_blocks_whose_quantized_weight_changes(device):
+    """A beta whose codes are the coupled ones gives the same quantized weight and the same loss:
+    it must not win by the rounding of the kernel's loss form against the sweep's."""
+    w = weight(64, 64, "gauss", seed=35, dtype=torch.bfloat16)
+    g, h = global_amax(w), hessian(64, seed=12)
+    args = (w.to(device), g.to(device), h.to(device))
+    dss = triton_ops.search_dss(*args, R.beta_grid(0.5, 1.5, 0.1))
+    coupled = triton_ops.search_local_hessian(*args)
+    moved = (dss.dss_beta.cpu() != 1.0) | (dss.candidate.cpu() != coupled.candidate.cpu())
+    fq_dss = nvfp4.fake_quant(w, dss.block_amax.cpu(), g, dss.dss_beta.cpu())
+    fq_coupled = nvfp4.fake_quant(w, coupled.block_amax.cpu(), g)
+    changed = (nvfp4.blocks(fq_dss.float()) != nvfp4.blocks(fq_coupled.float())).any(-1)
+    assert moved.any()
+    assert torch.equal(changed, moved)
