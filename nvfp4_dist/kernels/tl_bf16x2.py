@@ -7,8 +7,8 @@ and t, nor between t and RU(t)). So the spec's seven comparisons (strict at 0.25
 inclusive at 0.75, 1.75, 3.5, times the quant scale) are bf16 comparisons against rounded
 thresholds, and one ``set.{gt,ge}.u32.bf16x2`` compares two elements; one ``lop3`` then selects
 both lanes' values. The selected values are whatever the caller puts in both halves of the
-operands: the bf16-rounded dequantized values for fake-quant, the exact ``e2m1 * v`` for the
-Hessian searches' tensor-core operand. The same holds on the fp16 grid (subnormals and the
+operands: the bf16-rounded dequantized values for fake-quant, the exact ``e2m1 * v`` (sweep) or
+``e2m1`` (DSS) for the Hessian searches' tensor-core operand. The same holds on the fp16 grid (subnormals and the
 overflow to infinity included): fp16 weights take ``set.*.f16x2`` against thresholds rounded to
 fp16 (``F16``; fake-quant only).
 
