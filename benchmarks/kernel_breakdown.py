@@ -53,19 +53,11 @@ def main() -> None:
     print(f"Schur floors: Triton {ms(lambda: floor_kernel.launch_schur_floor(h)) * 1e3:.1f} us, "
           f"torch through the host {ms(lambda: schur_floor(h.cpu()).cuda()) * 1e3:.1f} us")
 
-    wv, _, s = triton_ops._prepare(w, g)
-    hh, kappa = triton_ops._hessian_inputs(wv, h)
-    values = triton_ops._values(w.device)
-    betas = R.default_betas()
-    k, loss = hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values)
-    dss_betas = betas[betas != 1.0]  # as search_dss launches it
     whole_h = ms(lambda: triton_ops.search_local_hessian(w, g, h))
-    whole_d = ms(lambda: triton_ops.search_dss(w, g, h, betas))
-    sweep = ms(lambda: hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values))
-    clones = ms(lambda: (k.clone(), loss.clone()))
-    dss = ms(lambda: dss_kernel.launch_dss_search(wv, hh, s, values, dss_betas, k.clone(), loss.clone()))
+    whole_d = ms(lambda: triton_ops.search_dss(w, g, h, R.default_betas()))
+    sweep, dss = search_kernels(w, g, h)
     print(f"search_local_hessian {whole_h:.3f} ms (sweep kernel {sweep:.3f} ms)")
-    print(f"search_dss {whole_d:.3f} ms (DSS kernel {dss - clones:.3f} ms; DSS phase / sweep "
+    print(f"search_dss {whole_d:.3f} ms (DSS kernel {dss:.3f} ms; DSS phase / sweep "
           f"{(whole_d - whole_h) / whole_h:.2f})")
 
     bamax = triton_ops.search_mse(w, g).block_amax
@@ -73,9 +65,7 @@ def main() -> None:
     print(f"fake_quant {fq * 1e3:.1f} us, bf16 copy {copy * 1e3:.1f} us (x{fq / copy:.2f}); back to back: "
           f"fake_quant {wall_us(lambda: triton_ops.fake_quant(w, bamax, g)):.1f} us, "
           f"copy {wall_us(w.clone):.1f} us per call")
-    # a CUDA graph of 20 calls takes the host out: the kernel's own time
-    graph_fq = do_bench_cudagraph(lambda: [triton_ops.fake_quant(w, bamax, g) for _ in range(20)], rep=300) / 20
-    graph_copy = do_bench_cudagraph(lambda: [w.clone() for _ in range(20)], rep=300) / 20
+    graph_fq, graph_copy = graph_ms(lambda: triton_ops.fake_quant(w, bamax, g)), graph_ms(w.clone)
     print(f"in CUDA graphs: fake_quant {graph_fq * 1e3:.1f} us, copy {graph_copy * 1e3:.1f} us "
           f"(x{graph_fq / graph_copy:.2f}); host time per fake_quant call "
           f"{host_us(lambda: triton_ops.fake_quant(w, bamax, g)):.1f} us")
@@ -101,26 +91,37 @@ def experts(n: int = 128, rows: int = 768, cin: int = 2048) -> None:
           f"stack {t_loop * 1e3:.1f} us, copy {ms(lambda: w.clone()) * 1e3:.1f} us")
 
 
+def search_kernels(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
+    """ms of the Hessian sweep kernel and of the DSS kernel alone (the default grid without 1.0,
+    as ``search_dss`` launches it) on ``w``'s coupled optimum."""
+    wv, _, s = triton_ops._prepare(w, g)
+    hh, kappa = triton_ops._hessian_inputs(wv, h)
+    values = triton_ops._values(wv.device)
+    betas = R.default_betas()
+    betas = betas[betas != 1.0]
+    k, loss = hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values)
+    sweep = ms(lambda: hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values))
+    clones = ms(lambda: (k.clone(), loss.clone()))
+    dss = ms(lambda: dss_kernel.launch_dss_search(wv, hh, s, values, betas, k.clone(), loss.clone()))
+    return sweep, dss - clones
+
+
+def graph_ms(fn, calls: int = 20) -> float:
+    """ms of one call of ``fn`` in a CUDA graph of ``calls`` calls: the host taken out, the GPU's time."""
+    return do_bench_cudagraph(lambda: [fn() for _ in range(calls)], rep=300) / calls
+
+
 def dtypes(rows: int, cin: int) -> None:
     """Sweep and DSS kernels and fake-quant for the same Gaussian weight in bf16, fp16 and fp32
     (the searches take the element-wise code chain for fp16 and fp32, fake-quant for fp32)."""
     h = make_hessian(cin, 101).contiguous()
-    betas = R.default_betas()
-    betas = betas[betas != 1.0]
     base = make_weight((rows, cin), "gauss", 100)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        wv, _, s = triton_ops._prepare(base.to(dtype), base.float().abs().amax())
-        hh, kappa = triton_ops._hessian_inputs(wv, h)
-        values = triton_ops._values(wv.device)
-        k, loss = hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values)
-        sweep = ms(lambda: hessian_kernel.launch_hessian_sweep(wv, hh, kappa, s, values))
-        clones = ms(lambda: (k.clone(), loss.clone()))
-        dss = ms(lambda: dss_kernel.launch_dss_search(wv, hh, s, values, betas, k.clone(), loss.clone())) - clones
         w = base.to(dtype)
         g = w.float().abs().amax()
+        sweep, dss = search_kernels(w, g, h)
         bamax = triton_ops.search_mse(w, g).block_amax
-        fq = do_bench_cudagraph(lambda: [triton_ops.fake_quant(w, bamax, g) for _ in range(20)], rep=300) / 20
-        copy = do_bench_cudagraph(lambda: [w.clone() for _ in range(20)], rep=300) / 20
+        fq, copy = graph_ms(lambda: triton_ops.fake_quant(w, bamax, g)), graph_ms(w.clone)
         print(f"{str(dtype).removeprefix('torch.')} weight: sweep kernel {sweep:.3f} ms, DSS kernel {dss:.3f} ms "
               f"(x{dss / sweep:.2f}); fake-quant {fq * 1e3:.1f} us against a copy {copy * 1e3:.1f} us "
               f"(x{fq / copy:.2f}, CUDA graphs)")

@@ -34,6 +34,24 @@ from .tl_nvfp4 import bf16_round, code_values, static_block_scales, thresholds
 
 
 @triton.jit
+def _threshold(t, UP: tl.constexpr, F16: tl.constexpr):
+    """Per-block threshold ``t [B]`` rounded down (strict) or up (inclusive) on the weight's
+    grid, in both halves, as ``[B, 1]``."""
+    if F16:
+        return f16_both_halves(t, UP)[:, None]
+    return both_halves(t, UP)[:, None]
+
+
+@triton.jit
+def _value(q, F16: tl.constexpr):
+    """Per-block dequantized value ``q [B]`` rounded to nearest on the weight's grid (the output's
+    rounding), in both halves, as ``[B, 1]``."""
+    if F16:
+        return f16_both_halves(q, None)[:, None]
+    return both_halves(bf16_round(q), False)[:, None]
+
+
+@triton.jit
 def fake_quant_pairs(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g_rows, out_ptr,
                      HAS_BETA: tl.constexpr, GROUP_G: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
                      EVEN: tl.constexpr, PTX: tl.constexpr, F16: tl.constexpr = False):
@@ -60,24 +78,10 @@ def fake_quant_pairs(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g
     t0, t1, t2, t3, t4, t5, t6 = thresholds(d)
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
     a, s = magnitude_and_sign(w, PTX, F16)
-    if F16:  # thresholds rounded down / up on the fp16 grid, values to nearest (the output's rounding)
-        q = pair_chain(a, s, f16_both_halves(t0, False)[:, None], f16_both_halves(t1, True)[:, None],
-                       f16_both_halves(t2, False)[:, None], f16_both_halves(t3, True)[:, None],
-                       f16_both_halves(t4, False)[:, None], f16_both_halves(t5, True)[:, None],
-                       f16_both_halves(t6, False)[:, None],
-                       f16_both_halves(q1, None)[:, None], f16_both_halves(q2, None)[:, None],
-                       f16_both_halves(q3, None)[:, None], f16_both_halves(q4, None)[:, None],
-                       f16_both_halves(q5, None)[:, None], f16_both_halves(q6, None)[:, None],
-                       f16_both_halves(q7, None)[:, None], PTX, True)
-    else:
-        q = pair_chain(a, s, both_halves(t0, False)[:, None], both_halves(t1, True)[:, None],
-                       both_halves(t2, False)[:, None], both_halves(t3, True)[:, None],
-                       both_halves(t4, False)[:, None], both_halves(t5, True)[:, None],
-                       both_halves(t6, False)[:, None],
-                       both_halves(bf16_round(q1), False)[:, None], both_halves(bf16_round(q2), False)[:, None],
-                       both_halves(bf16_round(q3), False)[:, None], both_halves(bf16_round(q4), False)[:, None],
-                       both_halves(bf16_round(q5), False)[:, None], both_halves(bf16_round(q6), False)[:, None],
-                       both_halves(bf16_round(q7), False)[:, None], PTX)
+    q = pair_chain(a, s, _threshold(t0, False, F16), _threshold(t1, True, F16), _threshold(t2, False, F16),
+                   _threshold(t3, True, F16), _threshold(t4, False, F16), _threshold(t5, True, F16),
+                   _threshold(t6, False, F16), _value(q1, F16), _value(q2, F16), _value(q3, F16),
+                   _value(q4, F16), _value(q5, F16), _value(q6, F16), _value(q7, F16), PTX, F16)
     if EVEN:
         tl.store(dst, q)
     else:

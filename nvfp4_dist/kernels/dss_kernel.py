@@ -95,6 +95,17 @@ def _loss(e, c0, hw2, s, h1, h2, h3, eye, BF16_DOT: tl.constexpr, e_acc=None):
 
 
 @triton.jit
+def _try(q, s, wa, ws, wf, c0, hw2, h1, h2, h3, eye, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr,
+         PAIRS: tl.constexpr, FULL_RANGE: tl.constexpr, PTX: tl.constexpr):
+    """The loss of quant scales ``q [B]`` at stored scale values ``s [B]``: codes from the bf16
+    pairs (``wa``, ``ws``) or from the fp32 weight ``wf`` in the accumulator's layout."""
+    if PAIRS:
+        return _loss(_codes_pairs(wa, ws, q, BLK_R, BF16_DOT, FULL_RANGE, PTX), c0, hw2, s, h1, h2, h3, eye, BF16_DOT)
+    e = _codes_fp32(wf, q)
+    return _loss(e.to(eye.dtype), c0, hw2, s, h1, h2, h3, eye, BF16_DOT, e)
+
+
+@triton.jit
 def _try_betas(best, best_i, first_i, s, betas_ptr, n_betas, wa, ws, wf, c0, hw2, h1, h2, h3, eye,
                BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr, FULL_RANGE: tl.constexpr,
                PTX: tl.constexpr):
@@ -102,13 +113,8 @@ def _try_betas(best, best_i, first_i, s, betas_ptr, n_betas, wa, ws, wf, c0, hw2
     the winner's index counted from ``first_i``."""
     # one beta per step: two per step (independent evaluations in flight) measured 1% slower
     for j in range(0, n_betas):
-        q = tl.load(betas_ptr + j) * s  # the quant scale
-        if PAIRS:
-            loss = _loss(_codes_pairs(wa, ws, q, BLK_R, BF16_DOT, FULL_RANGE, PTX), c0, hw2, s, h1, h2, h3, eye,
-                         BF16_DOT)
-        else:
-            e = _codes_fp32(wf, q)
-            loss = _loss(e.to(eye.dtype), c0, hw2, s, h1, h2, h3, eye, BF16_DOT, e)
+        loss = _try(tl.load(betas_ptr + j) * s, s, wa, ws, wf, c0, hw2, h1, h2, h3, eye, BLK_R, BF16_DOT, PAIRS,
+                    FULL_RANGE, PTX)
         better = loss < best  # strict: the incumbent and earlier pairs win ties
         best = tl.where(better, loss, best)
         best_i = tl.where(better, first_i + j, best_i)
@@ -158,12 +164,7 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
     # that a beta whose codes are the coupled ones (the same quantized weight, the same loss in
     # this form) never wins by the two forms' rounding, and DSS never ends above the sweep.
     s = tl.load(v_ptr + k_star) * S
-    if PAIRS:
-        best = _loss(_codes_pairs(wa, ws, s, BLK_R, BF16_DOT, True, PTX), c0, hw2, s, h1, h2, h3, eye, BF16_DOT)
-    else:
-        e = _codes_fp32(wf, s)
-        best = _loss(e.to(eye.dtype), c0, hw2, s, h1, h2, h3, eye, BF16_DOT, e)
-    best = tl.minimum(best, coupled)
+    best = tl.minimum(_try(s, s, wa, ws, wf, c0, hw2, h1, h2, h3, eye, BLK_R, BF16_DOT, PAIRS, True, PTX), coupled)
     # the winner as one index, offset * n_betas + j (-1: the coupled optimum): one select per try
     best_i = tl.zeros([BLK_R], tl.int32) - 1
     for offset in tl.static_range(3):

@@ -151,10 +151,8 @@ def magnitude_and_sign(w, PTX: tl.constexpr, F16: tl.constexpr = False):
     computed once."""
     a = w & 0x7FFF7FFF
     if PTX:
-        if F16:
-            s = tl.inline_asm_elementwise(_SIGN_BITS_F16, "=r,r,r", [w, a], dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            s = tl.inline_asm_elementwise(_SIGN_BITS, "=r,r,r", [w, a], dtype=tl.int32, is_pure=True, pack=1)
+        asm: tl.constexpr = _SIGN_BITS_F16 if F16 else _SIGN_BITS
+        s = tl.inline_asm_elementwise(asm, "=r,r,r", [w, a], dtype=tl.int32, is_pure=True, pack=1)
     else:
         nan = F16_NAN_BITS if F16 else BF16_NAN_BITS
         lo = a & 65535
@@ -186,16 +184,10 @@ def pair_chain(a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7, PTX
     ``t0..t6`` on the weight's grid and values ``q1..q7``, one per lane (usually the same value in
     both halves of an int32)."""
     if PTX:
-        if F16:
-            out = tl.inline_asm_elementwise(
-                _PAIR_CHAIN_F16, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                [a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7], dtype=tl.int32, is_pure=True,
-                pack=1)
-        else:
-            out = tl.inline_asm_elementwise(
-                _PAIR_CHAIN, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                [a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7], dtype=tl.int32, is_pure=True,
-                pack=1)
+        asm: tl.constexpr = _PAIR_CHAIN_F16 if F16 else _PAIR_CHAIN
+        out = tl.inline_asm_elementwise(
+            asm, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [a, s, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7], dtype=tl.int32, is_pure=True, pack=1)
     else:
         m = 65535
         nan: tl.constexpr = F16_NAN_BITS if F16 else BF16_NAN_BITS
