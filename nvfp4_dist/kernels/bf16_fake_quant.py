@@ -52,7 +52,7 @@ def _value(q, F16: tl.constexpr):
 
 
 @triton.jit
-def fake_quant_pairs(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g_rows, out_ptr,
+def fake_quant_pairs(w_ptr, bamax_ptr, beta_ptr, g_ptr, out_ptr, stride_row, rows, cin, g_rows,
                      HAS_BETA: tl.constexpr, GROUP_G: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
                      EVEN: tl.constexpr, PTX: tl.constexpr, F16: tl.constexpr = False):
     """``ROWS x COLS`` elements as blocks; block indices from the program ids and constexpr

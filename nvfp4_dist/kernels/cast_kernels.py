@@ -23,7 +23,7 @@ from .tl_nvfp4 import bf16_round, code_values, e2m1_codes, e2m1_pick, e4m3_bits,
 
 
 @triton.jit
-def _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, HAS_BETA: tl.constexpr,
+def _block_tile(w_ptr, bamax_ptr, beta_ptr, g_ptr, stride_row, nb, n_blocks, HAS_BETA: tl.constexpr,
                 BLK: tl.constexpr):
     n, mask, w = load_blocks(w_ptr, stride_row, nb, n_blocks, BLK)
     # per-block values as [BLK, 1]: they broadcast against the tile in its own layout
@@ -33,7 +33,7 @@ def _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, HAS
 
 
 @triton.jit
-def _fake_quant(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g_rows, out_ptr, HAS_BETA: tl.constexpr,
+def _fake_quant(w_ptr, bamax_ptr, beta_ptr, g_ptr, out_ptr, stride_row, rows, cin, g_rows, HAS_BETA: tl.constexpr,
                 GROUP_G: tl.constexpr, ROUND_BF16: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
                 EVEN: tl.constexpr):
     """One ``[ROWS, COLS]`` tile of the weight, seen as ``ROWS * COLS / 16`` blocks of 16.
@@ -77,9 +77,9 @@ def _fake_quant(w_ptr, stride_row, rows, cin, bamax_ptr, beta_ptr, g_ptr, g_rows
 
 
 @triton.jit
-def _quantize_pack(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr, packed_ptr, scale_ptr,
+def _quantize_pack(w_ptr, bamax_ptr, beta_ptr, g_ptr, packed_ptr, scale_ptr, stride_row, nb, n_blocks,
                    HAS_BETA: tl.constexpr, BLK: tl.constexpr):
-    n, mask, w, v, d, S = _block_tile(w_ptr, stride_row, nb, n_blocks, bamax_ptr, beta_ptr, g_ptr,
+    n, mask, w, v, d, S = _block_tile(w_ptr, bamax_ptr, beta_ptr, g_ptr, stride_row, nb, n_blocks,
                                       HAS_BETA, BLK)
     code = e2m1_codes(tl.abs(w), d) | tl.where(w < 0, 8, 0)
     lo, hi = tl.split(tl.reshape(code, [BLK, 8, 2]))
@@ -96,7 +96,7 @@ MAX_BLOCKS = 2**31 - 4096  # block indices are int32 in-kernel
 
 
 def _launch_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
-                 dss_beta: torch.Tensor | None, *outs) -> None:
+                 dss_beta: torch.Tensor | None, packed: torch.Tensor, scale: torch.Tensor) -> None:
     rows, cin = w.shape
     nb = cin // 16
     n_blocks = rows * nb
@@ -106,10 +106,11 @@ def _launch_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.T
         raise ValueError(f"weight shard {tuple(w.shape)} has {n_blocks} NVFP4 blocks, more than the "
                          f"{MAX_BLOCKS} one launch handles: split the rows into smaller shards")
     beta = dss_beta if dss_beta is not None else block_amax  # placeholder pointer, never read
-    args = (w, w.stride(0), nb, n_blocks, block_amax, beta, global_amax, *outs)
     blk = PACK_BLK if w.is_cuda else min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
-    _quantize_pack[(triton.cdiv(n_blocks, blk),)](*args, HAS_BETA=dss_beta is not None, BLK=blk,
-                                                  num_warps=PACK_WARPS, enable_fp_fusion=False)
+    _quantize_pack[(triton.cdiv(n_blocks, blk),)](
+        w_ptr=w, bamax_ptr=block_amax, beta_ptr=beta, g_ptr=global_amax, packed_ptr=packed, scale_ptr=scale,
+        stride_row=w.stride(0), nb=nb, n_blocks=n_blocks,
+        HAS_BETA=dss_beta is not None, BLK=blk, num_warps=PACK_WARPS, enable_fp_fusion=False)
 
 
 # Fake-quant tiles: 4096 elements per program and 4 warps, the best of a sweep on an H200 for the
@@ -148,13 +149,15 @@ def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
     tile_rows, cols = _fq_tile(rows, cin, not w.is_cuda)
     beta = dss_beta if dss_beta is not None else block_amax  # placeholder pointer, never read
     grid = (-(-rows // tile_rows), -(-cin // cols))
-    args = (w, w.stride(0), rows, cin, block_amax, beta, global_amax, max(g_rows, 1), out)
+    # the two kernels share their runtime arguments and most constexprs and launch options
+    args = dict(w_ptr=w, bamax_ptr=block_amax, beta_ptr=beta, g_ptr=global_amax, out_ptr=out,
+                stride_row=w.stride(0), rows=rows, cin=cin, g_rows=max(g_rows, 1))
     flags = dict(HAS_BETA=dss_beta is not None, GROUP_G=g_rows > 0, ROWS=tile_rows, COLS=cols,
                  EVEN=rows % tile_rows == 0 and cin % cols == 0, num_warps=4, enable_fp_fusion=False)
     if pairs_fit(w, (torch.bfloat16, torch.float16)):
-        bf16_fake_quant.fake_quant_pairs[grid](*args, PTX=w.is_cuda, F16=w.dtype == torch.float16, **flags)
+        bf16_fake_quant.fake_quant_pairs[grid](**args, PTX=w.is_cuda, F16=w.dtype == torch.float16, **flags)
     else:
-        _fake_quant[grid](*args, ROUND_BF16=w.dtype == torch.bfloat16 and not w.is_cuda, **flags)
+        _fake_quant[grid](**args, ROUND_BF16=w.dtype == torch.bfloat16 and not w.is_cuda, **flags)
     return out
 
 

@@ -106,7 +106,7 @@ def _try(q, s, wa, ws, wf, c0, hw2, h1, h2, h3, eye, BLK_R: tl.constexpr, BF16_D
 
 
 @triton.jit
-def _try_betas(best, best_i, first_i, s, betas_ptr, n_betas, wa, ws, wf, c0, hw2, h1, h2, h3, eye,
+def _try_betas(betas_ptr, best, best_i, first_i, s, n_betas, wa, ws, wf, c0, hw2, h1, h2, h3, eye,
                BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr, FULL_RANGE: tl.constexpr,
                PTX: tl.constexpr):
     """The beta grid at stored scale values ``s [B]``: ``(best, best_i)`` updated in grid order,
@@ -122,8 +122,8 @@ def _try_betas(best, best_i, first_i, s, betas_ptr, n_betas, wa, ws, wf, c0, hw2
 
 
 @triton.jit
-def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_betas, beta_max, q_limit,
-                k_ptr, loss_ptr, beta_ptr, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
+def _dss_search(w_ptr, h_ptr, s_ptr, v_ptr, betas_ptr, k_ptr, loss_ptr, beta_ptr, stride_row, rows, nb, n_betas,
+                beta_max, q_limit, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
                 PTX: tl.constexpr):
     """In place: (k, loss) hold the coupled optimum on entry, the DSS choice on exit."""
     b = tl.program_id(1)
@@ -171,10 +171,10 @@ def _dss_search(w_ptr, stride_row, rows, nb, h_ptr, s_ptr, v_ptr, betas_ptr, n_b
         k = tl.minimum(tl.maximum(k_star + (offset - 1), 0), 125)
         s = tl.load(v_ptr + k) * S  # the stored scale's value
         if fast or not PAIRS:
-            best, best_i = _try_betas(best, best_i, offset * n_betas, s, betas_ptr, n_betas, wa, ws, wf, c0, hw2,
+            best, best_i = _try_betas(betas_ptr, best, best_i, offset * n_betas, s, n_betas, wa, ws, wf, c0, hw2,
                                       h1, h2, h3, eye, BLK_R, BF16_DOT, PAIRS, False, PTX)
         else:
-            best, best_i = _try_betas(best, best_i, offset * n_betas, s, betas_ptr, n_betas, wa, ws, wf, c0, hw2,
+            best, best_i = _try_betas(betas_ptr, best, best_i, offset * n_betas, s, n_betas, wa, ws, wf, c0, hw2,
                                       h1, h2, h3, eye, BLK_R, BF16_DOT, PAIRS, True, PTX)
     offset = tl.where(best_i < 0, 1, best_i // n_betas)
     best_k = tl.minimum(tl.maximum(k_star + (offset - 1), 0), 125)
@@ -219,8 +219,9 @@ def launch_dss_search(w: torch.Tensor, hessian: torch.Tensor, global_scale: torc
     # num_stages=1: the scalar beta loads stay plain loads (pipelined through shared memory they
     # cost a barrier per step: 4% on an H200)
     _dss_search[(triton.cdiv(rows, blk_r), nb)](
-        w, w.stride(0), rows, nb, hessian, global_scale, values, _grid_on(w.device, grid), len(grid), max(grid),
-        min(fast_q_limit, FAST_Q_LIMIT.value),
-        k, loss, beta, BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda,
-        num_warps=num_warps, num_stages=1)
+        w_ptr=w, h_ptr=hessian, s_ptr=global_scale, v_ptr=values, betas_ptr=_grid_on(w.device, grid),
+        k_ptr=k, loss_ptr=loss, beta_ptr=beta,
+        stride_row=w.stride(0), rows=rows, nb=nb, n_betas=len(grid), beta_max=max(grid),
+        q_limit=min(fast_q_limit, FAST_Q_LIMIT.value),
+        BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda, num_warps=num_warps, num_stages=1)
     return beta

@@ -69,6 +69,7 @@ def launch_schur_floor(hessian: torch.Tensor) -> torch.Tensor:
     nb = hessian.shape[0]
     kappa = torch.empty(nb, 16, dtype=torch.float32, device=hessian.device)
     if nb:
-        _schur_floor[(triton.cdiv(nb, BLK_B),)](hessian, kappa, nb, LOSS_ROUNDING=LOSS_ROUNDING,
-                                               KAPPA_MARGIN=KAPPA_MARGIN, BLK_B=BLK_B, num_warps=4)
+        _schur_floor[(triton.cdiv(nb, BLK_B),)](
+            h_ptr=hessian, kappa_ptr=kappa, nb=nb,
+            LOSS_ROUNDING=LOSS_ROUNDING, KAPPA_MARGIN=KAPPA_MARGIN, BLK_B=BLK_B, num_warps=4)
     return kappa

@@ -36,8 +36,11 @@ BLK_R = 64  # rows per program (fixed: see module docstring)
 NUM_WARPS = 4
 
 
+# _tile returns nine values and _pairs_loss takes m1..m7 rather than (wa, ws) / (h1, h2, h3) /
+# (m1..m7) tuples: Triton 3.2, which pyproject.toml accepts, takes no tuple arguments or nested
+# tuple returns (see :mod:`.tl_nvfp4`).
 @triton.jit
-def _tile(w_ptr, stride_row, rows, h_ptr, pid, b, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
+def _tile(w_ptr, h_ptr, stride_row, rows, pid, b, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
           PTX: tl.constexpr):
     r = pid.to(tl.int64) * BLK_R + tl.arange(0, BLK_R)
     rmask = r < rows
@@ -85,16 +88,16 @@ def _pairs_loss(wa, ws, w, hw, h1, h2, h3, m1, m2, m3, m4, m5, m6, m7, d_q, S, B
 
 
 @triton.jit
-def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr,
+def _hessian_sweep(w_ptr, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, stride_row, rows, nb,
                    BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr, PTX: tl.constexpr):
     b = tl.program_id(1)
-    r, rmask, w, wa, ws, h1, h2, h3, hw = _tile(w_ptr, stride_row, rows, h_ptr, tl.program_id(0), b, BLK_R,
+    r, rmask, w, wa, ws, h1, h2, h3, hw = _tile(w_ptr, h_ptr, stride_row, rows, tl.program_id(0), b, BLK_R,
                                             BF16_DOT, PAIRS, PTX)
     a = tl.abs(w)
     S = tl.load(s_ptr)
     kappa = tl.load(kappa_ptr + b * 16 + tl.arange(0, 16))[None, :]
     amax = tl.max(a, axis=1)
-    k0 = start_candidate(amax, v_ptr, S)
+    k0 = start_candidate(v_ptr, amax, S)
     v0 = tl.load(v_ptr + k0)
     if PAIRS:
         m1, m2, m3, m4, m5, m6, m7 = _pair_values(v0)
@@ -102,7 +105,7 @@ def _hessian_sweep(w_ptr, stride_row, rows, nb, h_ptr, kappa_ptr, s_ptr, v_ptr, 
     else:
         best = hessian_loss(w, a, hw, h1, h2, h3, v0, v0 * S, S, BF16_DOT)
     best_k = k0
-    k_lo, k_hi = candidate_window(a, amax, k0, best, kappa, v_ptr, S, True)
+    k_lo, k_hi = candidate_window(v_ptr, a, amax, k0, best, kappa, S, True)
     width = tl.max(tl.where(rmask, k_hi - k_lo + 1, 0))
     # two candidates per step (two independent evaluations in flight); past k_hi nothing counts
     for i in range(0, width, 2):
@@ -147,6 +150,7 @@ def launch_hessian_sweep(w: torch.Tensor, hessian: torch.Tensor, kappa: torch.Te
     loss = torch.empty(rows, nb, dtype=torch.float32, device=w.device)
     if rows and nb:
         _hessian_sweep[_grid(rows, nb, blk_r)](
-            w, w.stride(0), rows, nb, hessian, kappa, global_scale, values, k, loss,
+            w_ptr=w, h_ptr=hessian, kappa_ptr=kappa, s_ptr=global_scale, v_ptr=values, k_ptr=k, loss_ptr=loss,
+            stride_row=w.stride(0), rows=rows, nb=nb,
             BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda, num_warps=num_warps)
     return k, loss

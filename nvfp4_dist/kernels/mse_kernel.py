@@ -18,20 +18,19 @@ from .tl_nvfp4 import candidate_window, load_blocks_by_thread, mse_loss, start_c
 
 
 @triton.jit
-def _mse_sweep(w_ptr, stride_row, nb, n_blocks, s_ptr, v_ptr, k_ptr, loss_ptr,
-               BLK: tl.constexpr):
+def _mse_sweep(w_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, stride_row, nb, n_blocks, BLK: tl.constexpr):
     n, mask, w = load_blocks_by_thread(w_ptr, stride_row, nb, n_blocks, BLK)
     a = tl.abs(w)
     S = tl.load(s_ptr)
     amax = tl.max(a, axis=1)
-    k0 = start_candidate(amax, v_ptr, S)
-    best = mse_loss(a, v_ptr, k0, S)
+    k0 = start_candidate(v_ptr, amax, S)
+    best = mse_loss(v_ptr, a, k0, S)
     best_k = k0
-    k_lo, k_hi = candidate_window(a, amax, k0, best, 0.0, v_ptr, S, False)
+    k_lo, k_hi = candidate_window(v_ptr, a, amax, k0, best, 0.0, S, False)
     width = tl.max(tl.where(mask, k_hi - k_lo + 1, 0))
     for i in range(width):
         k = k_lo + i
-        loss = mse_loss(a, v_ptr, tl.minimum(k, 125), S)
+        loss = mse_loss(v_ptr, a, tl.minimum(k, 125), S)
         # window members only; ties go to the smallest candidate, whatever the visiting order
         better = (k <= k_hi) & (k != k0) & ((loss < best) | ((loss == best) & (k < best_k)))
         best = tl.where(better, loss, best)
@@ -65,9 +64,11 @@ def launch_mse_sweep(w: torch.Tensor, global_scale: torch.Tensor, values: torch.
     loss = torch.empty(rows, nb, dtype=torch.float32, device=w.device)
     if n_blocks == 0:
         return k, loss
-    args = (w, w.stride(0), nb, n_blocks, global_scale, values, k, loss)
     if blk is None:
         blk = CUDA_BLK if w.is_cuda else min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
     warps = num_warps or max(1, min(8, blk // 32))  # one block per thread
-    _mse_sweep[(triton.cdiv(n_blocks, blk),)](*args, BLK=blk, num_warps=warps, enable_fp_fusion=False)
+    _mse_sweep[(triton.cdiv(n_blocks, blk),)](
+        w_ptr=w, s_ptr=global_scale, v_ptr=values, k_ptr=k, loss_ptr=loss,
+        stride_row=w.stride(0), nb=nb, n_blocks=n_blocks,
+        BLK=blk, num_warps=warps, enable_fp_fusion=False)
     return k, loss

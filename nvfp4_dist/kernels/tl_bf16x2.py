@@ -163,6 +163,9 @@ def magnitude_and_sign(w, PTX: tl.constexpr, F16: tl.constexpr = False):
     return a, s
 
 
+# select_half and pair_chain take the thresholds t0..t6 and values q1..q7 as 14 separate operands,
+# not as two tuples: tuple arguments need Triton >= 3.3 and pyproject.toml accepts 3.2 (see
+# :mod:`.tl_nvfp4`). The PTX block takes them as one flat operand list either way.
 @triton.jit
 def select_half(a, t0, t1, t2, t3, t4, t5, t6, q1, q2, q3, q4, q5, q6, q7, NAN: tl.constexpr):
     """One 16-bit lane of the chain in integers (the interpreter's twin of the PTX)."""

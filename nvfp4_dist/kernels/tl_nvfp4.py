@@ -8,6 +8,13 @@ Tensors are ``[B, 16]`` (one NVFP4 block per row) with per-block values ``[B]``.
 Rounding to bf16 and to E4M3 is done with explicit integer arithmetic on fp32 bits, never by a
 cast that rounds: the result then does not depend on the backend's conversion (the Triton
 interpreter truncates where the GPU rounds to nearest even).
+
+Every ``@triton.jit`` function of :mod:`nvfp4_dist.kernels` takes its arguments as tensor pointers
+(``*_ptr``), then sizes, strides and other runtime values, then ``tl.constexpr`` flags, defaulted
+ones last. Runs of per-block operands (thresholds ``t0..t6``, code values ``q1..q7``, the Hessian
+split ``h1, h2, h3``) stay separate arguments and return values rather than tuples: a tuple
+argument (or a nested tuple return) needs Triton >= 3.3, and Triton 3.2, the oldest that
+``pyproject.toml`` accepts, rejects it ("cannot convert (...) of type <class 'tuple'> to tensor").
 """
 
 import triton
@@ -155,6 +162,7 @@ def code_values(v, S):
     return (0.5 * v) * S, v * S, (1.5 * v) * S, (2.0 * v) * S, (3.0 * v) * S, (4.0 * v) * S, (6.0 * v) * S
 
 
+# q1..q7 stay separate arguments, not a tuple: Triton 3.2 takes no tuple arguments (module docstring)
 @triton.jit
 def e2m1_pick(a, d, q1, q2, q3, q4, q5, q6, q7):
     """The value ``q[code]`` of magnitudes ``a [B, 16]`` for quant scales ``d [B, 1]``.
@@ -186,7 +194,7 @@ def e2m1_codes(a, d):
 
 
 @triton.jit
-def mse_loss(a, v_ptr, k, S):
+def mse_loss(v_ptr, a, k, S):
     """Block SSE ``tree16((|w| - q)^2)`` of per-block candidates ``k [B]`` (the spec's bits).
 
     Thresholds and values are written out here: the interpreter pays per nested call.
@@ -206,7 +214,7 @@ def mse_loss(a, v_ptr, k, S):
 
 
 @triton.jit
-def start_candidate(amax, v_ptr, S):
+def start_candidate(v_ptr, amax, S):
     """k0: smallest k with ``qmax_k = fl(fl(6 v_k) S) >= amax``, clamped to 125 (bisection)."""
     lo = tl.zeros(amax.shape, tl.int32)
     hi = lo + (LAST_CANDIDATE + 1)
@@ -220,7 +228,7 @@ def start_candidate(amax, v_ptr, S):
 
 
 @triton.jit
-def candidate_window(a, amax, k0, upper, kappa, v_ptr, S, USE_KAPPA: tl.constexpr):
+def candidate_window(v_ptr, a, amax, k0, upper, kappa, S, USE_KAPPA: tl.constexpr):
     """``(k_lo, k_hi)`` of :func:`nvfp4_dist.kernels.windows.candidate_window`, in-kernel.
 
     ``kappa [1, 16]`` Schur floors (used when ``USE_KAPPA``, the Hessian loss); else the

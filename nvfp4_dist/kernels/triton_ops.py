@@ -1,4 +1,4 @@
-"""Triton backend of :mod:`.dispatch`: input checks, device placement, result assembly.
+"""Triton implementation of :mod:`.dispatch`: input checks, device placement, result assembly.
 
 Same signatures and results as :mod:`.reference` (bit-exact for the MSE sweep, fake-quant and
 cast/pack; Hessian and DSS losses to fp32 rounding, see :mod:`.hessian_kernel`). Weights may be
