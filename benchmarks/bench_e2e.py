@@ -1,14 +1,15 @@
-"""End to end: ``quantize()`` of a Qwen3-8B-shaped model on one GPU, the setting of ANCHORS.md.
+"""End to end: ``quantize()`` of a Qwen3-8B-shaped model on one GPU (the setting in which
+ModelOpt 0.47.0's figures in benchmarks/RESULTS.md were measured).
 
 Run on a CUDA machine: ``python benchmarks/bench_e2e.py [--out FILE.md]``. The model is built
 from a transformers ``Qwen3Config`` (hidden 4096, 36 layers, intermediate 12288, 32/8 heads, head
 dim 128, vocab 151936) with random bf16 weights on the GPU, in eval mode; calibration is 128 x 512
 random tokens in batches of 8, W4A4 (static input scales recorded), like ModelOpt's
-``NVFP4_W4A4_*`` presets in the anchors. For each method a freshly built model (same seed) is
+``NVFP4_W4A4_*`` presets in that measurement. For each method a freshly built model (same seed) is
 quantized and the table gives the wall time of ``quantize()`` (with its stages), the peak GPU
 memory during it and the time of one plain calibration forward for reference. Before each, a
 one-layer model of the same shapes is quantized once in the same process, so that Triton's
-compilation (on disk after a process's first use) is timed apart, as the anchors time ModelOpt
+compilation (on disk after a process's first use) is timed apart, as ModelOpt was timed
 after its CUDA-extension build. Smaller shapes
 (``--layers 2 --hidden 256 ...``, ``--device cpu``) make a smoke test.
 """

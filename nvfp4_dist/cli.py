@@ -17,13 +17,18 @@ from pathlib import Path
 
 import torch
 
-from .config import DeadExpertPolicy, KernelBackend, QuantConfig
+from .calib.checkpoint import check_empty_dir
+from .calib.pipeline import quantize
+from .config import DeadExpertPolicy, KernelImpl, QuantConfig
 from .errors import ConfigError, NVFP4DistError
+from .export.hf import export_checkpoint
+from .export.inspect import inspect_checkpoint
 from .kernels.types import Method
-from .progress import is_main_rank, progress
+from .models.loading import DTYPES, load_calibration, load_model, make_forward_loop
+from .progress import is_main_rank
+from .runs import Layout, RunSummary, check_layout_options, is_launched, run_quantize
 
 FORMATS = ("modelopt", "compressed-tensors")
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,14 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-only", action="store_true", help="W4A16: no static input scales")
     q.add_argument("--include", nargs="*", default=[], help="fnmatch patterns of modules to quantize")
     q.add_argument("--exclude", nargs="*", default=None, help="fnmatch patterns never quantized")
-    q.add_argument("--kernel-backend", choices=[b.value for b in KernelBackend], default="auto")
+    q.add_argument("--kernels", "--kernel-backend", dest="kernels", choices=[b.value for b in KernelImpl],
+                   default="auto", help="kernel implementation: auto (Triton on CUDA, torch elsewhere), triton, torch")
     q.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     q.add_argument("--dtype", choices=list(DTYPES), default="auto",
                    help="model dtype (auto: the checkpoint's; float32 for embedded models)")
     q.add_argument("--no-progress", action="store_true")
-    q.add_argument("--backend", choices=["hf", "fsdp2", "megatron"], default="hf",
+    q.add_argument("--backend", "--layout", dest="backend", choices=[m.value for m in Layout], default="hf",
                    help="layout across torchrun ranks: hf (whole model per rank), fsdp2 (FSDP2 "
-                        "shards), megatron (Megatron-core GPT, tensor parallel); see nvfp4_dist.backends")
+                        "shards), megatron (Megatron-core GPT, tensor parallel); see nvfp4_dist.runs")
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel size (--backend megatron)")
     q.add_argument("--ep", type=int, default=1,
                    help="expert-parallel size for MoE models (--backend megatron)")
@@ -90,7 +96,7 @@ def _config_from_args(args) -> QuantConfig:
     kwargs = dict(method=args.method, dss=args.dss, dss_beta_min=args.dss_beta[0],
                   dss_beta_max=args.dss_beta[1], dss_beta_step=args.dss_beta[2],
                   quantize_inputs=not args.weight_only, include=tuple(args.include),
-                  backend=args.kernel_backend, dead_experts=args.dead_experts)
+                  kernels=args.kernels, dead_experts=args.dead_experts)
     if args.exclude is not None:
         kwargs["exclude"] = tuple(args.exclude)
     return QuantConfig(**kwargs)
@@ -102,52 +108,50 @@ def _device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def make_forward_loop(tokens: torch.Tensor, batch_size: int, show_progress: bool):
-    """A forward loop over ``tokens [samples, seq_len]`` in batches, on the model's device."""
-
-    def forward_loop(model):
-        device = next(model.parameters()).device
-        batches = range(0, tokens.shape[0], batch_size)
-        for start in progress(batches, desc="calibrate", enabled=show_progress):
-            model(input_ids=tokens[start:start + batch_size].to(device))
-
-    return forward_loop
-
-
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise NVFP4DistError(f"--out {out} exists; pass --overwrite to replace it "
                              "(it is replaced only once the new export is complete)")
 
 
-def cmd_quantize(args) -> int:
-    from .calib.pipeline import quantize
-    from .export.hf import export_hf
-    from .models.loading import load_calibration, load_model
+def _print_run(args, config: QuantConfig, run: RunSummary) -> None:
+    result = run.result
+    print(result.table())
+    dss = " + DSS" if config.dss else ""
+    split = f", data split over {run.data_ranks} ranks" if run.data_ranks > 1 else ""
+    hsdp = f", {args.replicas} replicas" if args.replicas > 1 else ""
+    print(f"\n{args.backend} backend on {run.world_size} rank(s) (tp={args.tp}, ep={args.ep}{hsdp}{split}): "
+          f"{len(result.slots)} weight shards quantized per rank ({config.method.value}{dss}), "
+          f"{len(result.ignored)} modules kept in high precision; calibration "
+          f"{run.tokens[0]}x{run.tokens[1]} tokens; {run.seconds:.1f} s")
+    print(f"{args.format} checkpoint written to {run.out}")
+    if args.save_dist_ckpt is not None:
+        print(f"Megatron distributed checkpoint (weights + quantizer state) written to {args.save_dist_ckpt}")
 
+
+def cmd_quantize(args) -> int:
     config = _config_from_args(args)
     _check_out_dir(args.out, args.overwrite)
-    from .backends import check_layout_options, is_launched, run_quantize
-
     check_layout_options(args.backend, args.tp, args.ep, args.replicas)  # before any work
     if args.save_dist_ckpt is not None:
-        from .export.checkpoint import check_empty_dir
-
         if args.backend != "megatron":
             raise ConfigError("--save-dist-ckpt writes a Megatron distributed checkpoint: it needs "
                               "--backend megatron (other backends: save model.state_dict() or use torch DCP)")
         check_empty_dir(args.save_dist_ckpt)
 
     if args.backend != "hf" or is_launched():  # under torchrun, or a layout needing a process group
-        return run_quantize(args, config)
+        run = run_quantize(args, config)
+        if is_main_rank():
+            _print_run(args, config, run)
+        return 0
     show = not args.no_progress
     t_start = time.perf_counter()
     loaded = load_model(args.model, seed=args.seed, dtype=DTYPES[args.dtype], device=_device(args.device))
     tokens = load_calibration(loaded, args.calib_samples, args.seq_len, args.seed, args.calib_file)
     result = quantize(loaded.model, config, make_forward_loop(tokens, args.batch_size, show),
                       show_progress=show)
-    summary = export_hf(loaded.model, result, args.out, fmt=args.format, source_dir=loaded.source_dir,
-                        overwrite=args.overwrite, backend=config.backend)
+    summary = export_checkpoint(loaded.model, result, args.out, fmt=args.format, source_dir=loaded.source_dir,
+                                overwrite=args.overwrite, kernels=config.kernels)
     if is_main_rank():
         print(result.table())
         dss = " + DSS" if config.dss else ""
@@ -161,8 +165,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .export.inspect import inspect_checkpoint
-
     report = inspect_checkpoint(args.dir)
     print(report.format())
     return 0 if report.ok else 1

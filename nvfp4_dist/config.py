@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-from .kernels.types import KernelBackend, Method
+from .kernels.types import KernelImpl, Method
 
 # Module-name patterns (fnmatch) that are never quantized unless the user targets them:
 # output heads and embeddings (accuracy-critical, usually kept in high precision by engines)
@@ -33,7 +33,7 @@ class QuantConfig:
         W4A16 (False) is weight-only.
     include: fnmatch patterns of module names to quantize (empty: every supported linear).
     exclude: patterns never quantized (applied after ``include``).
-    backend: where the search runs (see :class:`KernelBackend`).
+    kernels: which implementation runs the searches and fake-quant (see :class:`KernelImpl`).
     dead_experts: policy for MoE experts that no calibration token reaches.
     """
 
@@ -45,12 +45,12 @@ class QuantConfig:
     quantize_inputs: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDES)
-    backend: KernelBackend = KernelBackend.AUTO
+    kernels: KernelImpl = KernelImpl.AUTO
     dead_experts: DeadExpertPolicy = DeadExpertPolicy.WEIGHT_ONLY
 
     def __post_init__(self):
         # Accept the enums' string values at the API edge, without changing any meaning.
-        for name, kind in (("method", Method), ("backend", KernelBackend),
+        for name, kind in (("method", Method), ("kernels", KernelImpl),
                            ("dead_experts", DeadExpertPolicy)):
             value = getattr(self, name)
             if not isinstance(value, kind):

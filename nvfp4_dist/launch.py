@@ -35,12 +35,13 @@ _TRANSPORT_MARKERS = ("Timed out", "timed out", "Connection closed", "Connection
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: global rank/size, rank on its node, backend and device."""
+    """Where this process sits: global rank/size, rank on its node, collective transport
+    (torch.distributed's process-group backend: "nccl" or "gloo") and device."""
 
     rank: int
     world_size: int
     local_rank: int
-    backend: str | None
+    transport: str | None
     device: torch.device
 
 
@@ -52,12 +53,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def pick_backend() -> str:
+def pick_transport() -> str:
     """NCCL when CUDA is available, gloo otherwise (the CPU test path)."""
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+def init_distributed(transport: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                      single_group: bool = False) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT). A plain process (no WORLD_SIZE) stays single, or with ``single_group`` gets a
@@ -67,11 +68,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         raise ConfigError(f"timeout_s={timeout_s} must be positive")
     world = launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = backend or pick_backend()
-    if backend == "nccl":
+    transport = transport or pick_transport()
+    if transport == "nccl":
         if not torch.cuda.is_available() or torch.cuda.device_count() <= local_rank:
-            raise ConfigError(f"backend 'nccl' needs a GPU per rank: local rank {local_rank}, "
-                              f"{torch.cuda.device_count()} visible GPU(s); use backend='gloo' on CPU")
+            raise ConfigError(f"transport 'nccl' needs a GPU per rank: local rank {local_rank}, "
+                              f"{torch.cuda.device_count()} visible GPU(s); use transport='gloo' on CPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -80,8 +81,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         return DistInfo(0, 1, 0, None, device)
     if not dist.is_initialized():
         store = dist.HashStore() if world == 1 and "MASTER_ADDR" not in os.environ else None
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None, store=store,
+        dist.init_process_group(transport, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if transport == "nccl" else None, store=store,
                                 **({"rank": 0, "world_size": 1} if store is not None else {}))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
 
@@ -104,7 +105,7 @@ def init_megatron(tp: int, timeout_s: float = DEFAULT_TIMEOUT_S, data_split: boo
     if not dist.is_initialized():
         raise ConfigError("init_megatron needs torch.distributed: call init_distributed() first "
                           "(a single process needs WORLD_SIZE=1 MASTER_ADDR/MASTER_PORT set and "
-                          "init_distributed(backend='gloo'), or torchrun --nproc-per-node 1)")
+                          "init_distributed(transport='gloo'), or torchrun --nproc-per-node 1)")
     if tp < 1 or world % tp:
         raise ConfigError(f"--tp {tp} must divide the number of ranks ({world})")
     if ep < 1 or world % ep:

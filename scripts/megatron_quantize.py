@@ -4,7 +4,7 @@
 
 The same calls fit a Megatron training script: initialise parallel_state as usual, then
 ``quantize(model, config, forward_loop)`` (the context is detected from parallel_state) and
-``export_distributed`` on every rank. Needs megatron-core and, for the GPT forward, CUDA.
+``export_checkpoint`` on every rank. Needs megatron-core and, for the GPT forward, CUDA.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 
 from nvfp4_dist import QuantConfig, quantize
-from nvfp4_dist.export.distributed import export_distributed
+from nvfp4_dist.export import export_checkpoint
 from nvfp4_dist.launch import collective_failures, init_distributed, init_megatron, shutdown
 from nvfp4_dist.models.megatron_gpt import build_megatron_gpt, megatron_forward_loop
 from nvfp4_dist.models.tiny import build_embedded, calibration_tokens
 from nvfp4_dist.parallel.invariance import float64_forward
-from nvfp4_dist.parallel.megatron import hf_module_names, megatron_namer
 
 
 def main() -> None:
@@ -35,8 +34,7 @@ def main() -> None:
         loop = float64_forward(megatron_forward_loop(calibration_tokens(1024, 16, 64), batch_size=4))
         result = quantize(model, QuantConfig(method="local_hessian", dss=True), loop, ctx=ctx)
         config = {**hf.config.to_dict(), "architectures": [type(hf).__name__]}
-        export_distributed(model, result, args.out, ctx, config, "modelopt", megatron_namer(ctx),
-                           ignore=hf_module_names(model, result.ignored), overwrite=True)
+        export_checkpoint(model, result, args.out, fmt="modelopt", overwrite=True, config=config)
     if info.rank == 0:
         print(result.table())
         print(f"written to {args.out}")

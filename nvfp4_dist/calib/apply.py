@@ -1,4 +1,4 @@
-"""Fake-quant forward: modules compute with NVFP4 quantize-dequantized weights.
+"""Apply: modules compute with NVFP4 quantize-dequantized weights (the fake-quant forward).
 
 The parameter itself is untouched (nothing is lost, and QAT keeps training the high-precision
 weight): a forward pre-hook swaps the parameter attribute for its fake-quant image and a forward
@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import KernelBackend
+from ..config import KernelImpl, QuantConfig
 from ..kernels.dispatch import fake_quant_weight
 from ..parallel.fsdp import state_for_weight
-from .state import has_state, read_state
+from .checkpoint import register_checkpoint_state
+from .state import SlotState, attach_state, has_state, read_state
 
 _HANDLES_ATTR = "_nvfp4_fake_quant_handles"
 
@@ -25,22 +26,22 @@ def _local(t, weight):
 
 
 def fake_quant_param(module: nn.Module, param_name: str, weight: torch.Tensor,
-                     backend: KernelBackend = KernelBackend.AUTO) -> torch.Tensor:
+                     kernels: KernelImpl = KernelImpl.AUTO) -> torch.Tensor:
     """Fake-quant image of ``weight`` (the module's parameter, 2-D or 3-D experts)."""
     state = read_state(module, param_name)
     g, bamax, beta = state["global_amax"], state["block_amax"], state.get("dss_beta")
     if weight.dim() == 2:
         fq = fake_quant_weight(weight.detach(), _local(bamax, weight), _local(g, weight), _local(beta, weight),
-                               backend=backend)
+                               kernels=kernels)
     else:  # [E, rows, cin] fused experts, one global amax per expert: one launch for all
-        fq = fake_quant_weight(weight.detach(), bamax, g, beta, backend=backend)
+        fq = fake_quant_weight(weight.detach(), bamax, g, beta, kernels=kernels)
     if torch.is_grad_enabled() and weight.requires_grad:
         return weight + (fq - weight).detach()
     return fq
 
 
 def install_fake_quant(module: nn.Module, param_names: list[str],
-                       backend: KernelBackend = KernelBackend.AUTO) -> None:
+                       kernels: KernelImpl = KernelImpl.AUTO) -> None:
     """Make ``module`` compute with fake-quant images of ``param_names`` (idempotent)."""
     remove_fake_quant(module)
     params = [p for p in param_names if has_state(module, p)]
@@ -51,7 +52,7 @@ def install_fake_quant(module: nn.Module, param_names: list[str],
             param = mod._parameters[p]
             stash[p] = param
             del mod._parameters[p]
-            setattr(mod, p, fake_quant_param(mod, p, param, backend))
+            setattr(mod, p, fake_quant_param(mod, p, param, kernels))
 
     def post_hook(mod, args, output):
         for p, param in stash.items():
@@ -68,3 +69,17 @@ def remove_fake_quant(module: nn.Module) -> None:
         handle.remove()
     if hasattr(module, _HANDLES_ATTR):
         delattr(module, _HANDLES_ATTR)
+
+
+def apply_states(model: nn.Module, inventory, states: dict[str, SlotState], config: QuantConfig) -> None:
+    """Stage 5, apply: store each slot's state as buffers on its module, make the modules compute
+    with fake-quant weights, and make the state travel with the model's checkpoints.
+
+    The one step shared by :func:`~nvfp4_dist.calib.pipeline.quantize` (searched states) and
+    :func:`~nvfp4_dist.calib.restore.init_quantizer_state` (NaN placeholders a load fills in).
+    """
+    for slot in inventory.slots:
+        attach_state(slot, states[slot.name])
+    for module, _adapter, slots in inventory.modules.values():
+        install_fake_quant(module, sorted({s.param_name for s in slots}), kernels=config.kernels)
+    register_checkpoint_state(model, inventory.slots, config)  # state travels with the checkpoints

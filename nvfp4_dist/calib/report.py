@@ -17,6 +17,7 @@ class LayerReport:
     tokens: int
     dead: bool
     sums: torch.Tensor = field(repr=False)  # fp64 [5]: |W|^2, |W-Q|^2, |W-Qmax|^2, Hloss, Hloss_max
+    empty_blocks: int = 0  # this rank's block columns whose Hessian was empty (MSE search there)
 
     @property
     def rel_error(self) -> float:
@@ -65,8 +66,11 @@ def format_table(rows: list[LayerReport]) -> str:
     for r in rows:
         ratio = "" if r.hessian_loss is None else f"{r.hessian_loss / max(r.hessian_loss_max, 1e-30):.4f}"
         name = r.name if len(r.name) <= 58 else "…" + r.name[-57:]
-        lines.append(f"{name:<58} {r.shape[0]:>6}x{r.shape[1]:<6} {r.method + ('*' if r.dead else ''):>14} "
+        mark = "*" if r.dead else "+" if r.empty_blocks else ""
+        lines.append(f"{name:<58} {r.shape[0]:>6}x{r.shape[1]:<6} {r.method + mark:>14} "
                      f"{r.tokens:>8} {r.rel_error:>9.5f} {r.rel_error_max:>9.5f} {ratio:>10}")
     if any(r.dead for r in rows):
         lines.append("* dead: no calibration token reached this weight; weight-only MSE scales used")
+    if any(r.empty_blocks and not r.dead for r in rows):
+        lines.append("+ inputs always zero on some 16-channel blocks (empty Hessian): MSE scales there")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import torch
 
 from ..kernels.types import Method
 from ..parallel.fsdp import state_like
-from .slots import WeightSlot
+from ..layout.slots import WeightSlot
 
 SUFFIXES = ("global_amax", "block_amax", "dss_beta", "input_amax")
 
@@ -24,9 +24,10 @@ def buffer_name(param_name: str, suffix: str) -> str:
     return f"{param_name}_nvfp4_{suffix}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SlotState:
-    """Calibration result of one slot (local shard)."""
+    """Calibration result of one slot (local shard); later stages derive new states with
+    ``dataclasses.replace`` (e.g. a dead expert's borrowed input amax)."""
 
     global_amax: torch.Tensor = field(repr=False)  # fp32 0-d
     block_amax: torch.Tensor = field(repr=False)  # fp32 [rows, cin/16]
@@ -35,6 +36,7 @@ class SlotState:
     input_amax: torch.Tensor | None = field(default=None, repr=False)
     tokens: int = 0
     dead: bool = False  # no calibration token reached this weight (after the reduce)
+    empty_blocks: int = 0  # local 16-channel block columns whose Hessian was empty (MSE instead)
 
 
 def attach_state(slot: WeightSlot, state: SlotState) -> None:

@@ -36,6 +36,7 @@ from typing import Mapping
 
 import torch
 
+from .._version import __version__
 from ..errors import ConfigError, ExportError
 from ..numerics import nvfp4
 from ..numerics.constants import BLOCK_SIZE, GLOBAL_SCALE_DENOM
@@ -46,7 +47,7 @@ LINEAR_TARGETS = ["Linear"]
 
 
 class ExportFormat(str, enum.Enum):
-    """HF checkpoint layouts :func:`~nvfp4_dist.export.hf.export_hf` writes."""
+    """HF checkpoint layouts :func:`~nvfp4_dist.export.hf.export_checkpoint` writes."""
 
     MODELOPT = "modelopt"  # ModelOpt NVFP4: uint8 `weight`, 0-d `weight_scale_2`, hf_quant_config.json
     COMPRESSED_TENSORS = "compressed-tensors"  # `nvfp4-pack-quantized`: reciprocal [1] global scales
@@ -151,8 +152,6 @@ def merge_tensors(fmt: ExportFormat, module: str, tensors: Mapping[str, torch.Te
 
 
 def _producer() -> dict:
-    from .. import __version__  # at call time: the package is fully imported by then
-
     return {"name": PRODUCER_NAME, "version": __version__}
 
 

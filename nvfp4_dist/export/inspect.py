@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from ..errors import ExportError
 from ..numerics.constants import BLOCK_SIZE
-from ..parallel.layouts import fused_keys
+from ..layout.fused import fused_keys
 from .formats import SCHEMES, ExportFormat, TensorScheme, config_w4a4, detect_format
 from .reader import check_format_version, read_json, weight_map
 

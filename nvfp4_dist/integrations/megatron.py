@@ -26,7 +26,7 @@ Lifecycle (every rank runs every call, with the same arguments)::
    never trained and never recomputed from the changing weights; weights that grow past their
    calibrated block amax are clamped by the FP4 range, which the training sees as error.
 3. ``export``: the trained weights quantized with the calibrated scales, written as one Hugging
-   Face NVFP4 checkpoint (streamed per rank, :func:`~nvfp4_dist.export.distributed.export_distributed`);
+   Face NVFP4 checkpoint (streamed per rank, :func:`~nvfp4_dist.export.hf.export_checkpoint`);
    its dequantized weights are exactly the forward's ``fq(w)``. With ``dist_ckpt_dir`` also a
    Megatron distributed checkpoint (weights + quantizer state, restorable at another TP size).
    Megatron's own checkpointing during training already carries the quantizer state: ``quantize``
@@ -44,6 +44,7 @@ the straight-through image).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,11 +53,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..calib.checkpoint import save_megatron_checkpoint
 from ..calib.pipeline import QuantResult, quantize
 from ..config import QuantConfig
 from ..errors import ConfigError
+from ..export.hf import export_checkpoint
 from ..export.formats import ExportFormat
 from ..progress import is_main_rank, progress
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,8 @@ class NVFP4Hook:
     dist_ckpt_dir: where :meth:`export` also saves the Megatron distributed checkpoint (a new or
         empty directory); None: none.
     overwrite: replace an existing ``export_dir``.
-    show_progress: progress bars and the report table on rank 0.
+    show_progress: progress bars on rank 0, and the per-layer report table logged there
+        (logger ``nvfp4_dist.integrations.megatron``, level INFO).
     """
 
     def __init__(self, config: QuantConfig | None = None, calib_microbatches: int = 16,
@@ -134,19 +140,18 @@ class NVFP4Hook:
         self.show_progress = show_progress
         self.result: QuantResult | None = None
         self._model: nn.Module | None = None
-        self._ctx = None
 
     def calibrate(self, model, data_iterator: Iterator | None, forward_step_func: Callable, *,
                   seq_length: int, micro_batch_size: int) -> QuantResult:
         """Calibrate ``model`` (module or ``[chunk]``, possibly DDP/Float16Module-wrapped) on
         ``calib_microbatches`` microbatches through Megatron's schedule; installs the fake-quant
-        forward and returns the :class:`QuantResult` (rank 0 prints its table). ``data_iterator``
+        forward and returns the :class:`QuantResult` (rank 0 logs its table). ``data_iterator``
         and ``forward_step_func`` are the training script's (the iterator may be None on ranks
         whose ``forward_step_func`` does not read it); ``seq_length`` / ``micro_batch_size`` are
         passed to the schedule as in training."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from ..parallel.megatron import megatron_context
+        from ..parallel.megatron import megatron_context  # imports megatron.core (optional)
 
         chunks = unwrap_chunks(model)
         modes = [m.training for m in chunks.wrapped]
@@ -173,19 +178,17 @@ class NVFP4Hook:
         finally:
             for m, training in zip(chunks.wrapped, modes):
                 m.train(training)
-        self.result, self._model, self._ctx = result, chunks.inner, ctx
-        if self.show_progress and is_main_rank():
-            print(result.table())
+        self.result, self._model = result, chunks.inner
+        if self.show_progress:
+            table = result.table()  # collective: every rank computes the report
+            if is_main_rank():
+                logger.info("NVFP4 calibration report:\n%s", table)
         return result
 
     def export(self, model) -> Path | None:
         """Write the HF NVFP4 checkpoint of the (trained) ``model`` to ``export_dir`` and, with
         ``dist_ckpt_dir``, the Megatron distributed checkpoint; returns the HF export path (None
         without ``export_dir``). ``model`` must be the one :meth:`calibrate` was given."""
-        from ..export.checkpoint import save_megatron_checkpoint
-        from ..export.distributed import export_distributed
-        from ..parallel.megatron import hf_module_names, megatron_namer
-
         if self.result is None:
             raise ConfigError("NVFP4Hook.export: call hook.calibrate(model, ...) first")
         inner = unwrap_chunks(model).inner
@@ -194,10 +197,9 @@ class NVFP4Hook:
                               "pass the same model (chunks) to both")
         out = None
         if self.export_dir is not None:
-            out = export_distributed(inner, self.result, self.export_dir, self._ctx, self.hf_config,
-                                     self.export_format, megatron_namer(self._ctx),
-                                     hf_module_names(inner, self.result.ignored), self.source_dir,
-                                     self.overwrite)
+            out = export_checkpoint(inner, self.result, self.export_dir, fmt=self.export_format,
+                                    source_dir=self.source_dir, overwrite=self.overwrite,
+                                    config=self.hf_config).path
         if self.dist_ckpt_dir is not None:
             save_megatron_checkpoint(inner, self.dist_ckpt_dir)
         return out

@@ -16,7 +16,7 @@ class Method(str, enum.Enum):
     LOCAL_HESSIAN = "local_hessian"  # 126-candidate sweep minimising dw^T H_b dw per block
 
 
-class KernelBackend(str, enum.Enum):
+class KernelImpl(str, enum.Enum):
     """Where the block-scale search runs."""
 
     AUTO = "auto"  # Triton for CUDA tensors, the torch reference elsewhere

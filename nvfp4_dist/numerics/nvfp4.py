@@ -163,12 +163,6 @@ def fake_quant(w: torch.Tensor, block_amax_: torch.Tensor, global_amax: torch.Te
     return out.to(out_dtype or w.dtype)
 
 
-def max_calibrated_fake_quant(w: torch.Tensor, global_amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Fake-quant with block amax = per-block max |w| (the ``max`` method)."""
-    g = w.detach().abs().amax().float() if global_amax is None else global_amax
-    return fake_quant(w, block_amax(w.detach()), g)
-
-
 def input_scale(input_amax: torch.Tensor) -> torch.Tensor:
     """Static activation scale ``act_amax / 2688`` (ModelOpt ``input_scale``)."""
     return global_scale(input_amax)

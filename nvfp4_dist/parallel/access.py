@@ -19,7 +19,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ..calib.slots import WeightSlot
+from ..layout.slots import WeightSlot
+from .fsdp import is_fsdp1, reshard_all
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -33,25 +34,10 @@ def local_weight(slot: WeightSlot) -> torch.Tensor:
     return param if slot.expert is None else param[slot.expert]
 
 
-@contextlib.contextmanager
-def weight_access(slot: WeightSlot, writeback: bool = False):
-    """Yield the slot's local shard; with ``writeback`` the (possibly modified) tensor is
-    copied back if it is not a view of the parameter's storage."""
-    w = local_weight(slot)
-    yield w
-    if writeback:
-        target = local_weight(slot)
-        if target.data_ptr() != w.data_ptr():
-            with torch.no_grad():
-                target.copy_(w)
-
-
 def expose_local_shards(model: nn.Module) -> None:
     """Make every FSDP2 module expose its DTensor shard again (frees the unsharded weights the
     root keeps after a forward; no communication). FSDP1 has no per-weight shard: see
     :func:`local_shards`."""
-    from .fsdp import reshard_all
-
     reshard_all(model)
 
 
@@ -59,8 +45,6 @@ def expose_local_shards(model: nn.Module) -> None:
 def local_shards(model: nn.Module):
     """Context in which every module exposes the weight this rank calibrates (see module
     docstring): FSDP2 resharded, FSDP1 summoned with writeback, others untouched."""
-    from .fsdp import is_fsdp1, reshard_all
-
     if is_fsdp1(model):
         from torch.distributed.fsdp import FullyShardedDataParallel
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calib.slots import ShardLayout
+from ..layout.naming import ExportNaming, PassThrough
+from ..layout.roles import GroupRole
+from ..layout.slots import ShardLayout
 from ..errors import LayoutError
 from ..numerics.constants import BLOCK_SIZE
 from .context import ParallelContext
 
-FSDP_GROUP = "fsdp"
+FSDP_GROUP = GroupRole.FSDP
 
 
 def shard_placement(tensor) -> tuple[int | None, int | None]:
@@ -85,6 +87,10 @@ def _dtensor_cls():
     from torch.distributed.tensor import DTensor
 
     return DTensor
+
+
+def is_dtensor(tensor) -> bool:
+    return isinstance(tensor, _dtensor_cls())
 
 
 def fsdp_mesh(model: nn.Module):
@@ -175,3 +181,18 @@ def is_fsdp1(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+class DTensorNaming(ExportNaming):
+    """Exported names of HF-style models, plain or FSDP2: state keys are the exported keys;
+    DTensors are split as their placement says (FSDP2: ``torch.chunk`` along the shard dim, over
+    the mesh dimension that shards them: HSDP replicas are other holders of the same pieces),
+    plain tensors are whole."""
+
+    def passthrough(self, key, module, tensor):
+        whole = ((key, slice(None)),)
+        split = dtensor_split(tensor) if is_dtensor(tensor) else None
+        if split is None:
+            return PassThrough(whole)
+        axis, offset, group = split
+        return PassThrough(whole, axis, offset, group)

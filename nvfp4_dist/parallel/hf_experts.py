@@ -16,7 +16,7 @@ writes. Transposed layouts (``is_transposed``, e.g. gpt-oss), transformers' own 
 parallelism and DTensor-sharded experts (FSDP2) are refused with a LayoutError.
 
 Observation does not touch the model's computation, whatever the implementation: a forward
-pre-hook on the experts module reads its inputs, takes each expert's routed rows (moe.routed_tokens)
+pre-hook on the experts module reads its inputs, takes each expert's routed rows (routing.routed_tokens)
 as the gate_up input, and recomputes the expert's intermediate activation from those rows with
 the expert's own weights and the module's own gate function as the down_proj input.
 """
@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calib.observers import StatsStore
-from ..calib.slots import ExpertInfo, ExportPart, ShardLayout, WeightSlot
 from ..errors import LayoutError
-from ..moe import routed_tokens
+from ..layout.slots import ExpertInfo, ExportPart, ShardLayout, WeightSlot
+from ..layout.stats import StatsStore
+from .adapters import LayoutAdapter
 from .context import ParallelContext
-from .layouts import LayoutAdapter, register_adapter
+from .routing import routed_tokens
 
 # Per-expert module names used when transformers has no save-time conversion for the model
 # (it then saves the fused 3-D tensors): the convention of Qwen-style checkpoints and vLLM.
@@ -82,7 +82,8 @@ def saved_expert_names(model: nn.Module, name: str, module: nn.Module) -> dict |
     (``revert_weight_conversion``: e.g. Mixtral's ``mlp.experts.gate_up_proj`` ->
     ``block_sparse_moe.experts.{i}.w1/w3``). We run that on probe tensors ``[E, rows, 1]`` that
     number every row of both parameters (disjoint ranges), so each saved tensor tells which
-    parameter, expert and rows it holds.
+    parameter, expert and rows it holds, whatever shape the release's conversion gives it
+    (checked on transformers 5.17 and 5.24).
     """
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -99,11 +100,14 @@ def saved_expert_names(model: nn.Module, name: str, module: nn.Module) -> dict |
         return None
     found: dict[tuple[str, int], list[ExportPart]] = {}
     for key, tensor in saved.items():
-        if not key.endswith(".weight") or tensor.dim() != 2 or tensor.shape[1] != 1:
+        # Each saved tensor holds probe rows of width 1: [rows, 1], or [rows] where a release's
+        # save conversion drops the unit dimension (transformers 5.17 does); either way its
+        # values, in order, number the rows it took.
+        if not key.endswith(".weight") or tensor.dim() not in (1, 2) or tensor.numel() != tensor.shape[0]:
             raise LayoutError(f"{name}: transformers saves this experts module as {key} "
                               f"{tuple(tensor.shape)}, a layout nvfp4_dist cannot map to per-expert "
                               f"weights; exclude the module (exclude=['{name}'])")
-        values = tensor[:, 0].long()
+        values = tensor.reshape(-1).long()
         param, start, rows = next(r for r in reversed(ranges) if int(values[0]) >= r[1])
         local = values - start
         experts = torch.unique(local // rows)
@@ -130,11 +134,8 @@ def _first_row(rows) -> int:
     return rows.start if isinstance(rows, slice) else int(rows[0])
 
 
-@register_adapter
 class HFExpertsAdapter(LayoutAdapter):
     """transformers fused experts: one slot per expert and projection (see the module docstring)."""
-
-    observes_experts = True
 
     def matches(self, module):
         return is_fused_experts(module)
@@ -174,7 +175,7 @@ class HFExpertsAdapter(LayoutAdapter):
             return slots
         return [dataclasses.replace(s, export_parts=names[(s.param_name, s.expert)]) for s in slots]
 
-    def observe(self, module, slots, store: StatsStore, with_hessian: bool, route_all: bool = False):
+    def observe(self, module, slots, store: StatsStore, *, with_hessian: bool, route_all: bool = False):
         first, down = _param_names(module)
         # float64 Hessian sums: an expert's statistics do not depend on how its tokens were batched.
         by_key = {(s.param_name, s.expert): store.get_or_create(s.stats_key, s.layout.local_shape[1],

@@ -10,12 +10,12 @@ Layouts (read from the module, never from global state):
     16-channel blocks. Its input is the full sequence (SP or not).
   * Expert linears (``is_expert=True``) use the expert-tensor-parallel group ("etp").
 
-Group names in :class:`~nvfp4_dist.parallel.context.ParallelContext` (see
-:func:`megatron_context`): "tp", "etp", "ep", "edp" (expert data parallel: the ranks holding
-the same experts), and ``dp`` for the data-parallel group.
+Group roles in :class:`~nvfp4_dist.parallel.context.ParallelContext` (see
+:func:`megatron_context`): TP, ETP, EP, EDP (expert data parallel: the ranks holding the same
+experts), and ``dp`` for the data-parallel group.
 
-Export naming: a GPT decoder's modules map back to Hugging Face Llama/Qwen-style names
-(``GPT_TO_HF``) so that a Megatron run exports an HF checkpoint; ``linear_qkv`` rows go to
+Export naming (:class:`MegatronNaming`): a GPT decoder's modules map back to Hugging Face
+Llama/Qwen-style names (``GPT_TO_HF``) so that a Megatron run exports an HF checkpoint; ``linear_qkv`` rows go to
 q_proj/k_proj/v_proj (interleaved per query group) and ``linear_fc1`` rows to gate_proj/up_proj
 (``[gate_r; up_r]`` per TP rank r). Helpers here are public for the MoE adapters.
 """
@@ -28,12 +28,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..calib.observers import InputStats, StatsStore
-from ..calib.slots import ExportPart, ShardLayout, WeightSlot
 from ..errors import LayoutError
+from ..layout.naming import ExportNaming, PassThrough
+from ..layout.roles import GroupRole
+from ..layout.slots import ExportPart, ShardLayout, WeightSlot
+from ..layout.stats import InputStats, StatsStore
 from ..numerics.constants import BLOCK_SIZE
+from .adapters import LayoutAdapter
 from .context import ParallelContext
-from .layouts import LayoutAdapter, register_adapter
 
 from megatron.core.tensor_parallel.layers import (  # noqa: E402
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
@@ -61,11 +63,11 @@ def megatron_context(data_split: bool = True) -> ParallelContext:
         raise LayoutError("megatron parallel_state is not initialised; call "
                           "megatron.core.parallel_state.initialize_model_parallel (or "
                           "nvfp4_dist.launch.init_megatron) before quantize()")
-    groups = {"tp": ps.get_tensor_model_parallel_group(),
-              "ep": ps.get_expert_model_parallel_group(check_initialized=False),
-              "etp": ps.get_expert_tensor_parallel_group(check_initialized=False)}
+    groups = {GroupRole.TP: ps.get_tensor_model_parallel_group(),
+              GroupRole.EP: ps.get_expert_model_parallel_group(check_initialized=False),
+              GroupRole.ETP: ps.get_expert_tensor_parallel_group(check_initialized=False)}
     if data_split:  # MoE experts: the replicas of one expert, whose statistics are summed
-        groups["edp"] = ps.get_expert_data_parallel_group(check_initialized=False)
+        groups[GroupRole.EDP] = ps.get_expert_data_parallel_group(check_initialized=False)
     groups = {k: g for k, g in groups.items() if g is not None}
     dp = ps.get_data_parallel_group() if data_split else None
     return ParallelContext(dp=dp, groups=groups)
@@ -83,11 +85,11 @@ def tp_rank_size(module: nn.Module) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def tp_group_name(module: nn.Module) -> str:
-    return "etp" if getattr(module, "is_expert", False) else "tp"
+def tp_group_name(module: nn.Module) -> GroupRole:
+    return GroupRole.ETP if getattr(module, "is_expert", False) else GroupRole.TP
 
 
-def check_context_group(name: str, module: nn.Module, ctx: ParallelContext) -> str:
+def check_context_group(name: str, module: nn.Module, ctx: ParallelContext) -> GroupRole:
     """The context's name for ``module``'s TP group; raises unless the context holds that same
     group (a missing or different group would reduce amax/statistics over the wrong ranks)."""
     group_name = tp_group_name(module)
@@ -99,7 +101,7 @@ def check_context_group(name: str, module: nn.Module, ctx: ParallelContext) -> s
         have = "missing" if group is None else f"ranks {_ranks(group)}"
         raise LayoutError(
             f"{name}: tensor-parallel over ranks {_ranks(module.tp_group)} but the ParallelContext's "
-            f"{group_name!r} group is {have}; pass ctx=nvfp4_dist.parallel.megatron.megatron_context() "
+            f"{group_name.value!r} group is {have}; pass ctx=nvfp4_dist.parallel.megatron.megatron_context() "
             "(or let quantize() detect Megatron's parallel_state)")
     return group_name
 
@@ -188,7 +190,6 @@ def _weight_or_none(module: nn.Module):
     return weight if isinstance(weight, torch.Tensor) else None
 
 
-@register_adapter
 class ColumnParallelAdapter(LayoutAdapter):
     """Megatron ``ColumnParallelLinear``: rows split over TP; SP inputs summed over TP."""
 
@@ -214,7 +215,6 @@ def observe_input_columns(module: nn.Module, stats: InputStats, start: int, stop
     return module.register_forward_pre_hook(hook)
 
 
-@register_adapter
 class RowParallelAdapter(LayoutAdapter):
     """Megatron ``RowParallelLinear``: input channels split over TP."""
 
@@ -227,9 +227,9 @@ class RowParallelAdapter(LayoutAdapter):
                            layout=row_layout(name, module, ctx), fused_group=name, stats_key=name,
                            export_parts=hf_export_parts(name, module))]
 
-    def observe(self, module, slots, store: StatsStore, with_hessian):
+    def observe(self, module, slots, store: StatsStore, *, with_hessian: bool, route_all: bool = False):
         if module.input_is_parallel or not slots[0].layout.is_sharded:
-            return super().observe(module, slots, store, with_hessian)
+            return super().observe(module, slots, store, with_hessian=with_hessian)
         # The module scatters a full-width input itself: keep this rank's channels only.
         layout = slots[0].layout
         stats = store.get_or_create(slots[0].stats_key, layout.local_shape[1], with_hessian)
@@ -261,13 +261,16 @@ def hf_state_key(key: str) -> str:
     return key
 
 
-def megatron_namer(ctx: ParallelContext):
-    """Namer for :func:`nvfp4_dist.export.distributed.export_distributed`: HF names of a GPT's
-    unquantized tensors and how this rank holds them (linears and vocabulary embeddings split
-    over TP; norms replicated). An unquantized fused linear is exported per HF module."""
-    from ..export.distributed import PassThrough
+class MegatronNaming(ExportNaming):
+    """Exported names of a Megatron GPT: HF names of its unquantized tensors and how this rank
+    holds them (linears and vocabulary embeddings split over TP; norms replicated). An
+    unquantized fused linear is exported per HF module; the ignore list gets HF names."""
 
-    def name(key, module, tensor):
+    def __init__(self, ctx: ParallelContext):
+        self.ctx = ctx
+
+    def passthrough(self, key, module, tensor):
+        ctx = self.ctx
         module_name, _, leaf = key.rpartition(".")
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and leaf == "weight":
             layout = (column_layout if isinstance(module, ColumnParallelLinear) else row_layout)(
@@ -285,9 +288,11 @@ def megatron_namer(ctx: ParallelContext):
                 return PassThrough(outputs, 0, rank * tensor.shape[0], ctx.group(tp_group_name(module)))
         return PassThrough(outputs)
 
-    return name
+    def module_names(self, model, names):
+        return hf_module_names(model, names)
 
 
-# The MoE expert adapters build on the helpers above; importing them here registers them
-# (matched before the dense adapters) wherever Megatron layouts are in use.
-from . import megatron_moe  # noqa: E402,F401
+def is_megatron_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds Megatron tensor-parallel layers (its names are Megatron's)."""
+    return any(isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
+               for m in model.modules())

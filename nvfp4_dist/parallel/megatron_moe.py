@@ -28,10 +28,11 @@ import re
 import torch
 import torch.distributed as dist
 
-from ..calib.slots import ExpertInfo, ExportPart, WeightSlot
 from ..errors import ConfigError, LayoutError
+from ..layout.roles import GroupRole
+from ..layout.slots import ExpertInfo, ExportPart, WeightSlot
+from .adapters import LayoutAdapter
 from .context import ParallelContext, group_size
-from .layouts import LayoutAdapter, register_adapter
 from .megatron import ColumnParallelLinear, RowParallelLinear, column_layout, glu_export_parts, row_layout, tp_rank_size
 
 _LOCAL_EXPERT = re.compile(r"(?P<experts>.*)\.local_experts\.(?P<local>\d+)\.(?P<fc>linear_fc1|linear_fc2)")
@@ -40,7 +41,7 @@ _GPT_EXPERTS = re.compile(r"(?:.*\.)?decoder\.layers\.(?P<layer>\d+)\.mlp\.exper
 
 def expert_parallel_rank_size(name: str, module, ctx: ParallelContext) -> tuple[int, int]:
     """(rank, size) of this process in the expert-parallel group, checked against the model."""
-    group = ctx.group("ep")
+    group = ctx.group(GroupRole.EP)
     size = group_size(group)
     expected = getattr(module.config, "expert_model_parallel_size", 1)
     if size != expected:
@@ -63,11 +64,8 @@ def expert_export_parts(experts: str, index: int, fc: str, module) -> tuple[Expo
     return glu_export_parts(prefix, module.output_size, tp_rank_size(module)[1])
 
 
-@register_adapter
 class SequentialMLPExpertAdapter(LayoutAdapter):
     """The expert linears of a Megatron ``SequentialMLP`` (see the module docstring)."""
-
-    observes_experts = True
 
     def matches(self, module):
         return isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and bool(getattr(module, "is_expert", False))
@@ -87,9 +85,10 @@ class SequentialMLPExpertAdapter(LayoutAdapter):
                            fused_group=logical, stats_key=logical,
                            export_parts=expert_export_parts(experts, index, fc, module),
                            moe=ExpertInfo(index=index, count=count, family=f"{experts}.{fc}",
-                                          group="ep" if ep_size > 1 else None, data_group="edp"))]
+                                          group=GroupRole.EP if ep_size > 1 else None,
+                                          data_group=GroupRole.EDP))]
 
-    def observe(self, module, slots, store, with_hessian, route_all: bool = False):
+    def observe(self, module, slots, store, *, with_hessian: bool, route_all: bool = False):
         if route_all:
             raise ConfigError(f"{slots[0].name}: dead_experts='route_all' is not supported for Megatron "
                               "experts (each rank only sees the tokens dispatched to its experts); "

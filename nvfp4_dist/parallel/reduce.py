@@ -19,8 +19,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from ..calib.observers import StatsStore
-from ..calib.slots import ShardLayout, WeightSlot
+from ..layout.slots import ShardLayout, WeightSlot
+from ..layout.stats import StatsStore
 from .context import ParallelContext, group_size
 
 
@@ -57,8 +57,6 @@ def _stats_groups(slot: WeightSlot, ctx: ParallelContext) -> list:
     groups = [ctx.dp if expert_data is None else ctx.group(expert_data)]
     if slot.sequence_parallel:
         groups.append(ctx.group(slot.layout.shard_group))
-    if slot.stats_group is not None:
-        groups.append(ctx.group(slot.stats_group))
     return groups
 
 
@@ -116,15 +114,16 @@ def reduce_stats(store: StatsStore, slots: list[WeightSlot], ctx: ParallelContex
 
 
 def reduce_global_amax(slots: list[WeightSlot], local_amax: dict[str, torch.Tensor],
-                       ctx: ParallelContext) -> dict[str, torch.Tensor]:
-    """fused_group -> fp32 0-d global amax (MAX over members and their shards).
+                       ctx: ParallelContext, per_weight: bool = False) -> dict[str, torch.Tensor]:
+    """fused_group -> fp32 0-d global amax (MAX over members and their shards); with
+    ``per_weight``, slot name -> the amax of that one weight (MAX over its shards).
 
     ``local_amax``: slot name -> max |w| of this rank's shard (fp32 0-d). One MAX collective per
     shard group, over every fused group sharded on it.
     """
     members = defaultdict(list)
     for slot in slots:
-        members[slot.fused_group].append(slot)
+        members[slot.name if per_weight else slot.fused_group].append(slot)
     result = {}
     shard_groups = {}
     for group_key in sorted(members):

@@ -14,7 +14,7 @@ choice. Matching goes by class name along the MRO: no TransformerEngine import i
 from __future__ import annotations
 
 from ..errors import LayoutError
-from .layouts import LayoutAdapter, register_adapter
+from .adapters import LayoutAdapter
 
 GROUPED_EXPERTS = frozenset({"TEGroupedMLP", "GroupedMLP", "TEGroupedLinear", "TEColumnParallelGroupedLinear",
                              "TERowParallelGroupedLinear"})
@@ -31,7 +31,6 @@ def _family(module) -> str | None:
     return None
 
 
-@register_adapter
 class UnsupportedFamilyAdapter(LayoutAdapter):
     """Refuses the families above (see the module docstring)."""
 

@@ -63,7 +63,7 @@ def test_tiny_dense_slots_groups_and_forward(tiny_tokens):
         assert torch.equal(layer.mlp.gate_proj(x), x @ fq.T)
     assert isinstance(layer.mlp.gate_proj.weight, nn.Parameter)
     # report: searched losses never above max calibration's
-    for row in result.report:
+    for row in result.layer_report():
         assert row.tokens == tiny_tokens.numel()
         assert row.hessian_loss <= row.hessian_loss_max
     assert "q_proj" in result.table()
@@ -80,7 +80,7 @@ def test_hessian_matches_an_independent_computation(tiny_tokens):
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
         lambda m, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1])))
     from nvfp4_dist.calib.discover import discover
-    from nvfp4_dist.calib.pipeline import observe
+    from nvfp4_dist.calib.stages import observe
     from nvfp4_dist.parallel.context import SINGLE_PROCESS
 
     cfg = nd.QuantConfig()
@@ -164,3 +164,55 @@ def test_config_errors():
         nd.QuantConfig(method="best")
     with pytest.raises(nd.ConfigError, match="forward_loop"):
         nd.quantize(TwoLayer(), nd.QuantConfig(method="local_hessian"))
+
+
+def test_overflowing_calibration_forward_is_refused_by_name():
+    """A finite but huge weight overflows the forward; the run stops naming the layers whose
+    statistics went non-finite, instead of writing NaN input scales."""
+    model = nn.Sequential()
+    model.add_module("up", nn.Linear(16, 32, bias=False))
+    model.add_module("down", nn.Linear(32, 16, bias=False))
+    with torch.no_grad():
+        model.up.weight[0, 0] = 3e38
+    x = torch.full((4, 16), 2.0)
+    with pytest.raises(nd.CalibrationError, match=r"non-finite inputs .*: down\b"):
+        nd.quantize(model, nd.QuantConfig(method="local_hessian"), lambda m: m(x), show_progress=False)
+
+
+def test_a_sibling_zeroed_by_a_huge_shared_scale_is_refused():
+    """One 1e30 in k_proj would set q/k/v's shared global scale so high that q_proj and v_proj
+    quantize to zero: refused with their names instead of exported silently."""
+    model = build_embedded("tiny-dense", seed=0)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[0, 0] = 1e30
+    with pytest.raises(nd.CalibrationError, match=r"(?s)self_attn.q_proj .*self_attn.v_proj"):
+        nd.quantize(model, nd.QuantConfig(method="mse", quantize_inputs=False), show_progress=False)
+
+
+def test_inputs_that_are_always_zero_fall_back_to_the_weight_only_search():
+    """A linear whose inputs are always zero has an all-zero Hessian: every scale ties under the
+    Hessian objective, which would pick the smallest and zero the weight. It is searched with
+    the MSE objective instead; so are single blocks whose inputs are always zero."""
+    from nvfp4_dist.kernels.dispatch import search_block_scales
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64) * 0.02
+    expected = search_block_scales(weight, weight.abs().amax(), "mse").block_amax
+    x = torch.randn(64, 64)
+    x[:, 16:32] = 0.0  # block 1 of every token is zero
+    for inputs, empty in ((torch.zeros(8, 64), 4), (x, 1)):
+        model = nn.Sequential()
+        model.add_module("fc", nn.Linear(64, 32, bias=False))
+        with torch.no_grad():
+            model.fc.weight.copy_(weight)
+        result = nd.quantize(model, nd.QuantConfig(method="local_hessian", dss=True),
+                             lambda m, inputs=inputs: m(inputs), show_progress=False)
+        state = result.states["fc"]
+        assert state.empty_blocks == empty
+        assert torch.equal(state.block_amax[:, 1], expected[:, 1])
+        if empty == 4:  # the whole weight: searched weight-only, like a weight no token reached
+            assert state.method.value == "mse" and torch.equal(state.block_amax, expected)
+        else:
+            assert state.method.value == "local_hessian"
+            assert torch.equal(state.dss_beta[:, 1], torch.ones(32))
+        assert result.layer_report()[0].rel_error < 0.2

@@ -21,6 +21,7 @@ class _Spy:
         from torch.distributed.tensor import DTensor
 
         import nvfp4_dist.calib.pipeline as pipeline
+        import nvfp4_dist.calib.stages as stages
 
         self.active = False
         self.calls: list[str] = []
@@ -29,7 +30,7 @@ class _Spy:
                             (dist, "all_gather"), (dist, "all_gather_into_tensor"),
                             (dist, "all_gather_object"), (dist, "gather")):
             self._wrap(owner, name)
-        observe, attach, search = pipeline.observe, pipeline.attach_state, pipeline.search_block_scales
+        observe, attach, search = stages.observe, pipeline.apply_states, stages.search_block_scales
 
         def observe_then_watch(*args, **kwargs):
             out = observe(*args, **kwargs)
@@ -44,8 +45,8 @@ class _Spy:
             self.searched.append((tuple(w.shape), hessian))
             return search(w, g, method, hessian=hessian, **kwargs)
 
-        pipeline.observe, pipeline.attach_state = observe_then_watch, attach_and_stop
-        pipeline.search_block_scales = recording_search
+        stages.observe, pipeline.apply_states = observe_then_watch, attach_and_stop
+        stages.search_block_scales = recording_search
 
     def _wrap(self, owner, name):
         original = getattr(owner, name)

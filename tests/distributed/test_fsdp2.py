@@ -55,7 +55,8 @@ def _fsdp_runs(methods: list[str]) -> dict:
 
     from nvfp4_dist import QuantConfig, quantize
     from nvfp4_dist.launch import init_distributed, shard_fsdp2
-    from nvfp4_dist.parallel.context import SINGLE_PROCESS, detect_context
+    from nvfp4_dist.parallel.context import SINGLE_PROCESS
+    from nvfp4_dist.parallel.registry import detect_context
     from nvfp4_dist.parallel.fsdp import fsdp_context
 
     device = init_distributed(timeout_s=120).device

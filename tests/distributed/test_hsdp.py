@@ -85,9 +85,9 @@ def _hsdp_worker(export_dir: str, dcp_dir: str) -> dict | None:
 
     from checkpoint_testutil import slot_records
 
-    from nvfp4_dist.export.distributed import dtensor_namer, export_distributed
+    from nvfp4_dist.export import export_checkpoint
     from nvfp4_dist.launch import init_distributed
-    from nvfp4_dist.parallel.context import detect_context
+    from nvfp4_dist.parallel.registry import detect_context
     from nvfp4_dist.parallel.fsdp import fsdp_context
 
     init_distributed(timeout_s=120)
@@ -114,8 +114,8 @@ def _hsdp_worker(export_dir: str, dcp_dir: str) -> dict | None:
             state_placements=[type(p).__name__ for p in state.placements] if isinstance(state, DTensor) else None,
             state_local_rows=int(state.to_local().shape[0]), state_rows=int(state.shape[0]))
         if name == "max":
-            export_distributed(model, result, export_dir, ctx, small_hf_model().config.to_dict(),
-                               "modelopt", dtensor_namer(ctx))
+            export_checkpoint(model, result, export_dir, fmt="modelopt",
+                              config=small_hf_model().config.to_dict())
         if name == DCP_METHOD:
             out["dcp_records"] = slot_records(result.slots, ctx)
             dcp.save(get_model_state_dict(model), checkpoint_id=dcp_dir)
@@ -133,10 +133,10 @@ def _hsdp_worker(export_dir: str, dcp_dir: str) -> dict | None:
 
 def _reference(name: str) -> dict:
     """One process, all the data: fake-quant weights, logits, Hessians, weights."""
-    import nvfp4_dist.calib.pipeline as pipeline
+    import nvfp4_dist.calib.stages as stages
 
     searched = []
-    search = pipeline.search_block_scales
+    search = stages.search_block_scales
 
     def recording(w, g, method, hessian=None, **kwargs):
         searched.append(hessian)
@@ -145,14 +145,14 @@ def _reference(name: str) -> dict:
     model, tokens = small_hf_model(), small_tokens()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks run (harness): the same matmul reduction order
-    pipeline.search_block_scales = recording
+    stages.search_block_scales = recording
     try:
         result = quantize(model, QuantConfig(**METHODS[name]), _loop_over(tokens), ctx=SINGLE_PROCESS,
                           show_progress=False)
         with torch.no_grad():
             logits = model(tokens).logits
     finally:
-        pipeline.search_block_scales = search
+        stages.search_block_scales = search
         torch.set_num_threads(threads)
     return dict(model=model, result=result, logits=logits, fq=_fq_whole(result, SINGLE_PROCESS),
                 hessians={s.name: h for s, h in zip(result.slots, searched) if h is not None},
@@ -219,23 +219,17 @@ def _tensor_files(path) -> dict[str, list[str]]:
 
 
 def test_hsdp_export_equals_single_process(runs, tmp_path):
-    from safetensors.torch import load_file
+    from export_testutil import differing_tensors
 
-    from nvfp4_dist.export.hf import export_hf
+    from nvfp4_dist.export import export_checkpoint
 
     hsdp, refs, root = runs
     ref = refs["max"]
-    export_hf(ref["model"], ref["result"], tmp_path / "single", fmt="modelopt")
+    export_checkpoint(ref["model"], ref["result"], tmp_path / "single", fmt="modelopt")
     got_dir, ref_dir = root / "export", tmp_path / "single"
     where = _tensor_files(got_dir)
     assert {k: v for k, v in where.items() if len(v) > 1} == {}, "a tensor was written twice"
-    assert set(where) == set(_tensor_files(ref_dir))
-    got, want = {}, {}
-    for d, tensors in ((got_dir, got), (ref_dir, want)):
-        for file in d.glob("*.safetensors"):
-            tensors.update(load_file(file))
-    assert [k for k in want if got[k].dtype != want[k].dtype or got[k].shape != want[k].shape
-            or not torch.equal(got[k].reshape(-1).view(torch.uint8), want[k].reshape(-1).view(torch.uint8))] == []
+    assert differing_tensors(got_dir, ref_dir) == []
 
 
 def test_hsdp_dcp_state_restores_in_one_process(runs):

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from nvfp4_dist.calib.slots import ShardLayout, WeightSlot
+from nvfp4_dist.layout.slots import ShardLayout, WeightSlot
 from nvfp4_dist.errors import LayoutError
 from nvfp4_dist.parallel.context import ParallelContext, check_groups
 from nvfp4_dist.parallel.invariance import float64_forward

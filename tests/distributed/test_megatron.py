@@ -37,7 +37,7 @@ def _run_layouts(plan: list[tuple[int, bool, bool, list[str]]]) -> dict | None:
     (tp, data_split, method, module), with method suffixed "+sp" under sequence parallelism."""
     import torch.distributed as dist
 
-    import nvfp4_dist.calib.pipeline as pipeline
+    import nvfp4_dist.calib.stages as stages
     from nvfp4_dist import QuantConfig, quantize
     from nvfp4_dist.launch import init_distributed, init_megatron
     from nvfp4_dist.models.megatron_gpt import build_megatron_gpt, megatron_forward_loop
@@ -49,13 +49,13 @@ def _run_layouts(plan: list[tuple[int, bool, bool, list[str]]]) -> dict | None:
     hf = small_hf_model()
     tokens = small_tokens()
     recorded = []
-    search = pipeline.search_block_scales
+    search = stages.search_block_scales
 
     def recording_search(w, g, method, hessian=None, **kwargs):
         recorded.append(hessian)
         return search(w, g, method, hessian=hessian, **kwargs)
 
-    pipeline.search_block_scales = recording_search
+    stages.search_block_scales = recording_search
     out = {}
     for tp, data_split, sp, methods in plan:
         ctx = init_megatron(tp, timeout_s=120, data_split=data_split)

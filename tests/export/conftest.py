@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nvfp4_dist import QuantConfig, quantize
-from nvfp4_dist.export.hf import export_hf
+from nvfp4_dist.export import export_checkpoint
 from nvfp4_dist.models.tiny import build_embedded, calibration_tokens
 
 FORMATS = ("modelopt", "compressed-tensors")
@@ -60,7 +60,7 @@ def tiny_exports(tiny_runs, tmp_path_factory):
             model, result = tiny_runs(case)
             out = tmp_path_factory.mktemp("export") / f"{case}-{fmt}"
             # A small shard bound so that every export spans several files and an index.
-            export_hf(model, result, out, fmt=fmt, max_shard_size="1MB")
+            export_checkpoint(model, result, out, fmt=fmt, max_shard_size="1MB")
             cache[(case, fmt)] = (model, result, out)
         return cache[(case, fmt)]
 

@@ -1,4 +1,5 @@
-"""export_hf: both formats, read back by our reader, configs, ignore lists and error paths."""
+"""export_checkpoint in one process: both formats, read back by our reader, configs, ignore lists
+and error paths."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import nvfp4_dist.export.hf as hf
+import nvfp4_dist.export.pieces as pieces
 from nvfp4_dist import QuantConfig, quantize
-from nvfp4_dist.calib.slots import ExportPart
+from nvfp4_dist.layout.slots import ExportPart
 from nvfp4_dist.errors import ExportError
 from nvfp4_dist.export.formats import ExportFormat, quantization_config
-from nvfp4_dist.export.hf import export_hf
+from nvfp4_dist.export import export_checkpoint
 from nvfp4_dist.export.inspect import inspect_checkpoint
 from nvfp4_dist.export.reader import CheckpointReader
+from nvfp4_dist.models.tiny import build_embedded
 from nvfp4_dist.numerics import nvfp4
 from nvfp4_dist.parallel.access import local_weight
 
@@ -141,9 +143,9 @@ def test_existing_output_dir_is_refused(plain_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ExportError, match="already exists"):
-        export_hf(model, result, out)
+        export_checkpoint(model, result, out)
     assert list(out.iterdir()) == []
-    export_hf(model, result, out, overwrite=True)
+    export_checkpoint(model, result, out, overwrite=True)
     assert inspect_checkpoint(out).ok
 
 
@@ -155,7 +157,7 @@ def test_failure_mid_export_writes_nothing(plain_run, tmp_path, monkeypatch, ove
         out.mkdir()
         (out / "config.json").write_text("old")
     calls = []
-    real = hf.build_tensors
+    real = pieces.build_tensors
 
     def failing(*args, **kwargs):
         calls.append(args[1])
@@ -163,9 +165,9 @@ def test_failure_mid_export_writes_nothing(plain_run, tmp_path, monkeypatch, ove
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "build_tensors", failing)
+    monkeypatch.setattr(pieces, "build_tensors", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        export_hf(model, result, out, overwrite=overwrite, max_shard_size=256)
+        export_checkpoint(model, result, out, overwrite=overwrite, max_shard_size=256)
     assert len(calls) == 2
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     if overwrite:
@@ -177,9 +179,10 @@ def test_failure_mid_export_writes_nothing(plain_run, tmp_path, monkeypatch, ove
 
 def test_fused_siblings_with_different_global_scales_are_refused(plain_run, tmp_path):
     model, result = plain_run
-    result.states["k_proj"].global_amax = result.states["k_proj"].global_amax * 2
+    state = result.states["k_proj"]
+    result.states["k_proj"] = dataclasses.replace(state, global_amax=state.global_amax * 2)
     with pytest.raises(ExportError, match=r"(?s)qkv: k_proj .*q_proj .*v_proj"):
-        export_hf(model, result, tmp_path / "out")
+        export_checkpoint(model, result, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -188,14 +191,14 @@ def test_partly_quantized_fused_groups_are_refused(make_block, tmp_path):
     config = QuantConfig(method="max", quantize_inputs=False, include=("[qk]_proj",))
     result = quantize(model, config, show_progress=False)
     with pytest.raises(ExportError, match=r"qkv: k_proj, q_proj are NVFP4 but v_proj stay in high precision"):
-        export_hf(model, result, tmp_path / "out")
+        export_checkpoint(model, result, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_plain_module_export_skipped_layer_and_zero_weight(plain_run, tmp_path, fmt):
     model, result = plain_run
     config = {"model_type": "block", "hidden_size": 32}
-    summary = export_hf(model, result, tmp_path / "out", fmt=fmt, config=config)
+    summary = export_checkpoint(model, result, tmp_path / "out", fmt=fmt, config=config)
     report = inspect_checkpoint(summary.path)
     assert report.ok, report.format()
     written = json.loads((summary.path / "config.json").read_text())
@@ -218,7 +221,7 @@ def test_source_files_are_copied_and_weights_are_not(plain_run, tmp_path):
                  "special_tokens_map.json", "model.safetensors", "modeling_block.py"):
         (source / name).write_text(name)
     (source / "config.json").write_text(json.dumps({"model_type": "block", "vocab_size": 7}))
-    summary = export_hf(model, result, tmp_path / "out", source_dir=source)
+    summary = export_checkpoint(model, result, tmp_path / "out", source_dir=source)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         assert (summary.path / name).read_text() == name
     assert not (summary.path / "modeling_block.py").exists()
@@ -226,7 +229,7 @@ def test_source_files_are_copied_and_weights_are_not(plain_run, tmp_path):
     config = json.loads((summary.path / "config.json").read_text())
     assert config["vocab_size"] == 7 and "quantization_config" in config  # source config as the base
     with pytest.raises(ExportError, match="source_dir"):
-        export_hf(model, result, tmp_path / "other", source_dir=tmp_path / "missing")
+        export_checkpoint(model, result, tmp_path / "other", source_dir=tmp_path / "missing")
 
 
 def test_interleaved_export_parts_split_one_slot_into_modules(tmp_path):
@@ -238,8 +241,8 @@ def test_interleaved_export_parts_split_one_slot_into_modules(tmp_path):
     rows = {leaf: torch.arange(i, 48, 3) for i, leaf in enumerate(("q_proj", "k_proj", "v_proj"))}
     slot = dataclasses.replace(result.slots[0], export_parts=tuple(
         ExportPart(f"attn.{leaf}", index) for leaf, index in rows.items()))
-    result.inventory.slots[:] = [slot]
-    summary = export_hf(model, result, tmp_path / "out", fmt="compressed-tensors")
+    result.inventory = dataclasses.replace(result.inventory, slots=(slot,))
+    summary = export_checkpoint(model, result, tmp_path / "out", fmt="compressed-tensors")
     assert sorted(summary.quantized) == ["attn.k_proj", "attn.q_proj", "attn.v_proj"]
     report = inspect_checkpoint(summary.path)
     assert report.ok and report.fused_groups == 1, report.format()
@@ -261,8 +264,55 @@ def test_tied_weights_are_written_once_under_the_first_name(tmp_path):
     model.lm_head = nn.Linear(32, 64, bias=False)
     model.lm_head.weight = model.embed_tokens.weight  # tied, as with tie_word_embeddings
     result = quantize(model, QuantConfig(method="max", quantize_inputs=False), show_progress=False)
-    summary = export_hf(model, result, tmp_path / "out")
+    summary = export_checkpoint(model, result, tmp_path / "out")
     reader = CheckpointReader(summary.path)
     assert "lm_head.weight" not in reader.weight_map and summary.ignore == ("lm_head",)
     assert torch.equal(reader.tensor("embed_tokens.weight"), model.embed_tokens.weight.detach())
     assert reader.quantized_modules() == ["proj"]
+
+
+def test_export_arguments_after_out_dir_are_keyword_only(plain_run, tmp_path):
+    model, result = plain_run
+    with pytest.raises(TypeError):
+        export_checkpoint(model, result, tmp_path / "out", "modelopt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_problem_is_raised_at_once_before_any_file(plain_run, tmp_path):
+    model, result = plain_run
+    model.register_buffer("pending", torch.empty(4, device="meta"))
+    del result.states["zero"]
+    with pytest.raises(ExportError, match=r"(?s)zero: no calibration state.*pending: a meta tensor"):
+        export_checkpoint(model, result, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _WithExtraState(nn.Linear):
+    """A module with Megatron/TransformerEngine-style ``_extra_state`` (a tensor here)."""
+
+    def get_extra_state(self):
+        return torch.zeros(2)
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_extra_state_is_not_exported(tmp_path):
+    model = nn.Sequential()
+    model.add_module("proj", _WithExtraState(32, 32))
+    assert "proj._extra_state" in model.state_dict()
+    result = quantize(model, QuantConfig(method="max", quantize_inputs=False), show_progress=False)
+    summary = export_checkpoint(model, result, tmp_path / "out")
+    assert sorted(CheckpointReader(summary.path).weight_map) == [
+        "proj.bias", "proj.weight", "proj.weight_scale", "proj.weight_scale_2"]
+
+
+def test_fused_experts_are_exported_whole_or_not_at_all(tmp_path):
+    model = build_embedded("tiny-moe", seed=0)
+    config = QuantConfig(method="max", quantize_inputs=False, include=("model.layers.0.mlp.experts",))
+    result = quantize(model, config, show_progress=False)
+    result.inventory = dataclasses.replace(result.inventory, slots=tuple(
+        s for s in result.slots if s.name != "model.layers.0.mlp.experts.3.down_proj"))
+    with pytest.raises(ExportError, match=r"experts\.down_proj: only 7 of 8 experts are quantized"):
+        export_checkpoint(model, result, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import sys
 from pathlib import Path
 
@@ -268,9 +269,16 @@ def _ddp_worker(root: str) -> dict:
     rank, half = ps.get_data_parallel_rank(), CALIB_MB // 2
     hook = NVFP4Hook(config, calib_microbatches=half, export_dir=f"{root}/hf", hf_config=hf.config.to_dict())
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):  # progress on
-        result = hook.calibrate([ddp], iter(_batches(tokens)[rank * half:(rank + 1) * half]), _forward_step([]),
-                                seq_length=SEQ, micro_batch_size=MBS)
+    handler = logging.StreamHandler(printed)  # the hook logs its report table on rank 0
+    logger = logging.getLogger("nvfp4_dist.integrations.megatron")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):  # progress on
+            result = hook.calibrate([ddp], iter(_batches(tokens)[rank * half:(rank + 1) * half]),
+                                    _forward_step([]), seq_length=SEQ, micro_batch_size=MBS)
+    finally:
+        logger.removeHandler(handler)
     out["printed"] = printed.getvalue()
     reference = build_megatron_gpt(hf)
     ref_ctx = megatron_context(data_split=False)  # every rank sees all the data
@@ -366,7 +374,7 @@ def test_ddp_data_parallel_calibration_equals_all_data_in_one_process(ddp_runs):
         assert run["calib_tokens"] == [CALIB_MB * MBS * SEQ]  # both ranks' halves, summed over DP
         assert run["state_keys"] == 2 * 4 * 3  # DDP's sharded_state_dict carries the state
     table, silent = ddp_runs[0]["printed"], ddp_runs[1]["printed"]
-    assert "decoder.layers.1.mlp.linear_fc2" in table and "rel.err" in table, "rank 0 prints the report"
+    assert "decoder.layers.1.mlp.linear_fc2" in table and "rel.err" in table, "rank 0 logs the report"
     assert silent == ""
 
 

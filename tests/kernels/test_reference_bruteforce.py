@@ -3,7 +3,7 @@
 The brute force here is independent of the reference: float64 throughout, E2M1 rounding by
 nearest-grid-point distance (ties to the even code), losses summed by torch in float64. fp32
 near-ties may pick another candidate whose float64 loss is within a relative 1e-5 of the optimum
-(the reference works in fp32; ANCHORS.md reports such ties at ~1e-6 relative), so the check is
+(the reference works in fp32; such ties are seen at ~1e-6 relative against ModelOpt), so the check is
 ``loss64(chosen) <= min_k loss64(k) * (1 + 1e-5)``.
 """
 

@@ -7,7 +7,7 @@ import torch
 
 import nvfp4_dist as nd
 from nvfp4_dist.calib.discover import discover
-from nvfp4_dist.calib.pipeline import observe
+from nvfp4_dist.calib.stages import observe
 from nvfp4_dist.errors import LayoutError
 from nvfp4_dist.parallel.context import SINGLE_PROCESS
 from nvfp4_dist.parallel.hf_experts import saved_expert_names

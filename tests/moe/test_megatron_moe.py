@@ -43,7 +43,7 @@ def _patch_megatron_router() -> None:
 def _ep_worker(eps: list[int]) -> dict | None:
     import torch.distributed as dist
 
-    import nvfp4_dist.calib.pipeline as pipeline
+    import nvfp4_dist.calib.stages as stages
     from nvfp4_dist import QuantConfig, quantize
     from nvfp4_dist.launch import init_distributed, init_megatron
     from nvfp4_dist.models.megatron_gpt import megatron_forward_loop
@@ -60,13 +60,13 @@ def _ep_worker(eps: list[int]) -> dict | None:
     hf = small_moe(dead=DEAD)
     data = tokens(8, 16).chunk(dist.get_world_size())[dist.get_rank()]
     # Record the Hessian each search receives (slots are searched in order).
-    hessians, search = [], pipeline.search_block_scales
+    hessians, search = [], stages.search_block_scales
 
     def recording_search(w, g, method, hessian=None, **kwargs):
         hessians.append(hessian)
         return search(w, g, method, hessian=hessian, **kwargs)
 
-    pipeline.search_block_scales = recording_search
+    stages.search_block_scales = recording_search
     out = {}
     for ep in eps:
         ctx = init_megatron(1, ep=ep, data_split=True)

@@ -3,10 +3,11 @@
 import torch
 from torch import nn
 
-from nvfp4_dist.calib.slots import ExpertInfo, ShardLayout, WeightSlot
+from nvfp4_dist.layout.slots import ExpertInfo, ShardLayout, WeightSlot
 from nvfp4_dist.calib.state import SlotState
 from nvfp4_dist.kernels.types import Method
-from nvfp4_dist.moe import UNOBSERVED_INPUT_AMAX, dead_input_amax, routed_tokens, summarize_experts
+from nvfp4_dist.calib.moe import UNOBSERVED_INPUT_AMAX, dead_input_amax, summarize_experts
+from nvfp4_dist.parallel.routing import routed_tokens
 from nvfp4_dist.parallel.context import SINGLE_PROCESS
 
 

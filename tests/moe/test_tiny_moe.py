@@ -12,12 +12,12 @@ import nvfp4_dist as nd
 from hf_reload import probe_ids, reload_compressed_tensors
 from nvfp4_dist.calib.state import read_state
 from nvfp4_dist.cli import build_parser
-from nvfp4_dist.export.hf import export_hf
+from nvfp4_dist.export import export_checkpoint
 from nvfp4_dist.export.inspect import inspect_checkpoint
 from nvfp4_dist.export.reader import CheckpointReader
 from nvfp4_dist.kernels import reference
 from nvfp4_dist.models.tiny import TINY_MOE_DEAD_EXPERTS, build_embedded, calibration_tokens
-from nvfp4_dist.moe import routed_tokens
+from nvfp4_dist.parallel.routing import routed_tokens
 from nvfp4_dist.numerics import nvfp4
 
 N_LAYERS, N_EXPERTS = 2, 8
@@ -69,7 +69,7 @@ def calibrated(tmp_path_factory):
         warnings.simplefilter("always")
         result = nd.quantize(model, config, loop, show_progress=False)
     out = tmp_path_factory.mktemp("tiny-moe")
-    paths = {fmt: export_hf(model, result, out / fmt, fmt=fmt).path for fmt in ("modelopt", "compressed-tensors")}
+    paths = {fmt: export_checkpoint(model, result, out / fmt, fmt=fmt).path for fmt in ("modelopt", "compressed-tensors")}
     return model, result, paths, [str(w.message) for w in caught], ids
 
 

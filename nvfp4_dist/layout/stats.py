@@ -1,4 +1,4 @@
-"""Input statistics for calibration: per-16-channel-block Hessians, token counts, input amax.
+"""Input statistics of a weight (layout vocabulary): per-16-channel-block Hessians, token counts, input amax.
 
 ``H_b = sum_tokens x_b x_b^T`` is accumulated unnormalised in fp32 so that data-parallel ranks
 can sum their partial Hessians and token counts; :meth:`InputStats.hessian` normalises by the
@@ -78,15 +78,3 @@ class StatsStore(dict):
         if key not in self:
             self[key] = InputStats(cin=cin, with_hessian=with_hessian, accum_dtype=accum_dtype)
         return self[key]
-
-
-def observe_first_input(module: torch.nn.Module, stats: InputStats):
-    """Forward pre-hook feeding ``module``'s first positional (or ``input``/``hidden_states``)
-    argument into ``stats``; returns the handle."""
-
-    def hook(mod, args, kwargs):
-        x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
-        if x is not None:
-            stats.update(x)
-
-    return module.register_forward_pre_hook(hook, with_kwargs=True)

@@ -1,10 +1,6 @@
-"""MoE experts: routed token sets, the dead-expert policy, and the experts summary of a run.
+"""MoE experts after calibration: the dead-expert policy and the experts summary of a run.
 
-Routed tokens. An expert's statistics (Hessians, token count, input amax) come from exactly the
-tokens its layer routes to it: the rows ``t`` of the layer's hidden states whose top-k expert
-indices contain the expert. Indices outside ``[0, num_experts)`` (transformers' expert-parallel
-sentinels) reach no expert. With ``DeadExpertPolicy.ROUTE_ALL`` every token counts for every
-expert (statistics only: the model's output still follows the router).
+(Which tokens reach an expert is the adapters' business: :mod:`nvfp4_dist.parallel.routing`.)
 
 Dead experts. An expert is dead when no calibration token reached it after the statistics were
 reduced over its data-parallel replicas (with Megatron expert parallelism the token dispatcher
@@ -32,35 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .calib.slots import WeightSlot
-from .parallel.context import ParallelContext
-from .parallel.reduce import gather_objects, reduce_max_by_key
+from ..layout.slots import WeightSlot
+from ..parallel.context import ParallelContext
+from ..parallel.reduce import gather_objects, reduce_max_by_key
 
 # Input amax used when no weight of the model saw a calibration token (nothing to borrow from):
 # unit-scale activations, the scale normalised hidden states have.
 UNOBSERVED_INPUT_AMAX = 1.0
-
-
-def routed_tokens(top_k_index: torch.Tensor, num_experts: int, route_all: bool = False) -> list[torch.Tensor]:
-    """Token rows each expert computes on.
-
-    ``top_k_index``: int ``[tokens, k]``, the router's expert choice per token. Returns one
-    int64 index tensor per expert (ascending rows, possibly empty); with ``route_all`` every
-    expert gets every row.
-    """
-    tokens, k = top_k_index.shape
-    device = top_k_index.device
-    if route_all:
-        every = torch.arange(tokens, device=device)
-        return [every for _ in range(num_experts)]
-    flat = top_k_index.reshape(-1).long()
-    rows = torch.arange(tokens, device=device).repeat_interleave(k)
-    valid = (flat >= 0) & (flat < num_experts)
-    flat, rows = flat[valid], rows[valid]
-    # A stable sort by expert keeps each expert's rows in ascending token order.
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    return list(torch.split(rows[order], counts))
 
 
 def dead_input_amax(slots: list[WeightSlot], states: dict, ctx: ParallelContext) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 plain ``state_dict``; and restoring it into a fresh model at another layout.
 
 The state lives in persistent fp32 buffers next to each weight (:mod:`nvfp4_dist.calib.state`):
-``{param}_nvfp4_{global_amax,block_amax,dss_beta,input_amax}``. Per backend:
+``{param}_nvfp4_{global_amax,block_amax,dss_beta,input_amax}``. Per framework:
 
 * plain ``state_dict`` / ``load_state_dict``: the buffers are ordinary persistent buffers.
 * torch DCP with FSDP2: the buffers are DTensors sharded like the weight
@@ -24,9 +24,9 @@ The state lives in persistent fp32 buffers next to each weight (:mod:`nvfp4_dist
   only). The global expert index is an axis, never part of a local name.
 
 Why a wrapper on the ROOT model's ``sharded_state_dict`` (installed by ``quantize()`` and
-:func:`init_quantizer_state`) rather than on each linear: the gate/up factory is applied by the
-MLP above the linear and the expert axis by the SequentialMLP above that, after the linear
-returns; only a pass over the finished dict sees the weight's final entry. Wrapping the method
+:func:`~nvfp4_dist.calib.restore.init_quantizer_state`) rather than on each linear: the gate/up
+factory is applied by the MLP above the linear and the expert axis by the SequentialMLP above
+that, after the linear returns; only a pass over the finished dict sees the weight's final entry. Wrapping the method
 keeps the usual flow unchanged, including Megatron's own training-loop checkpointing, which calls
 ``model.sharded_state_dict()`` through its DDP/Float16 wrappers::
 
@@ -36,12 +36,10 @@ keeps the usual flow unchanged, including Megatron's own training-loop checkpoin
     state = dist_checkpointing.load(fresh_model.sharded_state_dict(), ckpt_dir)
     fresh_model.load_state_dict(state)                                     # fake-quant as after quantize()
 
-Restore creates the buffers from ``discover`` + the QuantConfig (not from checkpoint metadata):
-the same code path serves the three backends, needs no checkpoint access before the framework's
-own load, and knows which keys to expect. The buffers are NaN-filled until loaded, so a model
-used without its state fails loudly. Every slot of a run carries the same set of buffers (a DSS
-run gives weight-only-calibrated slots beta = 1.0, the bitwise identity), because a stacked
-Megatron tensor must be fully covered when saved.
+Restore (:mod:`nvfp4_dist.calib.restore`) creates NaN-filled buffers from ``discover`` + the
+QuantConfig. Every slot of a run carries the same set of buffers (a DSS run gives
+weight-only-calibrated slots beta = 1.0, the bitwise identity), because a stacked Megatron tensor
+must be fully covered when saved.
 
 Errors: a load whose quantizer keys differ from the model's (no state in the checkpoint, DSS
 betas or input amaxes missing or extra) raises :class:`~nvfp4_dist.errors.ExportError` naming
@@ -62,15 +60,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..calib.apply import install_fake_quant
-from ..calib.discover import Inventory, discover
-from ..calib.slots import WeightSlot
-from ..calib.state import SUFFIXES, SlotState, attach_buffer, attach_state, buffer_name, read_state
 from ..config import QuantConfig
 from ..errors import ExportError, LayoutError
+from ..layout.slots import WeightSlot
 from ..numerics.constants import BLOCK_SIZE
 from ..parallel.access import local_shards, local_weight
-from ..parallel.context import ParallelContext, check_groups, detect_context
+from .state import SUFFIXES, attach_buffer, buffer_name, read_state
 
 STATE_KEY = re.compile(r"^(?P<param>.+)_nvfp4_(?P<suffix>" + "|".join(SUFFIXES) + r")$")
 PER_TENSOR = ("global_amax", "input_amax")  # 0-d per weight; the rest are per 16-channel block
@@ -108,40 +103,6 @@ def _complete_state(model: nn.Module, slots: list[WeightSlot], config: QuantConf
                 w = local_weight(slot)
                 ones = torch.ones(w.shape[0], w.shape[1] // BLOCK_SIZE, dtype=torch.float32, device=w.device)
                 attach_buffer(slot, "dss_beta", ones)
-
-
-def init_quantizer_state(model: nn.Module, config: QuantConfig | None = None,
-                         ctx: ParallelContext | None = None) -> Inventory:
-    """Prepare a fresh ``model`` (any TP/EP/FSDP layout) to receive saved quantizer state.
-
-    Discovers the slots ``quantize(model, config)`` would calibrate, gives each one NaN-filled
-    buffers of this rank's LOCAL shapes (``block_amax``/``dss_beta [rows_local, cin_local/16]``,
-    ``dss_beta`` only with ``config.dss``, ``input_amax`` only with ``config.quantize_inputs``),
-    installs the fake-quant forward and the checkpoint hooks. Then load as usual
-    (``load_state_dict``, Megatron ``dist_checkpointing.load`` + ``load_state_dict``, torch DCP, or
-    :func:`load_megatron_checkpoint` / :func:`load_dcp_checkpoint`): the model computes exactly
-    as after ``quantize()``. ``config`` must match the saved run's method options (dss,
-    quantize_inputs, include/exclude); a mismatch raises on load, naming the keys.
-    """
-    config = config or QuantConfig()
-    ctx = ctx or detect_context(model)
-    with local_shards(model):  # FSDP2: the DTensor shards, whose placements the state takes
-        inv = discover(model, config, ctx)
-        check_groups(inv.slots, ctx)
-        for slot in inv.slots:
-            w = local_weight(slot)
-            blocks = (w.shape[0], w.shape[1] // BLOCK_SIZE)
-            attach_state(slot, SlotState(global_amax=_nan((), w.device), block_amax=_nan(blocks, w.device),
-                                         dss_beta=_nan(blocks, w.device) if config.dss else None,
-                                         input_amax=_nan((), w.device) if config.quantize_inputs else None))
-    for module, _adapter, slots in inv.modules.values():
-        install_fake_quant(module, sorted({s.param_name for s in slots}), backend=config.backend)
-    register_checkpoint_state(model, inv.slots, config)
-    return inv
-
-
-def _nan(shape, device) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
 
 # ---------------------------------------------------------------------------------- Megatron

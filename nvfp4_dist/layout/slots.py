@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import LayoutError
 from ..numerics.constants import BLOCK_SIZE
+from .roles import GroupRole
 
 
 @dataclass(frozen=True)
@@ -21,15 +22,16 @@ class ShardLayout:
 
     shard_axis: 0 when rows (cout) are split (column-parallel, FSDP dim-0), 1 when input
         channels are split (row-parallel), None when this rank holds the whole weight.
-    shard_group: name of the process group the shards are spread over (a key of
-        :class:`~nvfp4_dist.parallel.context.ParallelContext`), None when not split.
+    shard_group: role of the process group the shards are spread over (a
+        :class:`~nvfp4_dist.layout.roles.GroupRole`, looked up in the run's ParallelContext),
+        None when not split.
     """
 
     global_shape: tuple[int, int]
     local_shape: tuple[int, int]
     offset: tuple[int, int] = (0, 0)
     shard_axis: int | None = None
-    shard_group: str | None = None
+    shard_group: GroupRole | None = None
 
     def __post_init__(self):
         if self.shard_axis not in (None, 0, 1):
@@ -51,7 +53,7 @@ class ShardLayout:
         return cls(global_shape=shape, local_shape=shape)
 
     @classmethod
-    def split(cls, global_shape, axis: int, rank: int, world: int, group: str) -> "ShardLayout":
+    def split(cls, global_shape, axis: int, rank: int, world: int, group: GroupRole) -> "ShardLayout":
         """Even split of ``global_shape`` along ``axis`` into ``world`` parts; this is part ``rank``."""
         global_shape = (int(global_shape[0]), int(global_shape[1]))
         if global_shape[axis] % world:
@@ -86,18 +88,18 @@ class ExpertInfo:
     count: experts in the layer (global).
     family: key shared by the same projection of every expert of one layer (e.g.
         ``model.layers.0.mlp.experts.gate_up_proj``): dead-expert fallbacks and the report group by it.
-    group: name of the process group the layer's experts are spread over (expert parallel, a key
-        of :class:`~nvfp4_dist.parallel.context.ParallelContext`), None when every expert is local.
-    data_group: name of the group over which this expert's statistics are summed instead of the
+    group: role of the process group the layer's experts are spread over (expert parallel), None
+        when every expert is local.
+    data_group: role of the group over which this expert's statistics are summed instead of the
         context's ``dp`` (Megatron: the expert-data-parallel ranks holding the same expert); None
-        keeps ``dp``. A name the context lacks means no reduce (every rank saw all the data).
+        keeps ``dp``. A role the context lacks means no reduce (every rank saw all the data).
     """
 
     index: int
     count: int
     family: str
-    group: str | None = None
-    data_group: str | None = None
+    group: GroupRole | None = None
+    data_group: GroupRole | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,17 +127,11 @@ class WeightSlot:
     stats_key: str
     expert: int | None = None
     sequence_parallel: bool = False
-    stats_group: str | None = None
     export_parts: tuple[ExportPart, ...] = ()
     moe: ExpertInfo | None = None
 
     def parameter(self) -> torch.Tensor:
         return getattr(self.module, self.param_name)
-
-    @property
-    def state_prefix(self) -> str:
-        """Prefix of this slot's quantizer buffers on ``module`` (per parameter)."""
-        return self.param_name
 
     def parts(self) -> tuple[ExportPart, ...]:
         return self.export_parts or (ExportPart(self.name, slice(0, self.layout.global_shape[0])),)

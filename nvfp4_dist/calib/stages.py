@@ -1,0 +1,249 @@
+"""The stages of ``quantize()`` between discovery and apply, each a function over frozen results.
+
+  observe  (local)      forward hooks accumulate per-block Hessians, token counts and input amax
+                        while ``forward_loop(model)`` runs                   -> StatsStore
+  reduce   (collective) statistics SUM/MAX over data-parallel (and sequence-parallel) groups;
+                        global amax MAX over shards and fused groups         -> Statistics
+  search   (local)      block scales of each rank's own shard                -> {slot: SlotState}
+  settle   (collective) dead weights' input amax borrowed from live siblings; the experts
+                        summary                                               -> Settled
+  report   (collective) per-layer errors against plain max calibration, on demand
+Discovery is :mod:`.discover`, apply :mod:`.apply`; :mod:`.pipeline` chains them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import DeadExpertPolicy, QuantConfig
+from ..errors import CalibrationError
+from ..kernels.dispatch import fake_quant_weight, search_block_scales
+from ..kernels.reference import beta_grid
+from ..kernels.types import Method
+from ..layout.slots import WeightSlot
+from ..layout.stats import InputStats, StatsStore
+from ..numerics import nvfp4
+from ..numerics.constants import E4M3_MAX, E4M3_MIN_SCALE
+from ..parallel.access import local_weight
+from ..parallel.context import ParallelContext
+from ..parallel.reduce import reduce_global_amax, reduce_report_sums, reduce_stats
+from ..progress import progress
+from .discover import Inventory
+from .moe import ExpertSummary, dead_input_amax, summarize_experts
+from .report import LayerReport, error_sums
+from .state import SlotState
+
+
+def observe(model: nn.Module, inventory: Inventory, config: QuantConfig,
+            forward_loop: Callable[[nn.Module], None]) -> StatsStore:
+    """Run ``forward_loop(model)`` with observers installed; hooks are always removed."""
+    store = StatsStore()
+    handles = []
+    route_all = config.dead_experts is DeadExpertPolicy.ROUTE_ALL
+    try:
+        for module, adapter, slots in inventory.modules.values():
+            handles += adapter.observe(module, list(slots), store, with_hessian=config.needs_hessian,
+                                       route_all=route_all)
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return store
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Reduced statistics of a run: input statistics by stats key (empty without calibration
+    data) and the global amax of every fused group (fp32 0-d)."""
+
+    inputs: StatsStore
+    global_amax: dict[str, torch.Tensor]
+    weight_amax: dict[str, torch.Tensor]  # slot name -> max |w| of the whole weight
+    observed: bool  # a forward loop ran (False: weight-only max/mse without data)
+
+    def of(self, slot: WeightSlot) -> InputStats | None:
+        return self.inputs.get(slot.stats_key)
+
+
+def reduce(inventory: Inventory, store: StatsStore, observed: bool, ctx: ParallelContext,
+           device: torch.device) -> Statistics:
+    """Sum/MAX the statistics over their groups and reduce each fused group's global amax.
+    Call inside ``local_shards(model)`` (the amax is read from this rank's shards)."""
+    if observed:
+        reduce_stats(store, list(inventory.slots), ctx, device)
+        check_finite(inventory, store)
+    local_amax = {}
+    for slot in inventory.slots:
+        w = local_weight(slot)
+        local_amax[slot.name] = (w.detach().abs().amax().float() if w.numel()
+                                 else torch.zeros((), dtype=torch.float32, device=w.device))
+    slots = list(inventory.slots)
+    statistics = Statistics(store, reduce_global_amax(slots, local_amax, ctx),
+                            reduce_global_amax(slots, local_amax, ctx, per_weight=True), observed)
+    check_shared_scales(inventory, statistics)
+    return statistics
+
+
+# A weight whose own amax is this far below its fused group's: even its largest block's FP8
+# scale a * 448 / g falls under the E4M3 floor 2^-9, so the shared global scale cannot express
+# its blocks and most of its elements quantize to zero.
+_SHARED_SCALE_FLOOR = E4M3_MIN_SCALE / E4M3_MAX
+
+
+def check_shared_scales(inventory: Inventory, statistics: Statistics) -> None:
+    """Refuse, naming them, weights that their fused group's global scale would zero (a huge
+    value in a sibling, e.g. one 1e30 in k_proj next to q_proj and v_proj)."""
+    bad = []
+    for slot in inventory.slots:
+        a, g = statistics.weight_amax[slot.name], statistics.global_amax[slot.fused_group]
+        if 0 < float(a) < float(g) * _SHARED_SCALE_FLOOR:
+            bad.append(f"{slot.name} (amax {float(a):.3g}; group {slot.fused_group} amax {float(g):.3g})")
+    if bad:
+        raise CalibrationError(
+            "these weights share a global scale with a sibling whose values are so large that they "
+            "would quantize to (nearly) zero:\n  " + "\n  ".join(bad[:20])
+            + "\nFix the extreme weight (an amax above ~1e4 in a linear layer is a damaged checkpoint), "
+            "or exclude the whole fused group to keep it in high precision.")
+
+
+def check_finite(inventory: Inventory, store: StatsStore) -> None:
+    """Raise once, naming every weight whose reduced input statistics hold NaN/Inf (after the
+    reduce, every rank of a group holds the same values, so every rank raises together)."""
+    bad_keys = set()
+    for key, inputs in store.items():
+        values = [inputs.amax] + ([inputs.hessian_sum] if inputs.hessian_sum is not None else [])
+        if not all(bool(torch.isfinite(v).all()) for v in values):
+            bad_keys.add(key)
+    if bad_keys:
+        names = sorted(s.name for s in inventory.slots if s.stats_key in bad_keys)
+        listed = ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
+        raise CalibrationError(
+            f"the calibration forward produced non-finite inputs (the forward overflowed) for: {listed}. "
+            "Fix: look for huge or non-finite weights upstream of these layers (nvfp4-dist inspect of "
+            "the source, or torch.isfinite on the model's parameters), or calibrate in float32 "
+            "(--dtype float32).")
+
+
+# A block column whose Hessian trace is below this fraction of the weight's largest one carries
+# no signal: its inputs are (numerically) always zero, every candidate scale has the same loss,
+# and the Hessian search would pick the smallest scale, i.e. zero the block.
+_EMPTY_HESSIAN_RATIO = 1e-12
+
+
+def empty_hessian_blocks(hessian: torch.Tensor) -> torch.Tensor:
+    """bool ``[cin/16]``: the 16-channel input blocks whose Hessian is zero or numerically empty."""
+    trace = hessian.diagonal(dim1=1, dim2=2).sum(-1)
+    return trace <= trace.max() * _EMPTY_HESSIAN_RATIO
+
+
+def _search_one(w, g, method: Method, hessian, betas, config: QuantConfig):
+    """(block_amax, dss_beta, method, empty block columns) of one local shard.
+
+    Blocks whose Hessian is empty take the weight-only MSE choice (beta 1.0 under DSS); a weight
+    whose every block is empty is searched weight-only, like a weight no token reached.
+    """
+    empty = 0
+    if hessian is not None:
+        mask = empty_hessian_blocks(hessian)
+        empty = int(mask.sum())
+        if empty == mask.numel():
+            method, hessian = Method.MSE, None
+    if method is not Method.LOCAL_HESSIAN:
+        choice = search_block_scales(w, g, method, kernels=config.kernels)
+        return choice.block_amax, None, method, empty
+    choice = search_block_scales(w, g, method, hessian=hessian, dss_betas=betas, kernels=config.kernels)
+    block_amax, beta = choice.block_amax, choice.dss_beta
+    if empty:
+        block_amax = torch.where(mask.to(w.device), search_block_scales(w, g, Method.MSE, kernels=config.kernels)
+                                 .block_amax, block_amax)
+        if beta is not None:
+            beta = torch.where(mask.to(w.device), torch.ones_like(beta), beta)
+    return block_amax, beta, method, empty
+
+
+def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
+           show_progress: bool = True) -> dict[str, SlotState]:
+    """Block scales of every slot's local shard (inside ``local_shards(model)``).
+
+    A weight that no calibration token reached (dead) or whose Hessian is missing or empty is
+    searched with the weight-only MSE objective instead of the Hessian one; so are the blocks
+    whose own Hessian is empty (``SlotState.empty_blocks`` counts them).
+    """
+    betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
+    states: dict[str, SlotState] = {}
+    for slot in progress(inventory.slots, desc="search", enabled=show_progress):
+        inputs = stats.of(slot)
+        tokens = inputs.tokens if inputs is not None else 0
+        hessian = inputs.hessian() if (inputs is not None and config.needs_hessian) else None
+        method = config.method
+        if method is Method.LOCAL_HESSIAN and hessian is None:
+            method = Method.MSE  # weight-only objective for weights no token reached
+        g = stats.global_amax[slot.fused_group]
+        w = local_weight(slot).detach()
+        empty = 0
+        if w.numel():
+            block_amax, beta, method, empty = _search_one(w, g, method, hessian, betas, config)
+        else:
+            block_amax = torch.zeros(w.shape[0], w.shape[1] // 16, device=w.device)
+            beta = None
+        states[slot.name] = SlotState(
+            global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
+            input_amax=inputs.amax.clone() if (config.quantize_inputs and inputs is not None) else None,
+            tokens=tokens, dead=stats.observed and tokens == 0, empty_blocks=empty)
+    return states
+
+
+@dataclass(frozen=True)
+class Settled:
+    """States after the dead-weight policy, and the experts summary (identical on every rank
+    of an expert-parallel group)."""
+
+    states: dict[str, SlotState]
+    experts: ExpertSummary
+
+
+def settle(inventory: Inventory, states: dict[str, SlotState], config: QuantConfig,
+           ctx: ParallelContext) -> Settled:
+    """Give dead weights a safe input amax (W4A4; new states, the input ones are unchanged) and
+    summarise the experts. Collective over expert-parallel groups."""
+    slots = list(inventory.slots)
+    states = dict(states)
+    if config.quantize_inputs:
+        for name, amax in dead_input_amax(slots, states, ctx).items():
+            states[name] = dataclasses.replace(states[name], input_amax=amax)
+    return Settled(states, summarize_experts(slots, states, ctx))
+
+
+def dead_names(slots, states: dict[str, SlotState], experts: ExpertSummary) -> list[str]:
+    """Weights no calibration token reached: this rank's dense weights, and the experts of
+    every expert-parallel rank."""
+    dense = [s.name for s in slots if s.moe is None and states[s.name].dead]
+    return dense + [r.name for r in experts.dead]
+
+
+def report(inventory: Inventory, states: dict[str, SlotState], stats: Statistics, config: QuantConfig,
+           ctx: ParallelContext) -> list[LayerReport]:
+    """Per-layer errors of the current weights under their states against plain max
+    calibration (two fake-quants per weight; inside ``local_shards(model)``). Collective over
+    each weight's shard group: every rank calls it."""
+    sums = {}
+    for slot in inventory.slots:
+        state = states[slot.name]
+        inputs = stats.of(slot)
+        hessian = inputs.hessian() if (inputs is not None and config.needs_hessian) else None
+        w = local_weight(slot).detach()
+        g = state.global_amax
+        fq = fake_quant_weight(w, state.block_amax, g, state.dss_beta, kernels=config.kernels)
+        fq_max = fake_quant_weight(w, nvfp4.block_amax(w), g, kernels=config.kernels)
+        sums[slot.name] = error_sums(w, fq, fq_max, hessian)
+    reduce_report_sums(list(inventory.slots), sums, ctx)
+    return [LayerReport(name=s.name, shape=s.layout.global_shape, method=states[s.name].method.value,
+                        tokens=states[s.name].tokens, dead=states[s.name].dead, sums=sums[s.name],
+                        empty_blocks=states[s.name].empty_blocks)
+            for s in inventory.slots]

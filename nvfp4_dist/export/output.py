@@ -1,0 +1,134 @@
+"""The output directory of an export: staging, each rank's shard files, rank 0's publish.
+
+* staging: rank 0 checks the target and creates the staging directory next to it; every rank
+  learns its path (or rank 0's error, raised on every rank, so none waits for a directory).
+* shards: every rank walks the plan's order, writes the pieces it is the writer of into its own
+  files (``ShardWriter(prefix="rank0000R")``) and takes part in the gathers of its shard groups:
+  a piece split over a group is gathered to its writer first (for quantized weights the packed
+  codes and FP8 scales, 4.5 bits per weight, never the weight itself).
+* publish (rank 0): the ranks' shard records in rank order are numbered and indexed, then
+  config.json (with ``quantization_config``), hf_quant_config.json (ModelOpt) and the source
+  model's tokenizer/generation files are written and the staging directory is renamed into place.
+
+The staging directory must be on a filesystem every rank sees (one node, or a shared mount).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ExportError
+from ..parallel.reduce import broadcast_object, gather_along, group_ranks
+from .formats import ExportFormat, hf_quant_config, quantization_config
+from .pieces import Piece
+from .plan import Plan
+from .writer import ShardRecord, ShardWriter, finalize_shards, prepare_staging, publish, write_json
+
+CONFIG_NAME = "config.json"
+HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
+# Files carried over from the source model directory: tokenizer, chat template, generation and
+# processor settings. Weights and config.json are written anew; remote code is never copied.
+SOURCE_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+                        "merges.txt", "*.tiktoken", "spiece.model", "generation_config.json",
+                        "chat_template*", "preprocessor_config.json", "processor_config.json")
+
+
+def source_path(source_dir) -> Path | None:
+    """``source_dir`` as a Path, checked to be a directory (None stays None)."""
+    if source_dir is None:
+        return None
+    source = Path(source_dir)
+    if not source.is_dir():
+        raise ExportError(f"source_dir {source} is not a directory; pass the HF model directory "
+                          "the model was loaded from, or None")
+    return source
+
+
+def _architecture(model: nn.Module) -> str:
+    """The model's class name as save_pretrained records it. FSDP2's ``fully_shard`` swaps the
+    class for a subclass ``FSDP<name>`` of (FSDPModule, the class): the wrapped class is named."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)).__name__
+
+
+def base_config(model: nn.Module, config: dict | None, source: Path | None) -> dict:
+    """config.json content before the quantization config: ``config`` when given, else a
+    transformers model's own config (with ``architectures``, as save_pretrained records it),
+    else ``source/config.json``, else empty."""
+    if config is not None:
+        return copy.deepcopy(dict(config))
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        cfg = model.config.to_dict()
+        cfg["architectures"] = [_architecture(model)]
+        return cfg
+    if source is not None and (source / CONFIG_NAME).is_file():
+        return json.loads((source / CONFIG_NAME).read_text())
+    return {}
+
+
+def open_staging(target: Path, overwrite: bool, rank: int) -> Path:
+    """The staging directory rank 0 made for ``target``, on every rank (see module docstring)."""
+    staging: object = None
+    if rank == 0:
+        try:
+            staging = str(prepare_staging(target, overwrite))
+        except ExportError as exc:  # every rank raises it, none waits for a staging directory
+            staging = exc
+    staging = broadcast_object(staging)
+    if isinstance(staging, Exception):
+        raise ExportError(str(staging))
+    return Path(staging)
+
+
+def write_pieces(staging: Path, plan: Plan, pieces: list[Piece], rank: int, max_shard_size,
+                 metadata: dict[str, str]) -> list[ShardRecord]:
+    """Write this rank's share of the plan into its own shard files; returns its records."""
+    writer = ShardWriter(staging, max_shard_size, metadata, prefix=f"rank{rank:05d}")
+    held = {piece.key: piece for piece in pieces}
+    for key in plan.order:
+        piece = held.get(key)
+        if piece is None:
+            continue
+        dst = plan.writers[key]
+        if piece.axis is None:
+            whole = piece.local() if dst == rank else None
+        elif dst in group_ranks(piece.group):
+            whole = {name: gather_along(t, piece.axis, piece.offsets[name], piece.group, dst=dst)
+                     for name, t in piece.local().items()}
+        else:
+            continue  # another replica of this shard group writes it
+        if dst == rank:
+            for name, tensor in piece.emit(whole):
+                writer.add(name, tensor)
+    return writer.close()
+
+
+def _source_files(source: Path) -> list[Path]:
+    return sorted(p for p in source.iterdir()
+                  if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in SOURCE_FILE_PATTERNS))
+
+
+def publish_checkpoint(staging: Path, target: Path, records: list[ShardRecord], *, fmt: ExportFormat,
+                       config: dict, ignore: list[str], w4a4: bool, source: Path | None) -> tuple[str, ...]:
+    """Rank 0: index the shards, write the configs, copy the source files and rename the staging
+    directory to ``target``; returns the published file names."""
+    finalize_shards(staging, records)
+    cfg = dict(config)
+    cfg["quantization_config"] = quantization_config(fmt, ignore, w4a4)
+    write_json(staging / CONFIG_NAME, cfg)
+    if fmt is ExportFormat.MODELOPT:
+        write_json(staging / HF_QUANT_CONFIG_NAME, hf_quant_config(ignore))
+    for path in _source_files(source) if source is not None else []:
+        shutil.copy2(path, staging / path.name)
+    files = tuple(sorted(p.name for p in staging.iterdir()))
+    publish(staging, target)
+    return files
