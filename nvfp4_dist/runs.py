@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .calib.checkpoint import save_megatron_checkpoint
+from .calib.checkpoint import save_dcp_checkpoint, save_megatron_checkpoint
 from .calib.pipeline import QuantResult, quantize
+from .calib.restore import restore
 from .config import QuantConfig
 from .errors import ConfigError
 from .export.hf import export_checkpoint
@@ -88,40 +89,48 @@ def check_layout_options(layout: Layout | str, tp: int, ep: int, replicas: int) 
         raise ConfigError(f"--replicas {replicas} (HSDP) needs --backend fsdp2")
 
 
+def lay_out(hf_model: nn.Module, layout: Layout | str, *, tp: int = 1, ep: int = 1, replicas: int = 1,
+            timeout_s: float, device: torch.device, data_split: bool) -> tuple[nn.Module, ParallelContext]:
+    """``hf_model`` laid out for ``layout`` on this rank, and the run's context (see the module
+    docstring); ``data_split``: the ranks feed shares of the data whose statistics are summed."""
+    layout = Layout(layout)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_layout_options(layout, tp, ep, replicas)
+    if layout is Layout.MEGATRON:
+        ctx = init_megatron(tp, timeout_s=timeout_s, data_split=data_split, ep=ep)
+        build = build_megatron_moe_gpt if getattr(hf_model.config, "num_experts", 0) else build_megatron_gpt
+        return build(hf_model, device=device), ctx
+    if layout is Layout.FSDP2:
+        model = shard_fsdp2(hf_model.to(device), device, replicas)
+        return model, fsdp_context(model, data_split=data_split)
+    ctx = ParallelContext(dp=dist.group.WORLD) if (data_split and world > 1) else SINGLE_PROCESS
+    return hf_model.to(device), ctx
+
+
 def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, layout: Layout, tp: int,
                 batch_size: int, split_calib: bool, float64_calib: bool, timeout_s: float,
                 device: torch.device, show_progress: bool, ep: int = 1, replicas: int = 1) -> PreparedRun:
-    """Lay ``hf_model`` out for ``layout`` on this rank (see module docstring)."""
+    """Lay ``hf_model`` out for ``layout`` on this rank with its calibration loop (see module
+    docstring)."""
     layout = Layout(layout)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
     config = _hf_config(hf_model)
-    check_layout_options(layout, tp, ep, replicas)
-
+    model, ctx = lay_out(hf_model, layout, tp=tp, ep=ep, replicas=replicas, timeout_s=timeout_s,
+                         device=device, data_split=split_calib)
     if layout is Layout.MEGATRON:
         # megatron-core is optional: imported only for this layout.
         from megatron.core import parallel_state as ps
 
-        ctx = init_megatron(tp, timeout_s=timeout_s, data_split=split_calib, ep=ep)
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        data_ranks = dp if split_calib else 1
-        data = _share(tokens, dp_rank, dp) if split_calib else tokens
-        build = build_megatron_moe_gpt if getattr(hf_model.config, "num_experts", 0) else build_megatron_gpt
-        model = build(hf_model, device=device)
-        loop = megatron_forward_loop(data, batch_size, show_progress)
+        ranks, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        batches = megatron_forward_loop
     else:
-        data_ranks = world if split_calib else 1
-        data = _share(tokens, rank, world) if split_calib else tokens
-        if layout is Layout.FSDP2:
-            model = shard_fsdp2(hf_model.to(device), device, replicas)
-            ctx = fsdp_context(model, data_split=split_calib)
-        else:
-            model = hf_model.to(device)
-            ctx = ParallelContext(dp=dist.group.WORLD) if (split_calib and world > 1) else SINGLE_PROCESS
-        loop = make_forward_loop(data, batch_size, show_progress)
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        batches = make_forward_loop
+    data = _share(tokens, rank, ranks) if split_calib else tokens
+    loop = batches(data, batch_size, show_progress)
     if float64_calib:
         loop = float64_forward(loop)
-    return PreparedRun(model, loop, ctx, config, data_ranks)
+    return PreparedRun(model, loop, ctx, config, ranks if split_calib else 1)
 
 
 @dataclass(frozen=True)
@@ -154,5 +163,24 @@ def run_quantize(args, config: QuantConfig) -> RunSummary:
                                 overwrite=args.overwrite, config=run.hf_config, kernels=config.kernels).path
         if args.save_dist_ckpt is not None:  # Megatron only (the CLI checks)
             save_megatron_checkpoint(run.model, args.save_dist_ckpt)
+        if getattr(args, "save_dcp", None) is not None:  # hf / fsdp2 layouts (the CLI checks)
+            save_dcp_checkpoint(run.model, args.save_dcp)
     return RunSummary(result, out, info.world_size, run.data_ranks, tuple(tokens.shape),
                       time.perf_counter() - t_start)
+
+
+def run_export(args, config: QuantConfig) -> RunSummary:
+    """``nvfp4-dist export``: lay the HF model out (any TP/EP/FSDP2 layout), load weights and
+    quantizer state from the saved checkpoint (``args.dist_ckpt``: Megatron dist_checkpointing;
+    ``args.dcp``: torch DCP), and write the HF export, without calibrating. Collective."""
+    t_start = time.perf_counter()
+    info = init_distributed(timeout_s=args.dist_timeout, single_group=args.backend != "hf")
+    with collective_failures(args.dist_timeout):
+        loaded = load_model(args.model, seed=args.seed, dtype=DTYPES[args.dtype], device="cpu")
+        hf_config = _hf_config(loaded.model)
+        model, ctx = lay_out(loaded.model, args.backend, tp=args.tp, ep=args.ep, replicas=args.replicas,
+                             timeout_s=args.dist_timeout, device=info.device, data_split=False)
+        result = restore(model, config, megatron_checkpoint=args.dist_ckpt, dcp_checkpoint=args.dcp, ctx=ctx)
+        out = export_checkpoint(model, result, args.out, fmt=args.format, source_dir=loaded.source_dir,
+                                overwrite=args.overwrite, config=hf_config, kernels=config.kernels).path
+    return RunSummary(result, out, info.world_size, 1, (0, 0), time.perf_counter() - t_start)

@@ -22,7 +22,7 @@ LAYERS = (
     ("calib", ("nvfp4_dist.calib",)),
     ("export", ("nvfp4_dist.export",)),
     ("entry points", ("nvfp4_dist.integrations", "nvfp4_dist.models", "nvfp4_dist.launch",
-                      "nvfp4_dist.runs", "nvfp4_dist.cli", "nvfp4_dist.__main__", "nvfp4_dist")),
+                      "nvfp4_dist.runs", "nvfp4_dist.inputs", "nvfp4_dist.cli", "nvfp4_dist.__main__", "nvfp4_dist")),
 )
 OPTIONAL_DEPENDENCIES = ("megatron", "triton")
 

@@ -275,6 +275,18 @@ def load_dcp_checkpoint(model: nn.Module, checkpoint_id: str) -> None:
     set_model_state_dict(model, state)
 
 
+def save_dcp_checkpoint(model: nn.Module, checkpoint_dir) -> None:
+    """torch DCP save of ``model``'s weights with their quantizer state (FSDP2: every rank calls
+    it; a plain model in one process too) into a new or empty directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    path = Path(checkpoint_dir)
+    check_empty_dir(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save(get_model_state_dict(model), checkpoint_id=str(path))
+
+
 # ---------------------------------------------------------------------------------- errors
 
 

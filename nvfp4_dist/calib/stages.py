@@ -210,10 +210,20 @@ class Settled:
 
 def settle(inventory: Inventory, states: dict[str, SlotState], config: QuantConfig,
            ctx: ParallelContext) -> Settled:
-    """Give dead weights a safe input amax (W4A4; new states, the input ones are unchanged) and
-    summarise the experts. Collective over expert-parallel groups."""
+    """Give dead experts a safe input amax (W4A4; new states, the input ones are unchanged) and
+    summarise the experts. Collective over expert-parallel groups.
+
+    A dense weight that no token reached has no safe value to borrow: under W4A4 it is refused
+    by name (weight-only runs calibrate it with the MSE objective and report it dead)."""
     slots = list(inventory.slots)
     states = dict(states)
+    unreached = [s.name for s in slots if s.moe is None and states[s.name].dead]
+    if config.quantize_inputs and unreached:
+        listed = ", ".join(unreached[:8]) + (f" ... ({len(unreached)} in all)" if len(unreached) > 8 else "")
+        raise CalibrationError(
+            f"no calibration token reached {listed}: a static input scale (W4A4) needs data. Feed "
+            "calibration data that runs through these layers, exclude them, or calibrate "
+            "weight-only (quantize_inputs=False, --weight-only).")
     if config.quantize_inputs:
         for name, amax in dead_input_amax(slots, states, ctx).items():
             states[name] = dataclasses.replace(states[name], input_amax=amax)

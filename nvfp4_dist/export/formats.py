@@ -159,31 +159,48 @@ def _fp4_args(dynamic) -> dict:
     return {"num_bits": 4, "type": "float", "group_size": BLOCK_SIZE, "dynamic": dynamic}
 
 
+MODELOPT_W4A4_ALGO = "NVFP4"  # weights and static-scale input activations in NVFP4
+MODELOPT_W4A16_ALGO = "W4A16_NVFP4"  # weight-only: activations stay in high precision
+# compressed-tensors QuantizationArgs.scale_dtype of the NVFP4 presets (block scales in FP8 E4M3),
+# as `PRESET_SCHEMES["NVFP4"].model_dump(mode="json")` writes it (compressed-tensors >= 0.13).
+CT_SCALE_DTYPE = "torch.float8_e4m3fn"
+
+
+def modelopt_quant_algo(w4a4: bool) -> str:
+    """ModelOpt ``quant_algo`` of an export: ``NVFP4`` (W4A4) or ``W4A16_NVFP4`` (weight-only)."""
+    return MODELOPT_W4A4_ALGO if w4a4 else MODELOPT_W4A16_ALGO
+
+
 def quantization_config(fmt: ExportFormat, ignore: list[str], w4a4: bool) -> dict:
-    """``config.json["quantization_config"]`` of ``fmt`` (see FORMATS.md)."""
+    """``config.json["quantization_config"]`` of ``fmt`` (see FORMATS.md).
+
+    ModelOpt: ``quant_algo`` names what was quantized (``NVFP4`` / ``W4A16_NVFP4``) and
+    ``kv_cache_quant_algo: null`` says the KV cache is not. compressed-tensors: the scheme of the
+    ``NVFP4`` / ``NVFP4A16`` presets (with their FP8 ``scale_dtype``) and ``kv_cache_scheme: null``.
+    """
     fmt = ExportFormat(fmt)
     if fmt is ExportFormat.MODELOPT:
         group = {"weights": _fp4_args(False), "targets": list(LINEAR_TARGETS)}
         if w4a4:
             group["input_activations"] = _fp4_args(False)
-        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": BLOCK_SIZE,
-                "ignore": list(ignore), "kv_cache_scheme": None, "producer": _producer(),
-                "config_groups": {"group_0": group}}
-    tensor_group = {"strategy": "tensor_group", "symmetric": True}
+        return {"quant_method": "modelopt", "quant_algo": modelopt_quant_algo(w4a4), "group_size": BLOCK_SIZE,
+                "kv_cache_quant_algo": None, "ignore": list(ignore),
+                "kv_cache_scheme": None, "producer": _producer(), "config_groups": {"group_0": group}}
+    tensor_group = {"strategy": "tensor_group", "symmetric": True, "scale_dtype": CT_SCALE_DTYPE}
     group = {"targets": list(LINEAR_TARGETS), "weights": {**_fp4_args(False), **tensor_group}}
     if w4a4:
         # Per-block activation scales are computed at run time ("local"); only the global one is stored.
         group["input_activations"] = {**_fp4_args("local"), **tensor_group}
     return {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
-            "quantization_status": "compressed", "ignore": list(ignore),
+            "quantization_status": "compressed", "ignore": list(ignore), "kv_cache_scheme": None,
             "config_groups": {"group_0": group}}
 
 
-def hf_quant_config(ignore: list[str]) -> dict:
+def hf_quant_config(ignore: list[str], w4a4: bool = True) -> dict:
     """ModelOpt's ``hf_quant_config.json`` (vLLM needs group_size, kv_cache_quant_algo and
-    exclude_modules to be present)."""
+    exclude_modules to be present). ``w4a4=False`` (weight-only) writes ``W4A16_NVFP4``."""
     return {"producer": _producer(),
-            "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None,
+            "quantization": {"quant_algo": modelopt_quant_algo(w4a4), "kv_cache_quant_algo": None,
                              "group_size": BLOCK_SIZE, "exclude_modules": list(ignore)}}
 
 

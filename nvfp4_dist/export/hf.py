@@ -14,8 +14,10 @@ QuantResult, process groups from its ParallelContext.
   3. write    each rank streams its share into size-bounded shard files in one staging
               directory, gathering only packed codes and FP8 scales of split weights (:mod:`.output`).
   4. publish  rank 0 writes the index, config.json (+ hf_quant_config.json), the source files,
-              and renames the staging directory into place; a failure on any rank publishes
-              nothing and the staging directory is discarded.
+              checks them, writes the export marker and swaps the staging directory into place
+              (:mod:`.outdir`); a failure or a validation problem (:mod:`.validate`, every rank
+              checks what it writes) on any rank publishes nothing and the staging directory is
+              discarded.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from ..kernels.types import KernelImpl
 from ..parallel.access import expose_local_shards
 from ..parallel.reduce import broadcast_object, world_objects
 from .formats import FORMAT_VERSION, ExportFormat
+from .outdir import check_output_dir, target_path
 from .output import base_config, open_staging, publish_checkpoint, source_path, write_pieces
 from .pieces import local_pieces
 from .plan import agree
+from .validate import invalid_export_error
 from .writer import DEFAULT_MAX_SHARD_SIZE, discard
 
 
@@ -59,8 +63,10 @@ def export_checkpoint(model: nn.Module, result: QuantResult, out_dir, *,
 
     Under torchrun, call it on every rank with the same arguments (collective). fmt:
     ``"modelopt"`` or ``"compressed-tensors"``. source_dir: the original HF model directory; its
-    tokenizer/generation files are copied. overwrite: replace an existing ``out_dir`` (only once
-    the new export is complete). max_shard_size: bytes or an HF size string (per rank's files).
+    tokenizer/generation files are copied (and it is never replaced). overwrite: replace an
+    existing ``out_dir`` that is empty or an earlier nvfp4_dist export holding nothing else (its
+    marker ``nvfp4_dist_export.json`` lists its files), only once the new export is complete and
+    validated; anything else is refused up front (:func:`.outdir.check_output_dir`). max_shard_size: bytes or an HF size string (per rank's files).
     config: the model's config.json content (default: a transformers model's ``config``, else
     ``source_dir/config.json``, else only the quantization config; Megatron: pass the HF
     config). Static input scales are written when the run calibrated them (W4A4).
@@ -70,29 +76,37 @@ def export_checkpoint(model: nn.Module, result: QuantResult, out_dir, *,
     source = source_path(source_dir)
     cfg = base_config(model, config, source)
     rank = result.ctx.rank
+    if result.ctx.world_size == 1:  # refuse before any work (under torchrun: rank 0, below, for all)
+        check_output_dir(out_dir, overwrite=overwrite, protected=(source,))
     expose_local_shards(model)  # FSDP2: read the DTensor shards, not the root's unsharded weights
     pieces, inventory = local_pieces(model, result, fmt, w4a4, kernels)
     plan = agree(inventory)
 
-    target = Path(out_dir).absolute()
-    staging = open_staging(target, overwrite, rank)
+    target = target_path(out_dir)
+    staging = open_staging(target, overwrite, rank, protected=(source,))
     metadata = {"format": "pt", "nvfp4_dist_format": fmt.value, "format_version": FORMAT_VERSION}
     files = None
     try:
         # A rank that fails here never sends its records: the others' collectives time out and
-        # rank 0 discards the staging directory (below).
-        records = world_objects(write_pieces(staging, plan, pieces, rank, max_shard_size, metadata))
+        # rank 0 discards the staging directory (below). Validation problems are no failure
+        # here: every rank's travel with its records, and rank 0 refuses to publish.
+        written = world_objects(write_pieces(staging, plan, pieces, rank, max_shard_size, metadata, fmt))
         error = None
         if rank == 0:
             try:
-                files = publish_checkpoint(staging, target, [r for rank_records in records for r in rank_records],
+                problems = [p for _, rank_problems in written for p in rank_problems]
+                if problems:
+                    raise invalid_export_error(target, problems)
+                files = publish_checkpoint(staging, target, [r for records, _ in written for r in records],
                                            fmt=fmt, config=cfg, ignore=list(plan.ignore), w4a4=w4a4,
                                            source=source)
             except Exception as exc:  # tell the other ranks before raising
                 error = exc
-        files = broadcast_object(files)
+        files, message = broadcast_object((files, None if error is None else str(error)))
         if error is not None:
             raise error
+        if message is not None:  # rank 0's error, on the other ranks
+            raise ExportError(message)
     finally:
         if rank == 0 and files is None:
             discard(staging)

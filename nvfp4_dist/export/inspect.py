@@ -8,9 +8,13 @@ Every check runs and every problem is collected (nothing stops at the first one)
   * every NVFP4 module has its tensors with the dtypes and shapes of FORMATS.md, input scales
     exactly when the config declares W4A4, no orphan scale tensors;
   * no NaN/Inf in any floating tensor (FP8 included); block, global and input scales > 0;
-  * fused siblings (q/k/v, gate/up, w1/w3) share bit-identical global scales and are either
-    all NVFP4 or all high precision;
-  * no quantized module matches the ignore list.
+  * ``quant_algo`` (ModelOpt: ``NVFP4`` for W4A4, ``W4A16_NVFP4`` weight-only, in config.json and
+    hf_quant_config.json alike) and ``config_groups`` agree with the input scales stored;
+  * fused siblings (q/k/v, gate/up, w1/w3) share bit-identical weight and input global scales and
+    are either all NVFP4 or all high precision (the exporter's rule, ``export/checks.py``);
+  * no quantized module matches the ignore list, and every dense 2-D ``<m>.weight`` that is not
+    an embedding is in it (engines quantize every Linear the list does not exclude, and load
+    routers and heads with it).
 Tensors are loaded one at a time, so a checkpoint of any size is inspected in bounded memory.
 """
 
@@ -28,7 +32,9 @@ from safetensors import safe_open
 from ..errors import ExportError
 from ..numerics.constants import BLOCK_SIZE
 from ..layout.fused import fused_keys
-from .formats import SCHEMES, ExportFormat, TensorScheme, config_w4a4, detect_format
+from .checks import fused_groups, mixed_members, unequal_groups
+from .formats import (CT_SCALE_DTYPE, MODELOPT_W4A4_ALGO, MODELOPT_W4A16_ALGO, SCHEMES, ExportFormat,
+                      TensorScheme, config_w4a4, detect_format, modelopt_quant_algo)
 from .reader import check_format_version, read_json, weight_map
 
 _MAX_LISTED = 8
@@ -56,6 +62,7 @@ class InspectReport:
     modules: list[ModuleInfo] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     fused_groups: int = 0
+    vocab_size: int | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -119,7 +126,7 @@ def config_problems(fmt: ExportFormat, qc: dict) -> list[str]:
         problems.append(f"{where}.config_groups.group_0: 'targets' must be a non-empty list")
     fp4 = {"num_bits": 4, "type": "float", "group_size": BLOCK_SIZE}
     if fmt is ExportFormat.MODELOPT:
-        _expect(qc, "quant_algo", "NVFP4", where, problems)
+        _check_quant_algo(qc, where, config_w4a4(qc), problems)
         _expect(qc, "group_size", BLOCK_SIZE, where, problems)
         if "kv_cache_scheme" not in qc:
             problems.append(f"{where}: missing key 'kv_cache_scheme'")
@@ -130,6 +137,9 @@ def config_problems(fmt: ExportFormat, qc: dict) -> list[str]:
     else:
         _expect(qc, "format", "nvfp4-pack-quantized", where, problems)
         _expect(qc, "quantization_status", "compressed", where, problems)
+        if "kv_cache_scheme" in qc and qc["kv_cache_scheme"] is not None:
+            problems.append(f"{where}: kv_cache_scheme={qc['kv_cache_scheme']!r}, but no KV-cache scales "
+                            "are exported (expected null)")
         tensor_group = {"strategy": "tensor_group", "symmetric": True}
         weights = {**fp4, **tensor_group, "dynamic": False}
         inputs = {**fp4, **tensor_group, "dynamic": "local"}
@@ -137,12 +147,34 @@ def config_problems(fmt: ExportFormat, qc: dict) -> list[str]:
     if group.get("input_activations") is not None:
         _check_args(group["input_activations"], f"{where}.config_groups.group_0.input_activations",
                     inputs, problems)
+    if fmt is ExportFormat.COMPRESSED_TENSORS:
+        for key in ("weights", "input_activations"):
+            args = group.get(key)
+            if isinstance(args, dict) and _dtype_name(args.get("scale_dtype")) != _dtype_name(CT_SCALE_DTYPE):
+                problems.append(f"{where}.config_groups.group_0.{key}: scale_dtype={args.get('scale_dtype')!r}, "
+                                f"expected {CT_SCALE_DTYPE!r} (the NVFP4 presets' FP8 block scales)")
     return problems
 
 
-def hf_quant_config_problems(content: dict) -> list[str]:
+def _dtype_name(value) -> str | None:
+    return value.removeprefix("torch.") if isinstance(value, str) else None
+
+
+def _check_quant_algo(quant: dict, where: str, w4a4: bool | None, problems: list[str]) -> None:
+    """ModelOpt ``quant_algo``: NVFP4 or W4A16_NVFP4, matching ``w4a4`` when that is known."""
+    algo = quant.get("quant_algo")
+    allowed = (MODELOPT_W4A4_ALGO, MODELOPT_W4A16_ALGO)
+    if algo not in allowed:
+        problems.append(f"{where}: quant_algo={algo!r}, expected one of {list(allowed)}")
+    elif w4a4 is not None and algo != modelopt_quant_algo(w4a4):
+        what = "static input scales (W4A4)" if w4a4 else "weight-only quantization (no input scales)"
+        problems.append(f"{where}: quant_algo={algo!r}, but the checkpoint declares {what}; "
+                        f"expected {modelopt_quant_algo(w4a4)!r}")
+
+
+def hf_quant_config_problems(content: dict, w4a4: bool | None = None) -> list[str]:
     """Problems of a ModelOpt ``hf_quant_config.json`` (vLLM rejects it without group_size,
-    kv_cache_quant_algo and exclude_modules)."""
+    kv_cache_quant_algo and exclude_modules); ``w4a4``: what config.json declares, if known."""
     problems: list[str] = []
     producer = content.get("producer")
     if not (isinstance(producer, dict) and {"name", "version"} <= producer.keys()):
@@ -151,10 +183,13 @@ def hf_quant_config_problems(content: dict) -> list[str]:
     if not isinstance(quant, dict):
         return problems + ["hf_quant_config.json: 'quantization' object missing"]
     where = "hf_quant_config.json quantization"
-    _expect(quant, "quant_algo", "NVFP4", where, problems)
+    _check_quant_algo(quant, where, w4a4, problems)
     _expect(quant, "group_size", BLOCK_SIZE, where, problems)
     if "kv_cache_quant_algo" not in quant:
         problems.append(f"{where}: missing key 'kv_cache_quant_algo' (vLLM requires it, null is fine)")
+    elif quant["kv_cache_quant_algo"] is not None:
+        problems.append(f"{where}: kv_cache_quant_algo={quant['kv_cache_quant_algo']!r}, but no KV-cache "
+                        "scales are exported (expected null)")
     if not isinstance(quant.get("exclude_modules"), list):
         problems.append(f"{where}: 'exclude_modules' must be a list (vLLM requires it)")
     return problems
@@ -302,27 +337,33 @@ def _check_module(module: str, scheme: TensorScheme, info: dict, w4a4: bool | No
 
 
 def _check_fused(modules: list[str], dense: list[str], scheme: TensorScheme,
-                 scalars: dict[str, torch.Tensor], report: InspectReport) -> None:
-    """Fused siblings: one bit-identical global scale, and no high-precision member."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for module in modules:
-        groups[fused_keys(module)[0]].append(module)
-    mixed = sorted(m for m in dense if fused_keys(m)[0] != m and fused_keys(m)[0] in groups)
+                 scalars: dict[str, torch.Tensor], report: InspectReport) -> list[str]:
+    """Fused siblings (the exporter's rule, ``export/checks.py``): one bit-identical weight global
+    scale, one input global scale, and no high-precision member. Returns the mixed members."""
+    groups = fused_groups(modules)
+    mixed = sorted(m for names in mixed_members(groups, dense).values() for m in names)
     if mixed:
         report.problems.append("high-precision members of fused groups whose other members are NVFP4 "
                                f"(engines load a fused layer in one precision): {_listed(mixed)}")
-    for group, members in sorted(groups.items()):
-        if len(members) < 2:
-            continue
-        report.fused_groups += 1
-        values = {m: scalars.get(f"{m}.{scheme.weight_global}") for m in members}
-        if any(v is None for v in values.values()):
-            continue  # already reported as missing or malformed
-        first = next(iter(values.values()))
-        if not all(torch.equal(v, first) for v in values.values()):
-            listing = ", ".join(f"{m}={float(v):.9g}" for m, v in values.items())
-            report.problems.append(f"fused group {group} does not share one {scheme.weight_global} "
-                                   f"(engines merge these layers): {listing}")
+    report.fused_groups += sum(len(members) > 1 for members in groups.values())
+    for suffix, why in ((scheme.weight_global, "engines merge these layers"),
+                        (scheme.input_global, "they read the same input; engines keep one input scale")):
+        values = {m: scalars[f"{m}.{suffix}"].reshape(()).view(torch.int32).item()
+                  for m in modules if f"{m}.{suffix}" in scalars}
+        for group, got in unequal_groups(groups, values).items():
+            listing = ", ".join(f"{m}={float(scalars[f'{m}.{suffix}']):.9g}" for m in got)
+            report.problems.append(f"fused group {group} does not share one {suffix} ({why}): {listing}")
+    return mixed
+
+
+def _is_embedding(name: str, shape: tuple[int, ...], vocab_size: int | None) -> bool:
+    """Input embeddings stay unquantized without being listed: by name, or by a first dimension of
+    the vocabulary size on a module that is not an output head."""
+    leaf = name.rpartition(".")[2]
+    if leaf in ("embed_tokens", "wte", "wpe") or "embedding" in leaf or "embeddings" in name.split("."):
+        return True
+    head = leaf in ("lm_head", "output_layer", "output", "head") or leaf.endswith("_head")
+    return vocab_size is not None and shape[0] == vocab_size and not head
 
 
 def inspect_checkpoint(path) -> InspectReport:
@@ -347,14 +388,15 @@ def inspect_checkpoint(path) -> InspectReport:
     _check_orphans(modules, scheme, info, report)
     dense_weights = [n[: -len(".weight")] for n, (dtype, shape) in info.items()
                      if n.endswith(".weight") and dtype.is_floating_point and len(shape) == 2]
-    _check_fused(modules, dense_weights, scheme, scalars, report)
+    mixed = set(_check_fused(modules, dense_weights, scheme, scalars, report))
     ignored_but_quantized = [m for m in modules if _ignored(m, report.ignore, report.fmt)]
     if ignored_but_quantized:
         report.problems.append(f"quantized modules that the ignore list excludes: {_listed(ignored_but_quantized)}")
-    unlisted = [m for m in dense_weights if not _ignored(m, report.ignore, report.fmt)]
+    unlisted = sorted(m for m in dense_weights if m not in mixed and not _ignored(m, report.ignore, report.fmt)
+                      and not _is_embedding(m, info[f"{m}.weight"][1], report.vocab_size))
     if unlisted:
-        report.notes.append("unquantized 2-D weights not in the ignore list (fine for embeddings; a "
-                            f"linear layer here would be treated as quantized by engines): {_listed(unlisted)}")
+        report.problems.append("unquantized 2-D weights that are not embeddings and not in the ignore list "
+                               "(engines would load them as quantized layers): " + _listed(unlisted))
     return report
 
 
@@ -379,6 +421,7 @@ def _check_config(report: InspectReport) -> None:
     if not isinstance(qc, dict):
         report.problems.append("config.json has no quantization_config object")
         return
+    report.vocab_size = _vocab_size(config)
     report.fmt = detect_format(qc)
     if report.fmt is None:
         report.problems.append(f"config.json quantization_config: quant_method {qc.get('quant_method')!r} "
@@ -389,6 +432,13 @@ def _check_config(report: InspectReport) -> None:
     report.ignore = [x for x in qc.get("ignore") or [] if isinstance(x, str)]
     if report.fmt is ExportFormat.MODELOPT:
         _check_hf_quant_config(report)
+
+
+def _vocab_size(config: dict) -> int | None:
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict) and isinstance(cfg.get("vocab_size"), int):
+            return cfg["vocab_size"]
+    return None
 
 
 def _check_orphans(modules: list[str], scheme: TensorScheme, info: dict, report: InspectReport) -> None:
@@ -403,7 +453,7 @@ def _check_hf_quant_config(report: InspectReport) -> None:
     content = _read_json_or_report(report, "hf_quant_config.json", "ModelOpt config")
     if content is _UNREADABLE:
         return
-    report.problems += hf_quant_config_problems(content)
+    report.problems += hf_quant_config_problems(content, report.w4a4)
     exclude = (content.get("quantization") or {}).get("exclude_modules")
     if isinstance(exclude, list) and sorted(exclude) != sorted(report.ignore):
         report.notes.append("hf_quant_config.json exclude_modules differs from config.json ignore")

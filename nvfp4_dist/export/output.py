@@ -8,7 +8,11 @@
   codes and FP8 scales, 4.5 bits per weight, never the weight itself).
 * publish (rank 0): the ranks' shard records in rank order are numbered and indexed, then
   config.json (with ``quantization_config``), hf_quant_config.json (ModelOpt) and the source
-  model's tokenizer/generation files are written and the staging directory is renamed into place.
+  model's tokenizer/generation files are written, the staged configs and index are checked, the
+  export marker is written and the staging directory is published (:mod:`.outdir`).
+* validation: every rank checks the NVFP4 modules it writes while it holds them
+  (:mod:`.validate`); the problems travel to rank 0 with the shard records, and any problem on
+  any rank means nothing is published.
 
 The staging directory must be on a filesystem every rank sees (one node, or a shared mount).
 """
@@ -25,10 +29,13 @@ from torch import nn
 
 from ..errors import ExportError
 from ..parallel.reduce import broadcast_object, gather_along, group_ranks
-from .formats import ExportFormat, hf_quant_config, quantization_config
+from .formats import FORMAT_VERSION, ExportFormat, hf_quant_config, quantization_config
+from .outdir import step
 from .pieces import Piece
 from .plan import Plan
-from .writer import ShardRecord, ShardWriter, finalize_shards, prepare_staging, publish, write_json
+from .validate import invalid_export_error, piece_problems, staged_problems
+from .writer import (ShardRecord, ShardWriter, finalize_shards, prepare_staging, publish, write_json,
+                     write_marker)
 
 CONFIG_NAME = "config.json"
 HF_QUANT_CONFIG_NAME = "hf_quant_config.json"
@@ -75,12 +82,12 @@ def base_config(model: nn.Module, config: dict | None, source: Path | None) -> d
     return {}
 
 
-def open_staging(target: Path, overwrite: bool, rank: int) -> Path:
+def open_staging(target: Path, overwrite: bool, rank: int, protected=()) -> Path:
     """The staging directory rank 0 made for ``target``, on every rank (see module docstring)."""
     staging: object = None
     if rank == 0:
         try:
-            staging = str(prepare_staging(target, overwrite))
+            staging = str(prepare_staging(target, overwrite, protected))
         except ExportError as exc:  # every rank raises it, none waits for a staging directory
             staging = exc
     staging = broadcast_object(staging)
@@ -90,8 +97,11 @@ def open_staging(target: Path, overwrite: bool, rank: int) -> Path:
 
 
 def write_pieces(staging: Path, plan: Plan, pieces: list[Piece], rank: int, max_shard_size,
-                 metadata: dict[str, str]) -> list[ShardRecord]:
-    """Write this rank's share of the plan into its own shard files; returns its records."""
+                 metadata: dict[str, str], fmt: ExportFormat) -> tuple[list[ShardRecord], list[str]]:
+    """Write this rank's share of the plan into its own shard files, validating each piece's
+    NVFP4 modules while it is in memory (:func:`.validate.piece_problems`); returns its records
+    and the problems found (the exporter refuses to publish when any rank has one)."""
+    problems: list[str] = []
     writer = ShardWriter(staging, max_shard_size, metadata, prefix=f"rank{rank:05d}")
     held = {piece.key: piece for piece in pieces}
     for key in plan.order:
@@ -107,9 +117,12 @@ def write_pieces(staging: Path, plan: Plan, pieces: list[Piece], rank: int, max_
         else:
             continue  # another replica of this shard group writes it
         if dst == rank:
-            for name, tensor in piece.emit(whole):
+            emitted = list(piece.emit(whole))
+            problems += piece_problems(fmt, emitted)
+            for name, tensor in emitted:
                 writer.add(name, tensor)
-    return writer.close()
+            step("piece-written")
+    return writer.close(), problems
 
 
 def _source_files(source: Path) -> list[Path]:
@@ -119,16 +132,20 @@ def _source_files(source: Path) -> list[Path]:
 
 def publish_checkpoint(staging: Path, target: Path, records: list[ShardRecord], *, fmt: ExportFormat,
                        config: dict, ignore: list[str], w4a4: bool, source: Path | None) -> tuple[str, ...]:
-    """Rank 0: index the shards, write the configs, copy the source files and rename the staging
-    directory to ``target``; returns the published file names."""
+    """Rank 0: index the shards, write the configs, copy the source files, check the staged
+    configs and index (:func:`.validate.staged_problems`), write the export marker and publish
+    the staging directory as ``target``; returns the published file names."""
     finalize_shards(staging, records)
     cfg = dict(config)
     cfg["quantization_config"] = quantization_config(fmt, ignore, w4a4)
     write_json(staging / CONFIG_NAME, cfg)
     if fmt is ExportFormat.MODELOPT:
-        write_json(staging / HF_QUANT_CONFIG_NAME, hf_quant_config(ignore))
+        write_json(staging / HF_QUANT_CONFIG_NAME, hf_quant_config(ignore, w4a4))
     for path in _source_files(source) if source is not None else []:
         shutil.copy2(path, staging / path.name)
-    files = tuple(sorted(p.name for p in staging.iterdir()))
+    problems = staged_problems(staging, fmt)
+    if problems:
+        raise invalid_export_error(target, problems)
+    files = write_marker(staging, format=fmt.value, format_version=FORMAT_VERSION)
     publish(staging, target)
     return files

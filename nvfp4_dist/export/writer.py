@@ -7,7 +7,8 @@ numbered ``model-0000K-of-0000N.safetensors`` once N is known, when the index
 ``model.safetensors.index.json`` is written.
 
 Everything goes into a staging directory next to the target, renamed into place at the end: a
-failure leaves no target directory (or leaves the old one untouched).
+failure leaves no target directory (or leaves the old one untouched). What may be replaced, the
+lock, the crash-safe publish and the clean-up of interrupted runs are :mod:`.outdir`'s.
 
 One rank::
 
@@ -29,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ExportError
+from .outdir import MARKER_NAME, discard_dir, marker_content, open_target, publish_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -160,47 +160,35 @@ def write_json(path: str | os.PathLike, content: dict) -> None:
     Path(path).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
-def prepare_staging(target: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check the target and create an empty staging directory next to it.
+def prepare_staging(target: str | os.PathLike, overwrite: bool = False, protected=()) -> Path:
+    """Check the target (:func:`~nvfp4_dist.export.outdir.check_output_dir`: ``overwrite``
+    replaces only an empty directory or an earlier export), take its lock, clean up what
+    interrupted runs left, and create an empty staging directory next to it.
 
-    Raises when ``target`` exists and ``overwrite`` is False (nothing is touched then).
+    A refusal raises ExportError before anything is touched.
     """
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise ExportError(f"output directory {target} already exists: choose a new path, or pass "
-                          "overwrite=True (--overwrite) to replace it once the new export is complete")
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"output path {target} exists and is not a directory; remove it or choose another")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    return staging
+    return open_target(target, overwrite=overwrite, protected=protected)
+
+
+def write_marker(staging: str | os.PathLike, **fields) -> tuple[str, ...]:
+    """Write the export marker listing every file in ``staging``; returns all file names
+    (the marker included)."""
+    staging = Path(staging)
+    write_json(staging / MARKER_NAME, marker_content((p.name for p in staging.iterdir()), **fields))
+    return tuple(sorted(p.name for p in staging.iterdir()))
 
 
 def publish(staging: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Move a finished staging directory to ``target``, replacing an existing one only now.
-
-    POSIX cannot rename a directory over a non-empty one, so an old target is first renamed
-    aside and deleted after the new one is in place; the old data is never deleted before the
-    new data is complete.
-    """
-    staging, target = Path(staging), Path(target).absolute()
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-        os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if old is not None:
-            os.replace(old, target)  # put the old export back
-        raise
-    if old is not None:
-        shutil.rmtree(old)
+    """Move a finished staging directory to ``target``, replacing an existing one only now, in
+    one atomic exchange where the system allows it, else journaled (see
+    :mod:`nvfp4_dist.export.outdir`). Writes the marker first unless the caller did."""
+    if not (Path(staging) / MARKER_NAME).exists():
+        write_marker(staging)
+    publish_dir(staging, target)
 
 
 def discard(staging: str | os.PathLike) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
+    discard_dir(staging)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,31 @@ Lifecycle (every rank runs every call, with the same arguments)::
    Megatron's own checkpointing during training already carries the quantizer state: ``quantize``
    wraps the model's ``sharded_state_dict``.
 
+Restarts (QAT resumed from a checkpoint, at any TP size; no recalibration)::
+
+    hook = NVFP4Hook(config, export_dir=..., hf_config=...)   # the calibrating run's QuantConfig
+    hook.prepare_resume(model)      # BEFORE Megatron's load_checkpoint (it calls sharded_state_dict)
+    load_checkpoint(model, optimizer, opt_param_scheduler)     # Megatron's own, unchanged
+    ... training iterations ...
+    hook.export(model)
+
+or, with a checkpoint saved by :meth:`NVFP4Hook.export` (``dist_ckpt_dir``) or
+:func:`~nvfp4_dist.calib.checkpoint.save_megatron_checkpoint`, ``hook.resume(model, ckpt_dir)``
+(prepares and loads weights + quantizer state, after checking that the checkpoint carries the
+state this config expects). ``prepare_resume`` gives every quantized linear NaN state buffers of
+this rank's shard shape, the fake-quant forward and the straight-through backward exactly as
+``calibrate`` installs them, and the ``sharded_state_dict`` wrapper that carries the state; the
+load fills the buffers. The hook's :attr:`~NVFP4Hook.result` (what :meth:`~NVFP4Hook.export`
+writes) is then built from the loaded buffers when first needed. The config must name the saved
+run's ``dss``, ``quantize_inputs`` and include/exclude: other settings fail the load, naming the
+keys.
+
+Re-calibration (``calibrate`` again at any iteration, also after a resume): the fake-quant hooks
+and state buffers of the previous calibration are removed first, so the statistics are observed,
+and the scales searched, on the current high-precision weights exactly as for a first
+calibration of a model holding those weights; the model's ``sharded_state_dict`` then carries
+the new state (one set of entries) and ``export`` writes the new scales.
+
 Models are taken as Megatron passes them: a module or a list of model chunks, each possibly
 wrapped in Megatron's ``DistributedDataParallel`` and/or ``Float16Module`` (unwrapped with
 ``megatron.core.utils.unwrap_model``; quantize sees the inner ``GPTModel``, whose
@@ -53,12 +78,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..calib.checkpoint import save_megatron_checkpoint
+from ..calib.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+from ..calib.discover import Inventory
 from ..calib.pipeline import QuantResult, quantize
+from ..calib.restore import clear_quantizer_state, init_quantizer_state, restored_result
 from ..config import QuantConfig
 from ..errors import ConfigError
 from ..export.hf import export_checkpoint
 from ..export.formats import ExportFormat
+from ..parallel.context import ParallelContext
 from ..progress import is_main_rank, progress
 
 logger = logging.getLogger(__name__)
@@ -138,8 +166,22 @@ class NVFP4Hook:
         self.dist_ckpt_dir = dist_ckpt_dir
         self.overwrite = overwrite
         self.show_progress = show_progress
-        self.result: QuantResult | None = None
+        self._result: QuantResult | None = None
         self._model: nn.Module | None = None
+        self._restored: tuple[Inventory, ParallelContext] | None = None  # prepare_resume's, until built
+
+    @property
+    def result(self) -> QuantResult | None:
+        """The :class:`QuantResult` of the model's current quantizer state: the one
+        :meth:`calibrate` returned or, after :meth:`prepare_resume` / :meth:`resume`, one built
+        from the loaded buffers on first access (no statistics: its report has no Hessian columns;
+        raises :class:`~nvfp4_dist.errors.ExportError` naming the weights whose state was never
+        loaded). None before either."""
+        if self._result is None and self._restored is not None:
+            inventory, ctx = self._restored
+            self._result = restored_result(self._model, inventory, self.config, ctx)
+            self._restored = None
+        return self._result
 
     def calibrate(self, model, data_iterator: Iterator | None, forward_step_func: Callable, *,
                   seq_length: int, micro_batch_size: int) -> QuantResult:
@@ -171,6 +213,10 @@ class NVFP4Hook:
             deque(ticks, maxlen=0)  # finish (and close) the progress bar
 
         ctx = megatron_context(data_split=True)
+        # Re-calibration: the previous fake-quant forward and state go first, so the statistics
+        # and the search see the current high-precision weights (as a first calibration would).
+        clear_quantizer_state(chunks.inner)
+        self._result, self._restored = None, None
         for m in chunks.wrapped:
             m.eval()
         try:
@@ -178,26 +224,57 @@ class NVFP4Hook:
         finally:
             for m, training in zip(chunks.wrapped, modes):
                 m.train(training)
-        self.result, self._model = result, chunks.inner
+        self._result, self._model = result, chunks.inner
         if self.show_progress:
             table = result.table()  # collective: every rank computes the report
             if is_main_rank():
                 logger.info("NVFP4 calibration report:\n%s", table)
         return result
 
+    def prepare_resume(self, model) -> None:
+        """Make ``model`` (module or ``[chunk]``, possibly DDP/Float16Module-wrapped, built at any
+        TP size) ready to receive the quantizer state of a checkpoint, without calibrating: call
+        it on every rank BEFORE Megatron's ``load_checkpoint`` (whose ``sharded_state_dict`` must
+        list the state). Installs the fake-quant forward / straight-through backward as
+        :meth:`calibrate` does, on NaN state that the load fills; a model used before the load
+        computes NaN. Any state from an earlier calibration of ``model`` is dropped first."""
+        from ..parallel.megatron import megatron_context  # imports megatron.core (optional)
+
+        chunks = unwrap_chunks(model)
+        ctx = megatron_context(data_split=True)
+        clear_quantizer_state(chunks.inner)
+        inventory = init_quantizer_state(chunks.inner, self.config, ctx)
+        self._result, self._model, self._restored = None, chunks.inner, (inventory, ctx)
+
+    def resume(self, model, checkpoint_dir) -> QuantResult:
+        """:meth:`prepare_resume`, then load weights and quantizer state from the Megatron
+        distributed checkpoint ``checkpoint_dir`` (saved at any TP size by :meth:`export` with
+        ``dist_ckpt_dir``, by :func:`~nvfp4_dist.calib.checkpoint.save_megatron_checkpoint`, or
+        ``dist_checkpointing.save(model.sharded_state_dict(), dir)``); every rank calls it.
+        The checkpoint's metadata is checked first: one without quantizer state, or with other
+        ``dss`` / ``quantize_inputs`` / include/exclude settings than this hook's config, is
+        refused with an :class:`~nvfp4_dist.errors.ExportError` naming the keys. Returns the
+        restored :class:`QuantResult` (also :attr:`result`). Optimizer state is not loaded
+        (Megatron's ``load_checkpoint`` does that, after :meth:`prepare_resume`)."""
+        self.prepare_resume(model)
+        load_megatron_checkpoint(self._model, str(checkpoint_dir))
+        return self.result
+
     def export(self, model) -> Path | None:
         """Write the HF NVFP4 checkpoint of the (trained) ``model`` to ``export_dir`` and, with
         ``dist_ckpt_dir``, the Megatron distributed checkpoint; returns the HF export path (None
         without ``export_dir``). ``model`` must be the one :meth:`calibrate` was given."""
-        if self.result is None:
-            raise ConfigError("NVFP4Hook.export: call hook.calibrate(model, ...) first")
+        if self._result is None and self._restored is None:
+            raise ConfigError("NVFP4Hook.export: call hook.calibrate(model, ...) or "
+                              "hook.resume(model, checkpoint_dir) first")
         inner = unwrap_chunks(model).inner
         if inner is not self._model:
-            raise ConfigError("NVFP4Hook.export: this model is not the one calibrate() quantized; "
-                              "pass the same model (chunks) to both")
+            raise ConfigError("NVFP4Hook.export: this model is not the one calibrate() quantized "
+                              "(or prepare_resume() prepared); pass the same model (chunks) to both")
+        result = self.result  # after a resume: built from the loaded state
         out = None
         if self.export_dir is not None:
-            out = export_checkpoint(inner, self.result, self.export_dir, fmt=self.export_format,
+            out = export_checkpoint(inner, result, self.export_dir, fmt=self.export_format,
                                     source_dir=self.source_dir, overwrite=self.overwrite,
                                     config=self.hf_config).path
         if self.dist_ckpt_dir is not None:

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from ..progress import progress
 from .tiny import EMBEDDED_MODELS, build_embedded, calibration_tokens
 
@@ -59,6 +59,19 @@ def check_loading_info(path: Path, info: dict) -> None:
                              "describes (" + "; ".join(problems) + "); fix or re-download the weights")
 
 
+def config_vocab_size(path: Path) -> int:
+    """The vocabulary size config.json of the HF directory ``path`` declares (no weights read)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"--model {path}: config.json could not be read ({type(exc).__name__}: "
+                             f"{first[:200]})") from None
+    return int(config.get_text_config().vocab_size)
+
+
 def load_model(spec: str, seed: int = 0, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """``spec``: an embedded model name or a local HF directory (safetensors, no remote code)."""
@@ -82,30 +95,115 @@ def load_model(spec: str, seed: int = 0, dtype: torch.dtype | None = None,
     return LoadedModel(model, path.name, path, model.config.vocab_size)
 
 
-def load_calibration(loaded: LoadedModel, samples: int, seq_len: int, seed: int,
-                     text_file: Path | None = None) -> torch.Tensor:
-    """Calibration token ids ``[samples, seq_len]``: tokenized lines of ``text_file`` (with the
-    model directory's tokenizer) or seeded synthetic tokens."""
-    if text_file is None:
-        return calibration_tokens(loaded.vocab_size, samples, seq_len, seed)
-    if loaded.source_dir is None:
-        raise ModelLoadError("--calib-file needs a model directory with a tokenizer")
+# Files one of which a model directory's tokenizer needs (transformers >= 5 would otherwise
+# build an empty tokenizer from config.json alone).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+
+def read_calibration_text(text_file: Path) -> str:
+    """The calibration text of ``text_file``: UTF-8 text (.txt and anything else) or JSON lines
+    (.jsonl) with a string 'text' field on every non-blank line. ModelLoadError naming the line
+    for a missing, unreadable, binary or malformed file."""
+    text_file = Path(text_file)
+    name = f"--calib-file {text_file}"
+    if not text_file.exists():
+        raise ModelLoadError(f"{name}: no such file")
+    if not text_file.is_file():
+        raise ModelLoadError(f"{name}: not a regular file; pass a .txt or .jsonl file")
+    try:
+        data = text_file.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{name}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    nul = data.find(b"\0")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ModelLoadError(f"{name}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                             "calibration data must be UTF-8 text or JSON lines") from None
+    if nul >= 0:
+        line = data[:nul].count(b"\n") + 1
+        raise ModelLoadError(f"{name}: line {line} holds a NUL byte (a binary file?); "
+                             "calibration data must be UTF-8 text or JSON lines")
+    if text_file.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ModelLoadError(f"{name}: line {number} is not valid JSON ({exc.msg}, column "
+                                     f"{exc.colno}); each line must be an object with a 'text' field") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ModelLoadError(f"{name}: line {number} has no string 'text' field; each line "
+                                     'must be an object like {"text": "..."}')
+            texts.append(record["text"])
+        text = "\n".join(texts)
+    if not text.strip():
+        raise ModelLoadError(f"{name}: holds no text")
+    return text
+
+
+def load_tokenizer(source_dir: Path, vocab_size: int):
+    """The tokenizer of the model directory ``source_dir``, refused when it has more tokens than
+    the model's vocabulary (``vocab_size`` embedding rows): its ids would index past the table."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(loaded.source_dir, trust_remote_code=False)
-    text = Path(text_file).read_text()
-    if text_file.suffix == ".jsonl":
-        text = "\n".join(json.loads(line).get("text", "") for line in text.splitlines() if line.strip())
+    if not any((Path(source_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"--calib-file needs the tokenizer of --model {source_dir}, which has no "
+                             f"tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy the model's "
+                             "tokenizer files into it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"--calib-file needs the tokenizer of --model {source_dir}, which could not be "
+                             f"loaded ({type(exc).__name__}: {first[:200]}); add the tokenizer files "
+                             "to the model directory") from None
+    if len(tokenizer) > vocab_size:
+        raise ModelLoadError(f"--model {source_dir}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                             f"vocabulary holds {vocab_size} (config.json vocab_size); ids past "
+                             f"{vocab_size - 1} have no embedding: use the model's own tokenizer")
+    return tokenizer
+
+
+def tokenize_calibration(source_dir: Path, vocab_size: int, samples: int, seq_len: int,
+                         text_file: Path) -> torch.Tensor:
+    """Token ids ``[samples, seq_len]`` of ``text_file`` with the tokenizer of ``source_dir``."""
+    tokenizer = load_tokenizer(source_dir, vocab_size)
+    text = read_calibration_text(text_file)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].reshape(-1)
     need = samples * seq_len
     if ids.numel() < need:
         raise ModelLoadError(f"--calib-file {text_file}: {ids.numel()} tokens, need "
                              f"{need} (= --calib-samples {samples} x --seq-len {seq_len})")
-    return ids[:need].reshape(samples, seq_len)
+    ids = ids[:need]
+    if int(ids.max()) >= vocab_size:
+        raise ModelLoadError(f"--calib-file {text_file}: token id {int(ids.max())} is past the model's "
+                             f"vocabulary ({vocab_size}); use the model's own tokenizer")
+    return ids.reshape(samples, seq_len)
+
+
+def load_calibration(loaded: LoadedModel, samples: int, seq_len: int, seed: int,
+                     text_file: Path | None = None) -> torch.Tensor:
+    """Calibration token ids ``[samples, seq_len]``: tokenized lines of ``text_file`` (with the
+    model directory's tokenizer) or seeded synthetic tokens."""
+    if samples < 1 or seq_len < 1:
+        raise ConfigError(f"--calib-samples {samples} / --seq-len {seq_len}: both must be >= 1")
+    if text_file is None:
+        return calibration_tokens(loaded.vocab_size, samples, seq_len, seed)
+    if loaded.source_dir is None:
+        raise ModelLoadError("--calib-file needs a model directory with a tokenizer")
+    return tokenize_calibration(loaded.source_dir, loaded.vocab_size, samples, seq_len, text_file)
 
 
 def make_forward_loop(tokens: torch.Tensor, batch_size: int, show_progress: bool):
     """A forward loop over ``tokens [samples, seq_len]`` in batches, on the model's device."""
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
 
     def forward_loop(model):
         device = next(model.parameters()).device

@@ -177,11 +177,16 @@ def hf_export_parts(name: str, module: nn.Module) -> tuple[ExportPart, ...]:
 
 def hf_module_names(model: nn.Module, names) -> list[str]:
     """HF module names of Megatron modules ``names`` (e.g. ``QuantResult.ignored``, for an
-    export's ignore list: ``output_layer`` -> ``lm_head``); unknown names are kept."""
+    export's ignore list: ``output_layer`` -> ``lm_head``, the MoE router
+    ``decoder.layers.N.mlp.router`` -> ``model.layers.N.mlp.gate``); unknown names are kept."""
     out = []
     for name in names:
         parts = hf_export_parts(name, model.get_submodule(name))
-        out += [p.name for p in parts] or [name]
+        if parts:
+            out += [p.name for p in parts]
+            continue
+        key = hf_state_key(name + ".weight")  # modules exported whole under their weight's HF name
+        out.append(key[: -len(".weight")] if key.endswith(".weight") else name)
     return out
 
 

@@ -136,7 +136,8 @@ def test_all_zero_weight_gets_valid_scales():
     with torch.no_grad():
         model.fc2.weight.zero_()
     x = torch.randn(8, 64)
-    nd.quantize(model, nd.QuantConfig(method="local_hessian"), lambda m: m(x), show_progress=False)
+    nd.quantize(model, nd.QuantConfig(method="local_hessian", exclude=("unused",)), lambda m: m(x),
+                show_progress=False)
     st = read_state(model.fc2, "weight")
     scale = nvfp4.scale_fp8(st["block_amax"], st["global_amax"]).float()
     assert torch.isfinite(scale).all() and (scale > 0).all()
@@ -148,13 +149,24 @@ def test_unreached_weight_falls_back_to_mse_and_is_reported():
     x = torch.randn(8, 64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = nd.quantize(model, nd.QuantConfig(method="local_hessian"), lambda m: m(x), show_progress=False)
+        result = nd.quantize(model, nd.QuantConfig(method="local_hessian", quantize_inputs=False),
+                             lambda m: m(x), show_progress=False)
     assert result.dead == ["unused"]
     assert any("unused" in str(w.message) for w in caught)
     st = result.states["unused"]
-    assert st.method is nd.Method.MSE and st.tokens == 0
-    assert st.input_amax > 0  # fallback: the max over live weights
+    assert st.method is nd.Method.MSE and st.tokens == 0 and st.input_amax is None
     assert "dead" in result.table()
+
+
+def test_unreached_dense_weight_is_refused_for_w4a4():
+    """An input scale needs data: a dense layer no calibration token reached is refused by name
+    under W4A4 (MoE experts have their documented dead-expert policy instead)."""
+    model = TwoLayer()
+    x = torch.randn(8, 64)
+    with pytest.raises(nd.CalibrationError, match=r"no calibration token reached unused: .*--weight-only"):
+        nd.quantize(model, nd.QuantConfig(method="local_hessian"), lambda m: m(x), show_progress=False)
+    with pytest.raises(nd.CalibrationError, match=r"no calibration token reached fc1, fc2, unused"):
+        nd.quantize(TwoLayer(), nd.QuantConfig(method="max"), lambda m: None, show_progress=False)
 
 
 def test_config_errors():

@@ -29,3 +29,22 @@ def differing_tensors(got: Path, ref: Path) -> list[str]:
     a, b = checkpoint_tensors(got), checkpoint_tensors(ref)
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
     return [k for k in b if not same_bytes(a[k], b[k])]
+
+
+def export_contents(path: Path) -> dict:
+    """What an export holds, comparable across layouts and processes: every tensor (dtype,
+    shape, bytes), every shard header's metadata (as a dict: safetensors writes its keys in a
+    per-process hash order) and the config files. The split of tensors into shard files follows
+    the ranks that wrote them, so the index and the marker (which list files) are left out."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    out = {p.name: p.read_bytes() for p in sorted(path.glob("*.json"))
+           if p.name not in ("model.safetensors.index.json", "nvfp4_dist_export.json")}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            out.setdefault("shard metadata", set()).add(tuple(sorted(f.metadata().items())))
+            for key in f.keys():
+                t = f.get_tensor(key)
+                out[key] = (t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return out

@@ -271,8 +271,11 @@ def test_cli_saves_a_dist_checkpoint_that_restores_the_export_at_tp1(tmp_path):
         assert [n for n, r in run["records"].items() if not torch.equal(r["fq"], exported[n])] == []
 
 
-def test_cli_save_dist_ckpt_needs_megatron(tmp_path, capsys):
+def test_cli_save_dist_ckpt_needs_megatron(tmp_path, capsys, monkeypatch):
+    import nvfp4_dist.inputs
     from nvfp4_dist.cli import main
+
+    monkeypatch.setattr(nvfp4_dist.inputs, "_cuda_usable", lambda: True)  # the check after Megatron's CUDA one
 
     assert main([*CLI_ARGS, "--out", str(tmp_path / "o"), "--save-dist-ckpt", str(tmp_path / "c")]) == 2
     assert "--backend megatron" in capsys.readouterr().err

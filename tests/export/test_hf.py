@@ -18,6 +18,7 @@ from nvfp4_dist.errors import ExportError
 from nvfp4_dist.export.formats import ExportFormat, quantization_config
 from nvfp4_dist.export import export_checkpoint
 from nvfp4_dist.export.inspect import inspect_checkpoint
+from nvfp4_dist.export.outdir import MARKER_NAME, marker_content
 from nvfp4_dist.export.reader import CheckpointReader
 from nvfp4_dist.models.tiny import build_embedded
 from nvfp4_dist.numerics import nvfp4
@@ -153,9 +154,10 @@ def test_existing_output_dir_is_refused(plain_run, tmp_path):
 def test_failure_mid_export_writes_nothing(plain_run, tmp_path, monkeypatch, overwrite):
     model, result = plain_run
     out = tmp_path / "out"
-    if overwrite:
+    if overwrite:  # an earlier export (its marker lists config.json), not just any directory
         out.mkdir()
         (out / "config.json").write_text("old")
+        (out / MARKER_NAME).write_text(json.dumps(marker_content(["config.json"])))
     calls = []
     real = pieces.build_tensors
 
@@ -172,7 +174,7 @@ def test_failure_mid_export_writes_nothing(plain_run, tmp_path, monkeypatch, ove
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     if overwrite:
         assert leftovers == ["out"] and (out / "config.json").read_text() == "old"
-        assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", MARKER_NAME]
     else:
         assert leftovers == []
 

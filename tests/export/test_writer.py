@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from nvfp4_dist.errors import ExportError
+from nvfp4_dist.export.outdir import MARKER_NAME
 from nvfp4_dist.export.writer import (INDEX_NAME, ShardWriter, atomic_output_dir, finalize_shards,
                                       parse_size, prepare_staging, shard_file_name)
 
@@ -120,15 +121,15 @@ def test_failure_leaves_no_target_and_no_staging(tmp_path):
 
 def test_overwrite_replaces_the_old_dir_only_at_the_end(tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    with atomic_output_dir(target) as staging:  # an earlier export: it carries the marker
+        (staging / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_output_dir(target, overwrite=True) as staging:
             (staging / "new.txt").write_text("new")
             raise RuntimeError("fail before publishing")
-    assert _files(tmp_path) == ["out"] and _files(target) == ["old.txt"]
+    assert _files(tmp_path) == ["out"] and _files(target) == [MARKER_NAME, "old.txt"]
 
     with atomic_output_dir(target, overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
         assert (target / "old.txt").read_text() == "old"  # untouched while the new one is written
-    assert _files(tmp_path) == ["out"] and _files(target) == ["new.txt"]
+    assert _files(tmp_path) == ["out"] and _files(target) == ["new.txt", MARKER_NAME]
