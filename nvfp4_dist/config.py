@@ -15,6 +15,13 @@ DEFAULT_EXCLUDES = ("*lm_head", "*embed_tokens", "*embeddings*", "*.router", "*.
                     "*output_layer", "*word_embeddings")
 
 
+class GPTQScaleTiming(str, enum.Enum):
+    """When GPTQ chooses a 16-column block's FP8 scales (see :mod:`nvfp4_dist.kernels.gptq`)."""
+
+    BEFORE = "before"  # all blocks from the original weight, before any update
+    GROUP = "group"  # each block from the updated weight, when the column sweep reaches it
+
+
 class DeadExpertPolicy(str, enum.Enum):
     """What happens to an MoE expert that received no calibration token."""
 
@@ -26,7 +33,15 @@ class DeadExpertPolicy(str, enum.Enum):
 class QuantConfig:
     """Options of :func:`nvfp4_dist.quantize`.
 
-    method: block-scale objective (``max`` | ``mse`` | ``local_hessian``).
+    method: block-scale objective (``max`` | ``mse`` | ``local_hessian``), or ``gptq``: the
+        block scales by the ``gptq_scales`` objective, then column-sequential quantization with
+        Hessian-inverse error compensation; the compensated weight is written into the parameter.
+    gptq_scales: objective of GPTQ's block scales (``mse`` | ``local_hessian``).
+    gptq_scale_timing: ``before`` (scales from the original weight) or ``group`` (each block's
+        scales from the updated weight when the sweep reaches it).
+    gptq_damp: damping added to the Hessian diagonal, relative to its mean diagonal.
+    gptq_sequential: observe decoder layer by layer, each layer's statistics taken with the
+        earlier layers already quantized (one forward loop per layer group).
     dss: decoupled scale search on top of ``local_hessian``.
     dss_beta_min/max/step: the DSS beta grid (default [0.5, 1.5] step 0.05).
     quantize_inputs: W4A4 (True) records a static input scale from the observed input amax;
@@ -47,11 +62,16 @@ class QuantConfig:
     exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDES)
     kernels: KernelImpl = KernelImpl.AUTO
     dead_experts: DeadExpertPolicy = DeadExpertPolicy.WEIGHT_ONLY
+    gptq_scales: Method = Method.MSE
+    gptq_scale_timing: GPTQScaleTiming = GPTQScaleTiming.GROUP
+    gptq_damp: float = 0.01
+    gptq_sequential: bool = False
 
     def __post_init__(self):
         # Accept the enums' string values at the API edge, without changing any meaning.
         for name, kind in (("method", Method), ("kernels", KernelImpl),
-                           ("dead_experts", DeadExpertPolicy)):
+                           ("dead_experts", DeadExpertPolicy), ("gptq_scales", Method),
+                           ("gptq_scale_timing", GPTQScaleTiming)):
             value = getattr(self, name)
             if not isinstance(value, kind):
                 try:
@@ -71,6 +91,19 @@ class QuantConfig:
                 f"DSS beta grid [{self.dss_beta_min}, {self.dss_beta_max}] step "
                 f"{self.dss_beta_step} must be positive and contain 1.0")
 
+        if self.gptq_scales not in (Method.MSE, Method.LOCAL_HESSIAN):
+            raise ConfigError(f"gptq_scales={self.gptq_scales.value!r} is not one of: mse, local_hessian")
+        if not (0.0 <= self.gptq_damp < 1e3) or self.gptq_damp != self.gptq_damp:
+            raise ConfigError(f"gptq_damp={self.gptq_damp} must be a non-negative number (relative to the "
+                              "mean Hessian diagonal; default 0.01)")
+        if self.gptq_sequential and self.method is not Method.GPTQ:
+            raise ConfigError(f"gptq_sequential=True needs method='gptq' (got {self.method.value!r})")
+
     @property
     def needs_hessian(self) -> bool:
-        return self.method is Method.LOCAL_HESSIAN
+        return self.method in (Method.LOCAL_HESSIAN, Method.GPTQ)
+
+    @property
+    def needs_full_hessian(self) -> bool:
+        """GPTQ: one full ``cin x cin`` Hessian per statistics key (float64)."""
+        return self.method is Method.GPTQ

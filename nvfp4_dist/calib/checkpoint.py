@@ -232,13 +232,19 @@ def load_megatron_checkpoint(model: nn.Module, checkpoint_dir: str) -> None:
 
 def save_megatron_checkpoint(model: nn.Module, checkpoint_dir) -> None:
     """``dist_checkpointing.save(model.sharded_state_dict(), checkpoint_dir)`` (every rank calls
-    it): the model's weights with their quantizer state, into a new or empty directory."""
+    it): the model's weights with their quantizer state, into a new or empty directory.
+    Megatron's DistributedDataParallel / Float16Module wrappers are unwrapped first, so the keys
+    are the model's own (as Megatron's training-loop save writes them) whatever ``model`` is."""
     from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.utils import unwrap_model
 
     path = Path(checkpoint_dir)
     check_empty_dir(path)
     path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+    inner = unwrap_model(model, (DistributedDataParallel, Float16Module))
+    dist_checkpointing.save(inner.sharded_state_dict(), str(path))
 
 
 def check_empty_dir(path: Path) -> None:

@@ -12,10 +12,16 @@ Stages (every rank runs every stage on what it holds; each is a function of :mod
   6. apply     (local)      quantizer state stored as module buffers; fake-quant forward hooks.
   7. report    (collective) error sums over each weight's shard group, computed only when asked
                             for (:meth:`QuantResult.layer_report`).
+
+GPTQ with ``gptq_sequential``: stages 2-4 run once per decoder layer (in layer order, weights
+outside numbered layers last), each time with the forward loop re-run in full and the layers
+done so far already computing with their quantized weights, so a layer's statistics see the
+inputs the quantized model gives it (one forward loop per layer group: simple, not cheap).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,11 +38,11 @@ from ..parallel.access import local_shards, local_weight
 from ..parallel.context import ParallelContext, check_groups
 from ..parallel.registry import detect_context, export_naming
 from . import stages
-from .apply import apply_states
+from .apply import apply_states, install_fake_quant
 from .discover import Inventory, discover, validate_weights
 from .moe import ExpertSummary
 from .report import LayerReport, format_table
-from .state import SlotState
+from .state import SlotState, attach_state
 
 
 @dataclass
@@ -95,6 +101,53 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_groups(inventory: Inventory) -> list[Inventory]:
+    """The inventory cut by decoder layer (the ``layers.N.`` of module names), in layer order;
+    modules outside numbered layers form the last group."""
+    groups: dict[int, list[str]] = {}
+    for name in inventory.modules:
+        match = _LAYER_INDEX.search(name)
+        groups.setdefault(int(match.group(1)) if match else 1 << 62, []).append(name)
+    parts = []
+    for index in sorted(groups):
+        modules = {n: inventory.modules[n] for n in groups[index]}
+        slots = tuple(s for s in inventory.slots if any(s in m.slots for m in modules.values()))
+        parts.append(Inventory(slots, modules, inventory.ignored, inventory.skipped_reasons))
+    return parts
+
+
+def _sequential(model: nn.Module, inventory: Inventory, config: QuantConfig, forward_loop, ctx: ParallelContext,
+                show_progress: bool, seconds: dict) -> tuple[stages.Statistics, dict[str, SlotState]]:
+    """Observe, reduce and search layer group by layer group; each group computes with its
+    quantized weights before the next one is observed."""
+    store = StatsStore(full_hessian=config.needs_full_hessian)
+    global_amax, weight_amax, states = {}, {}, {}
+    seconds.update(observe=0.0, reduce=0.0, search=0.0)
+    for part in layer_groups(inventory):
+        t0 = time.perf_counter()
+        part_store = stages.observe(model, part, config, forward_loop)
+        seconds["observe"] += time.perf_counter() - t0
+        with local_shards(model):
+            t0 = time.perf_counter()
+            part_stats = stages.reduce(part, part_store, True, ctx, _model_device(model))
+            seconds["reduce"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            part_states = stages.search(part, part_stats, config, show_progress=False)
+            seconds["search"] += time.perf_counter() - t0
+        for slot in part.slots:
+            attach_state(slot, part_states[slot.name])
+        for module, _adapter, slots in part.modules.values():
+            install_fake_quant(module, sorted({s.param_name for s in slots}), kernels=config.kernels)
+        store.update(part_store)
+        global_amax.update(part_stats.global_amax)
+        weight_amax.update(part_stats.weight_amax)
+        states.update(part_states)
+    return stages.Statistics(store, global_amax, weight_amax, True), states
+
+
 def quantize(model: nn.Module, config: QuantConfig | None = None,
              forward_loop: Callable[[nn.Module], None] | None = None,
              ctx: ParallelContext | None = None, show_progress: bool = True) -> QuantResult:
@@ -118,20 +171,24 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
         inventory = discover(model, config, ctx)
         check_groups(inventory.slots, ctx)
         validate_weights(inventory.slots, local_weight)
+        stages.check_gptq_layouts(inventory, config)
     seconds["discover"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    store = stages.observe(model, inventory, config, forward_loop) if needs_stats else StatsStore()
-    seconds["observe"] = time.perf_counter() - t0
-    # FSDP2: reshard (the root keeps its weights unsharded after a forward); FSDP1: summon
-    # the full weights with writeback (its fallback). Other layouts: local shards as they are.
-    with local_shards(model):
+    if config.gptq_sequential:
+        statistics, states = _sequential(model, inventory, config, forward_loop, ctx, show_progress, seconds)
+    else:
         t0 = time.perf_counter()
-        statistics = stages.reduce(inventory, store, needs_stats, ctx, _model_device(model))
-        seconds["reduce"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        states = stages.search(inventory, statistics, config, show_progress)
-        seconds["search"] = time.perf_counter() - t0
+        store = stages.observe(model, inventory, config, forward_loop) if needs_stats else StatsStore()
+        seconds["observe"] = time.perf_counter() - t0
+        # FSDP2: reshard (the root keeps its weights unsharded after a forward); FSDP1: summon
+        # the full weights with writeback (its fallback). Other layouts: local shards as they are.
+        with local_shards(model):
+            t0 = time.perf_counter()
+            statistics = stages.reduce(inventory, store, needs_stats, ctx, _model_device(model))
+            seconds["reduce"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            states = stages.search(inventory, statistics, config, show_progress)
+            seconds["search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     settled = stages.settle(inventory, states, config, ctx)

@@ -5,6 +5,8 @@
   reduce   (collective) statistics SUM/MAX over data-parallel (and sequence-parallel) groups;
                         global amax MAX over shards and fused groups         -> Statistics
   search   (local)      block scales of each rank's own shard                -> {slot: SlotState}
+                        (GPTQ: the scales, then the error-compensated weight written into the
+                        rank's own rows of the parameter)
   settle   (collective) dead weights' input amax borrowed from live siblings; the experts
                         summary                                               -> Settled
   report   (collective) per-layer errors against plain max calibration, on demand
@@ -21,8 +23,9 @@ import torch
 from torch import nn
 
 from ..config import DeadExpertPolicy, QuantConfig
-from ..errors import CalibrationError
+from ..errors import CalibrationError, LayoutError
 from ..kernels.dispatch import fake_quant_weight, search_block_scales
+from ..kernels.gptq import gptq_quantize
 from ..kernels.reference import beta_grid
 from ..kernels.types import Method
 from ..layout.slots import WeightSlot
@@ -42,7 +45,7 @@ from .state import SlotState
 def observe(model: nn.Module, inventory: Inventory, config: QuantConfig,
             forward_loop: Callable[[nn.Module], None]) -> StatsStore:
     """Run ``forward_loop(model)`` with observers installed; hooks are always removed."""
-    store = StatsStore()
+    store = StatsStore(full_hessian=config.needs_full_hessian)
     handles = []
     route_all = config.dead_experts is DeadExpertPolicy.ROUTE_ALL
     try:
@@ -167,6 +170,32 @@ def _search_one(w, g, method: Method, hessian, betas, config: QuantConfig):
     return block_amax, beta, method, empty
 
 
+def check_gptq_layouts(inventory: Inventory, config: QuantConfig) -> None:
+    """GPTQ propagates each column's error along the input channels: refuse, naming them, the
+    weights whose input channels are split over ranks (Megatron row-parallel under TP > 1)."""
+    if config.method is not Method.GPTQ:
+        return
+    split = [s.name for s in inventory.slots if s.layout.shard_axis == 1 and s.layout.is_sharded]
+    if split:
+        listed = ", ".join(split[:8]) + (f" ... ({len(split)} in all)" if len(split) > 8 else "")
+        raise LayoutError(
+            f"method='gptq' is not supported yet for weights whose input channels are split over "
+            f"tensor-parallel ranks (row-parallel): {listed}. GPTQ's error propagation across the "
+            "ranks' input channels is later work. Use tensor-parallel size 1 for GPTQ, exclude these "
+            "layers, or use method='local_hessian'.")
+
+
+def _gptq_one(w: torch.Tensor, g: torch.Tensor, inputs: InputStats, config: QuantConfig):
+    """GPTQ of one local shard: writes W' into ``w`` (the parameter's local rows) and returns
+    ``(block_amax, method, dead input channels)``."""
+    result = gptq_quantize(w, inputs.full_hessian(), g, scales=config.gptq_scales,
+                           timing=config.gptq_scale_timing.value, damp=config.gptq_damp,
+                           kernels=config.kernels)
+    with torch.no_grad():
+        w.copy_(result.weight)
+    return result.block_amax, Method.GPTQ, result.dead
+
+
 def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
            show_progress: bool = True) -> dict[str, SlotState]:
     """Block scales of every slot's local shard (inside ``local_shards(model)``).
@@ -174,6 +203,11 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
     A weight that no calibration token reached (dead) or whose Hessian is missing or empty is
     searched with the weight-only MSE objective instead of the Hessian one; so are the blocks
     whose own Hessian is empty (``SlotState.empty_blocks`` counts them).
+
+    GPTQ (``config.method``): each live shard is quantized column by column with the full
+    Hessian of its statistics key and its compensated weight W' is written into the parameter
+    (``empty_blocks`` then counts dead input channels, zeroed as GPTQ does); a dead weight or
+    one whose Hessian is all zero gets the weight-only MSE scales and keeps its values.
     """
     betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
     states: dict[str, SlotState] = {}
@@ -182,12 +216,17 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
         tokens = inputs.tokens if inputs is not None else 0
         hessian = inputs.hessian() if (inputs is not None and config.needs_hessian) else None
         method = config.method
-        if method is Method.LOCAL_HESSIAN and hessian is None:
+        if method in (Method.LOCAL_HESSIAN, Method.GPTQ) and hessian is None:
             method = Method.MSE  # weight-only objective for weights no token reached
+        if method is Method.GPTQ and not bool(inputs.hessian_sum.diagonal().any()):
+            method, hessian = Method.MSE, None  # every input channel dead: nothing to compensate
         g = stats.global_amax[slot.fused_group]
         w = local_weight(slot).detach()
         empty = 0
-        if w.numel():
+        if w.numel() and method is Method.GPTQ:
+            block_amax, method, _ = _gptq_one(w, g, inputs, config)
+            beta, empty = None, int(empty_hessian_blocks(hessian).sum())
+        elif w.numel():
             block_amax, beta, method, empty = _search_one(w, g, method, hessian, betas, config)
         else:
             block_amax = torch.zeros(w.shape[0], w.shape[1] // 16, device=w.device)

@@ -61,7 +61,8 @@ def e2m1_values(packed: torch.Tensor) -> torch.Tensor:
         raise ExportError(f"packed codes must be 2-D uint8, got {packed.dtype} {list(packed.shape)}")
     # Element 2j sits in the low nibble, 2j+1 in the high nibble; bit 3 of a code is the sign.
     codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-    magnitude = torch.tensor(E2M1_VALUES, dtype=torch.float32)[(codes & 0x7).long()]
+    # the table on the codes' device: the exporter validates codes still on the GPU
+    magnitude = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)[(codes & 0x7).long()]
     return torch.where((codes & _SIGN_BIT) != 0, -magnitude, magnitude)
 
 

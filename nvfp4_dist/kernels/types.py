@@ -14,6 +14,7 @@ class Method(str, enum.Enum):
     MAX = "max"  # block_amax = max |w|: one pass, no search
     MSE = "mse"  # 126-candidate FP8 sweep minimising the block's sum of squared errors
     LOCAL_HESSIAN = "local_hessian"  # 126-candidate sweep minimising dw^T H_b dw per block
+    GPTQ = "gptq"  # column-sequential quantization with Hessian-inverse error compensation
 
 
 class KernelImpl(str, enum.Enum):

@@ -1,0 +1,117 @@
+"""GPTQ for NVFP4 on small random problems: exactness of W', error against the scale-only
+search, damping, dead input channels, row independence, full-Hessian statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nvfp4_dist.errors import CalibrationError
+from nvfp4_dist.kernels.dispatch import search_block_scales
+from nvfp4_dist.kernels.gptq import block_hessians, gptq_quantize
+from nvfp4_dist.kernels.types import Method
+from nvfp4_dist.layout.stats import InputStats, StatsStore
+from nvfp4_dist.numerics import nvfp4
+
+
+def _problem(rows=32, cin=64, n=256, seed=0, dead=()):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cin, cin, generator=gen, dtype=torch.float64) * 0.3 + torch.eye(cin, dtype=torch.float64)
+    x = torch.randn(n, cin, generator=gen, dtype=torch.float64) @ mix
+    x = x * torch.exp(torch.randn(cin, generator=gen, dtype=torch.float64))
+    x[:, list(dead)] = 0.0
+    w = torch.randn(rows, cin, generator=gen) * 0.02
+    return w, x.T @ x / n, x
+
+
+def _out_err(w, q, h):
+    d = w.double() - q.double()
+    return float(torch.einsum("ri,ij,rj->", d, h, d))
+
+
+@pytest.mark.parametrize("timing", ["before", "group"])
+@pytest.mark.parametrize("scales", [Method.MSE, Method.LOCAL_HESSIAN])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_of_written_weight_is_gptq_q(timing, scales, dtype):
+    w, h, _ = _problem(rows=16, cin=48)
+    w = w.to(dtype)
+    g = w.float().abs().amax()
+    r = gptq_quantize(w, h, g, scales, timing, 0.01)
+    assert r.weight.dtype == dtype and r.block_amax.shape == (16, 3)
+    assert torch.equal(nvfp4.fake_quant(r.weight, r.block_amax, g, out_dtype=torch.float32), r.quant)
+
+
+@pytest.mark.parametrize("timing", ["before", "group"])
+@pytest.mark.parametrize("scales", [Method.MSE, Method.LOCAL_HESSIAN])
+def test_layer_output_error_below_scale_search_only(timing, scales):
+    w, h, _ = _problem()
+    g = w.abs().amax()
+    bh = block_hessians(h)
+    base = search_block_scales(w, g, scales, hessian=bh if scales is Method.LOCAL_HESSIAN else None)
+    base_err = _out_err(w, nvfp4.fake_quant(w, base.block_amax, g), h)
+    r = gptq_quantize(w, h, g, scales, timing, 0.01)
+    assert _out_err(w, r.quant, h) < 0.8 * base_err
+
+
+def test_before_scales_are_the_scale_search_of_the_original_weight():
+    w, h, _ = _problem()
+    g = w.abs().amax()
+    r = gptq_quantize(w, h, g, Method.MSE, "before", 0.01)
+    assert torch.equal(r.block_amax, search_block_scales(w, g, Method.MSE).block_amax)
+
+
+def test_damping():
+    # fewer tokens than channels: H is singular, undamped Cholesky fails with a clear error
+    w, h, _ = _problem(cin=64, n=32)
+    g = w.abs().amax()
+    with pytest.raises(CalibrationError, match="gptq_damp"):
+        gptq_quantize(w, h, g, Method.MSE, "before", 0.0)
+    moves = []
+    for damp in (0.01, 0.1, 10.0):
+        r = gptq_quantize(w, h, g, Method.MSE, "before", damp)
+        assert torch.isfinite(r.weight).all()
+        moves.append(float((r.weight - w).norm()))
+    assert moves[0] > moves[1] > moves[2]  # more damping, smaller compensation
+    assert moves[2] < 0.05 * float(w.norm())
+
+
+def test_dead_input_channels():
+    dead = (3, 17, 18, 40)
+    w, h, _ = _problem(dead=dead)
+    g = w.abs().amax()
+    r = gptq_quantize(w, h, g, Method.MSE, "group", 0.01)
+    assert r.dead == len(dead)
+    assert torch.isfinite(r.weight).all() and torch.isfinite(r.quant).all()
+    assert (r.weight[:, list(dead)] == 0).all() and (r.quant[:, list(dead)] == 0).all()
+    assert torch.equal(nvfp4.fake_quant(r.weight, r.block_amax, g), r.quant)
+
+
+@pytest.mark.parametrize("timing", ["before", "group"])
+def test_rows_are_independent(timing):
+    """The basis of the sharded layouts: any subset of rows gives the same rows bit for bit."""
+    w, h, _ = _problem(rows=24)
+    g = w.abs().amax()
+    whole = gptq_quantize(w, h, g, Method.MSE, timing, 0.01)
+    for rows in (slice(0, 12), slice(12, 24), slice(5, 6)):
+        part = gptq_quantize(w[rows], h, g, Method.MSE, timing, 0.01)
+        assert torch.equal(part.weight, whole.weight[rows])
+        assert torch.equal(part.block_amax, whole.block_amax[rows])
+
+
+def test_full_statistics_and_their_blocks():
+    _, _, x = _problem(cin=48, n=100)
+    x = x.float()
+    store = StatsStore(full_hessian=True)
+    full = store.get_or_create("k", 48, with_hessian=True)
+    blocks = InputStats(cin=48, with_hessian=True, accum_dtype=torch.float64)
+    for chunk in x.split(30):
+        full.update(chunk)
+        blocks.update(chunk)
+    assert full.full and full.hessian_sum.shape == (48, 48) and full.hessian_sum.dtype == torch.float64
+    h = full.full_hessian()
+    torch.testing.assert_close(h, x.double().T @ x.double() / 100, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(full.hessian(), blocks.hessian(), rtol=1e-6, atol=0)
+    assert blocks.full_hessian() is None
+    empty = StatsStore(full_hessian=True).get_or_create("e", 32, with_hessian=True)
+    empty.ensure_allocated(torch.device("cpu"))
+    assert empty.hessian_sum.shape == (32, 32) and empty.hessian() is None
