@@ -5,6 +5,7 @@ never touched."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -100,15 +101,24 @@ def test_kill_at_each_step_leaves_old_or_new_and_is_recovered(step, fallback, af
     assert _which(out, refs) == after_recovery
 
 
-def test_the_next_export_cleans_up_and_warns(tmp_path, refs):
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def _paused_run(tmp_path: Path, out: Path):
+    """An old export at ``out``, then a second export paused after writing a piece (its staging
+    directory exists); killed when the block ends."""
     crash_worker.run_export(out, 0)
     flag = tmp_path.parent / f"{tmp_path.name}.flag"
     proc = _start(out, "piece-written", flag)
     try:
         _wait_for(proc, flag)
+        yield proc
     finally:
         _kill(proc)
+
+
+def test_the_next_export_cleans_up_and_warns(tmp_path, refs):
+    out = tmp_path / "out"
+    with _paused_run(tmp_path, out):
+        pass
     assert any(".staging-" in name for name in _leftovers(tmp_path))
     with pytest.warns(UserWarning, match=r"cleaned up after an interrupted export.*staging"):
         crash_worker.run_export(out, 1)
@@ -118,11 +128,7 @@ def test_the_next_export_cleans_up_and_warns(tmp_path, refs):
 
 def test_a_live_run_is_left_alone(tmp_path, refs):
     out = tmp_path / "out"
-    crash_worker.run_export(out, 0)
-    flag = tmp_path.parent / f"{tmp_path.name}.flag"
-    proc = _start(out, "piece-written", flag)
-    try:
-        _wait_for(proc, flag)
+    with _paused_run(tmp_path, out):
         live = _leftovers(tmp_path)
         assert any(".staging-" in name for name in live)
         notes = recover_output_dir(out)
@@ -131,8 +137,6 @@ def test_a_live_run_is_left_alone(tmp_path, refs):
             crash_worker.run_export(out, 1)
         assert _leftovers(tmp_path) == live  # nothing of the live run was touched
         assert _which(out, refs) == "old"
-    finally:
-        _kill(proc)
     recover_output_dir(out)
     assert _leftovers(tmp_path) == []
 
