@@ -22,6 +22,9 @@ _SCRIPT = textwrap.dedent("""
     # dequantized weights into an fp32 model (the lazy path leaves bf16 weights in fp32 layers).
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    # transformers 5.17 leaves the decompressed bf16 weights in bf16 (5.24 upcasts them); the
+    # upcast is exact either way, so both releases run the same fp32 forward.
+    model = model.float()
     ids = torch.arange(2 * seq_len).reshape(2, seq_len) * 37 % model.config.vocab_size
     with torch.no_grad():
         logits = model(ids).logits
