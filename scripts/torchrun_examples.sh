@@ -15,17 +15,23 @@ torchrun --nproc-per-node "$n" -m nvfp4_dist quantize "${common[@]}" --backend h
   --format compressed-tensors --out out/tiny-dense-hf-dp
 
 # FSDP2 shards: every rank searches only the rows it owns; every rank feeds all the data, so the
-# checkpoint equals a single-process run's byte for byte.
+# checkpoint equals a single-process run's tensor for tensor.
 torchrun --nproc-per-node "$n" -m nvfp4_dist quantize "${common[@]}" --backend fsdp2 \
   --format modelopt --out out/tiny-dense-fsdp2
 
 # Megatron-core GPT at TP=n (needs CUDA): float64 calibration makes the Hessian statistics, and
 # so the exported checkpoint, identical at every TP size.
 if python -c "import megatron.core, torch; assert torch.cuda.device_count() >= $n" 2>/dev/null; then
+  rm -rf out/tiny-dense-megatron-ckpt  # --save-dist-ckpt writes into a new or empty directory
   torchrun --nproc-per-node "$n" -m nvfp4_dist quantize "${common[@]}" --backend megatron --tp "$n" \
-    --float64-calib --format modelopt --out out/tiny-dense-megatron-tp"$n"
+    --float64-calib --format modelopt --out out/tiny-dense-megatron-tp"$n" \
+    --save-dist-ckpt out/tiny-dense-megatron-ckpt
+  # The saved checkpoint exported again at TP=1, in a new job, without calibrating.
+  torchrun --nproc-per-node 1 -m nvfp4_dist export --model tiny-dense --method local_hessian --dss \
+    --backend megatron --tp 1 --dist-ckpt out/tiny-dense-megatron-ckpt --format modelopt \
+    --out out/tiny-dense-megatron-tp1-export --overwrite --no-progress
 fi
 
-for d in out/tiny-dense-hf-dp out/tiny-dense-fsdp2 out/tiny-dense-megatron-tp"$n"; do
+for d in out/tiny-dense-hf-dp out/tiny-dense-fsdp2 out/tiny-dense-megatron-tp"$n" out/tiny-dense-megatron-tp1-export; do
   [ -d "$d" ] && nvfp4-dist inspect "$d" | tail -1
 done
