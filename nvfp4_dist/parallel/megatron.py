@@ -63,6 +63,14 @@ def megatron_context(data_split: bool = True) -> ParallelContext:
         raise LayoutError("megatron parallel_state is not initialised; call "
                           "megatron.core.parallel_state.initialize_model_parallel (or "
                           "nvfp4_dist.launch.init_megatron) before quantize()")
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        # Each stage numbers its decoder layers from 0: its statistics, states and export names
+        # would collide with the other stages'. Refused until stages map to global layer indices.
+        raise LayoutError(f"pipeline parallelism (pipeline size {pp}) is not supported yet: each stage "
+                          "would calibrate and export its layers under local indices. Calibrate, "
+                          "restore and export at pipeline size 1 (TP/EP/DP are supported), e.g. "
+                          "restore the training checkpoint with --pipeline-model-parallel-size 1")
     groups = {GroupRole.TP: ps.get_tensor_model_parallel_group(),
               GroupRole.EP: ps.get_expert_model_parallel_group(check_initialized=False),
               GroupRole.ETP: ps.get_expert_tensor_parallel_group(check_initialized=False)}

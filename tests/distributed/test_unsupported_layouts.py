@@ -8,6 +8,7 @@ import pytest
 from torch import nn
 
 import nvfp4_dist as nd
+from harness import run_ranks
 from nvfp4_dist.errors import LayoutError
 
 
@@ -41,3 +42,27 @@ def test_refused_with_the_alternative_then_kept_when_excluded(family, fix):
     assert str(err.value).startswith(f"block: {family.__name__}") and "exclude 'block*'" in str(err.value)
     result = nd.quantize(_Model(family), nd.QuantConfig(**CONFIG, exclude=("block*",)), show_progress=False)
     assert [s.name for s in result.slots] == ["dense"] and "block" in result.ignored
+
+
+def _pipeline_worker() -> str:
+    from megatron.core import parallel_state as ps
+
+    from nvfp4_dist.launch import init_distributed
+    from nvfp4_dist.parallel.megatron import megatron_context
+
+    init_distributed(timeout_s=60)
+    ps.initialize_model_parallel(pipeline_model_parallel_size=2, create_gloo_process_groups=False)
+    try:
+        megatron_context()
+    except LayoutError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.mark.distributed
+def test_pipeline_parallelism_is_refused_by_name():
+    """PP=2 (real megatron-core, gloo): refused before any work, naming the limit, instead of
+    every stage calibrating and exporting its layers under local indices."""
+    pytest.importorskip("megatron.core")
+    for message in run_ranks(_pipeline_worker, 2):
+        assert message.startswith("pipeline parallelism (pipeline size 2) is not supported yet")
