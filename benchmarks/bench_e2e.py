@@ -22,7 +22,7 @@ import gc
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
 from nvfp4_dist import QuantConfig, quantize
 
@@ -30,11 +30,22 @@ METHODS = {"max": {"method": "max"}, "mse": {"method": "mse"}, "local_hessian": 
            "local_hessian+dss": {"method": "local_hessian", "dss": True}}
 
 
+# Model shapes: the dense Qwen3-8B and (``--moe``) the Qwen3-30B-A3B mixture of experts.
+DENSE_SHAPES = dict(layers=36, hidden=4096, intermediate=12288, heads=32, kv_heads=8)
+MOE_SHAPES = dict(layers=48, hidden=2048, intermediate=6144, heads=32, kv_heads=4, experts=128, top_k=8,
+                  moe_intermediate=768)
+
+
 def build_model(args, device: torch.device) -> torch.nn.Module:
-    config = Qwen3Config(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.intermediate,
-                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-                         vocab_size=args.vocab, max_position_embeddings=max(4096, args.seq),
-                         tie_word_embeddings=False)
+    common = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.intermediate,
+                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+                  vocab_size=args.vocab, max_position_embeddings=max(4096, args.seq), tie_word_embeddings=False)
+    if args.moe:
+        config = Qwen3MoeConfig(**common, num_experts=args.experts, num_experts_per_tok=args.top_k,
+                                moe_intermediate_size=args.moe_intermediate, decoder_sparse_step=1,
+                                mlp_only_layers=[])
+    else:
+        config = Qwen3Config(**common)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -48,14 +59,18 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in (("layers", 36), ("hidden", 4096), ("intermediate", 12288), ("heads", 32),
-                          ("kv-heads", 8), ("head-dim", 128), ("vocab", 151936), ("samples", 128),
-                          ("seq", 512), ("batch", 8)):
+    for name, default in (("head-dim", 128), ("vocab", 151936), ("samples", 128), ("seq", 512), ("batch", 8)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    for name in {**DENSE_SHAPES, **MOE_SHAPES}:  # default: the shapes of the chosen model
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--moe", action="store_true", help="the Qwen3-30B-A3B-shaped MoE model")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
+    for name, default in (MOE_SHAPES if args.moe else DENSE_SHAPES).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(args.vocab, (args.samples, args.seq), generator=gen).to(device)
@@ -94,19 +109,21 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         stages = ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items())
         rows.append(f"| {name} | {total:.2f} | {stages} | {peak:.1f} | {model_gib:.1f} | "
-                    f"{len(result.inventory.slots)} | {first_s:.2f} |")
+                    f"{len(result.inventory.slots)} | {len(result.dead)} | {first_s:.2f} |")
         print(rows[-1], flush=True)
         del model, result
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    text = (f"device: {name}; date: {datetime.date.today()}; torch {torch.__version__}; model: Qwen3 "
+    kind = (f"Qwen3-MoE, {args.experts} experts top-{args.top_k}, moe_intermediate {args.moe_intermediate}, "
+            if args.moe else "Qwen3 ")
+    text = (f"device: {name}; date: {datetime.date.today()}; torch {torch.__version__}; model: {kind}"
             f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}; "
             f"calibration {args.samples}x{args.seq} tokens in batches of {args.batch}; one plain calibration "
             f"forward {plain_s:.2f} s\n\n"
-            "| method | quantize s | stages (s) | peak GPU GiB | model GiB | weights | 1-layer first call s |\n"
-            "|---|---|---|---|---|---|---|\n"
+            "| method | quantize s | stages (s) | peak GPU GiB | model GiB | weights | dead | 1-layer first call s |\n"
+            "|---|---|---|---|---|---|---|---|\n"
             + "\n".join(rows))
     print(text)
     if args.out:

@@ -1,5 +1,6 @@
-"""benchmarks/bench_e2e.py runs end to end on a two-layer Qwen3 on the CPU (the script's smoke
-test: the GPU figures in RESULTS.md come from the same code at full size)."""
+"""benchmarks/bench_e2e.py runs end to end on a two-layer Qwen3 (and, with --moe, Qwen3-MoE) on
+the CPU (the script's smoke test: the GPU figures in RESULTS.md come from the same code at full
+size)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,23 @@ def test_bench_e2e_small_on_cpu(tmp_path, monkeypatch, capsys):
     assert [r.split(" | ")[0] for r in rows] == ["| max", "| local_hessian+dss"]
     assert all(r.split(" | ")[5] == "14" for r in rows)  # 2 layers x 7 linears quantized
     assert "observe" in rows[1] and "search" in rows[1]
+
+
+def test_bench_e2e_moe_small_on_cpu(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("nvfp4_benchmarks_e2e_moe", BENCH_E2E)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = tmp_path / "e2e.md"
+    monkeypatch.setattr(sys, "argv", [
+        "bench_e2e.py", "--moe", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "2",
+        "--kv-heads", "1", "--head-dim", "32", "--experts", "4", "--top-k", "2", "--moe-intermediate", "32",
+        "--vocab", "97", "--samples", "4", "--seq", "16", "--batch", "2", "--device", "cpu",
+        "--methods", "local_hessian", "--out", str(out)])
+    module.main()
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| local_hessian")]
+    # per layer q/k/v/o and, per expert, gate_up and down: (4 + 4 * 2) x 2 layers; routers kept
+    assert len(rows) == 1 and rows[0].split(" | ")[5] == "24"
+    assert "Qwen3-MoE, 4 experts top-2" in text
+
