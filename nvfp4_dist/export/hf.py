@@ -66,8 +66,9 @@ def export_checkpoint(model: nn.Module, result: QuantResult, out_dir, *,
     tokenizer/generation files are copied (and it is never replaced). overwrite: replace an
     existing ``out_dir`` that is empty or an earlier nvfp4_dist export holding nothing else (its
     marker ``nvfp4_dist_export.json`` lists its files), only once the new export is complete and
-    validated; anything else is refused up front (:func:`.outdir.check_output_dir`). max_shard_size: bytes or an HF size string (per rank's files).
-    config: the model's config.json content (default: a transformers model's ``config``, else
+    validated; anything else is refused up front (:func:`.outdir.check_output_dir`).
+    max_shard_size: bytes or an HF size string (per rank's files). config: the model's
+    config.json content (default: a transformers model's ``config``, else
     ``source_dir/config.json``, else only the quantization config; Megatron: pass the HF
     config). Static input scales are written when the run calibrated them (W4A4).
     """
