@@ -17,7 +17,6 @@ the checkpoint has problems.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
@@ -35,6 +34,7 @@ from .export.inspect import inspect_checkpoint
 from .export.outdir import check_output_dir
 from .inputs import UsageError, check_export_args, check_quantize_args
 from .kernels.types import Method
+from .launch import launched_rank
 from .models.loading import DTYPES, load_calibration, load_model, make_forward_loop
 from .progress import is_main_rank
 from .runs import Layout, RunSummary, is_launched, run_export, run_quantize
@@ -244,7 +244,7 @@ def _rank() -> int:
     """This process's rank: the process group's, or torchrun's RANK before the group exists."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return launched_rank()
 
 
 def _one_line(text: str) -> str:

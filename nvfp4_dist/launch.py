@@ -53,6 +53,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """RANK as the launcher announces it (0 for a plain process): this process's rank before the
+    process group exists (the launcher's protocol, read here only; see launched_world_size)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def pick_transport() -> str:
     """NCCL when CUDA is available, gloo otherwise (the CPU test path)."""
     return "nccl" if torch.cuda.is_available() else "gloo"
