@@ -34,6 +34,7 @@ from .calib.restore import restore
 from .config import QuantConfig
 from .errors import ConfigError
 from .export.hf import export_checkpoint
+from .export.output import base_config
 from .launch import collective_failures, init_distributed, init_megatron, launched_world_size, shard_fsdp2
 from .models.loading import DTYPES, load_calibration, load_model, make_forward_loop
 from .models.megatron_gpt import build_megatron_gpt, megatron_forward_loop
@@ -65,12 +66,6 @@ class PreparedRun:
 def is_launched() -> bool:
     """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
     return launched_world_size() > 1
-
-
-def _hf_config(model: nn.Module) -> dict:
-    cfg = model.config.to_dict()
-    cfg["architectures"] = [type(model).__name__]  # as save_pretrained records it
-    return cfg
 
 
 def _share(tokens: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
@@ -113,7 +108,7 @@ def prepare_run(hf_model: nn.Module, tokens: torch.Tensor, layout: Layout, tp: i
     """Lay ``hf_model`` out for ``layout`` on this rank with its calibration loop (see module
     docstring)."""
     layout = Layout(layout)
-    config = _hf_config(hf_model)
+    config = base_config(hf_model, None, None)  # the HF model's, before any layout
     model, ctx = lay_out(hf_model, layout, tp=tp, ep=ep, replicas=replicas, timeout_s=timeout_s,
                          device=device, data_split=split_calib)
     if layout is Layout.MEGATRON:
@@ -177,7 +172,7 @@ def run_export(args, config: QuantConfig) -> RunSummary:
     info = init_distributed(timeout_s=args.dist_timeout, single_group=args.backend != "hf")
     with collective_failures(args.dist_timeout):
         loaded = load_model(args.model, seed=args.seed, dtype=DTYPES[args.dtype], device="cpu")
-        hf_config = _hf_config(loaded.model)
+        hf_config = base_config(loaded.model, None, None)
         model, ctx = lay_out(loaded.model, args.backend, tp=args.tp, ep=args.ep, replicas=args.replicas,
                              timeout_s=args.dist_timeout, device=info.device, data_split=False)
         result = restore(model, config, megatron_checkpoint=args.dist_ckpt, dcp_checkpoint=args.dcp, ctx=ctx)

@@ -78,8 +78,14 @@ def apply_states(model: nn.Module, inventory, states: dict[str, SlotState], conf
     The one step shared by :func:`~nvfp4_dist.calib.pipeline.quantize` (searched states) and
     :func:`~nvfp4_dist.calib.restore.init_quantizer_state` (NaN placeholders a load fills in).
     """
+    install_states(inventory, states, config)
+    register_checkpoint_state(model, inventory.slots, config)  # state travels with the checkpoints
+
+
+def install_states(inventory, states: dict[str, SlotState], config: QuantConfig) -> None:
+    """The slots' states as buffers on their modules, which then compute with fake-quant weights
+    (apply without the checkpoint hooks: GPTQ's sequential mode, layer group by layer group)."""
     for slot in inventory.slots:
         attach_state(slot, states[slot.name])
     for module, _adapter, slots in inventory.modules.values():
         install_fake_quant(module, sorted({s.param_name for s in slots}), kernels=config.kernels)
-    register_checkpoint_state(model, inventory.slots, config)  # state travels with the checkpoints

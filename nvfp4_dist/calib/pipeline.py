@@ -38,11 +38,11 @@ from ..parallel.access import local_shards, local_weight
 from ..parallel.context import ParallelContext, check_groups
 from ..parallel.registry import detect_context, export_naming
 from . import stages
-from .apply import apply_states, install_fake_quant
+from .apply import apply_states, install_states
 from .discover import Inventory, discover, validate_weights
 from .moe import ExpertSummary
 from .report import LayerReport, format_table
-from .state import SlotState, attach_state
+from .state import SlotState
 
 
 @dataclass
@@ -119,29 +119,35 @@ def layer_groups(inventory: Inventory) -> list[Inventory]:
     return parts
 
 
+def _calibrate(model: nn.Module, inventory: Inventory, config: QuantConfig, forward_loop, ctx: ParallelContext,
+               observed: bool, show_progress: bool, seconds: dict) -> tuple[stages.Statistics, dict[str, SlotState]]:
+    """Stages 2-4 over ``inventory`` (observe only when ``observed``); their times are added to
+    ``seconds``."""
+    t0 = time.perf_counter()
+    store = stages.observe(model, inventory, config, forward_loop) if observed else StatsStore()
+    seconds["observe"] = seconds.get("observe", 0.0) + time.perf_counter() - t0
+    # FSDP2: reshard (the root keeps its weights unsharded after a forward); FSDP1: summon
+    # the full weights with writeback (its fallback). Other layouts: local shards as they are.
+    with local_shards(model):
+        t0 = time.perf_counter()
+        statistics = stages.reduce(inventory, store, observed, ctx, _model_device(model))
+        seconds["reduce"] = seconds.get("reduce", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        states = stages.search(inventory, statistics, config, show_progress)
+        seconds["search"] = seconds.get("search", 0.0) + time.perf_counter() - t0
+    return statistics, states
+
+
 def _sequential(model: nn.Module, inventory: Inventory, config: QuantConfig, forward_loop, ctx: ParallelContext,
-                show_progress: bool, seconds: dict) -> tuple[stages.Statistics, dict[str, SlotState]]:
-    """Observe, reduce and search layer group by layer group; each group computes with its
-    quantized weights before the next one is observed."""
+                seconds: dict) -> tuple[stages.Statistics, dict[str, SlotState]]:
+    """Stages 2-4 layer group by layer group; each group computes with its quantized weights
+    before the next one is observed."""
     store = StatsStore(full_hessian=config.needs_full_hessian)
     global_amax, weight_amax, states = {}, {}, {}
-    seconds.update(observe=0.0, reduce=0.0, search=0.0)
     for part in layer_groups(inventory):
-        t0 = time.perf_counter()
-        part_store = stages.observe(model, part, config, forward_loop)
-        seconds["observe"] += time.perf_counter() - t0
-        with local_shards(model):
-            t0 = time.perf_counter()
-            part_stats = stages.reduce(part, part_store, True, ctx, _model_device(model))
-            seconds["reduce"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            part_states = stages.search(part, part_stats, config, show_progress=False)
-            seconds["search"] += time.perf_counter() - t0
-        for slot in part.slots:
-            attach_state(slot, part_states[slot.name])
-        for module, _adapter, slots in part.modules.values():
-            install_fake_quant(module, sorted({s.param_name for s in slots}), kernels=config.kernels)
-        store.update(part_store)
+        part_stats, part_states = _calibrate(model, part, config, forward_loop, ctx, True, False, seconds)
+        install_states(part, part_states, config)
+        store.update(part_stats.inputs)
         global_amax.update(part_stats.global_amax)
         weight_amax.update(part_stats.weight_amax)
         states.update(part_states)
@@ -175,20 +181,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
     seconds["discover"] = time.perf_counter() - t0
 
     if config.gptq_sequential:
-        statistics, states = _sequential(model, inventory, config, forward_loop, ctx, show_progress, seconds)
+        statistics, states = _sequential(model, inventory, config, forward_loop, ctx, seconds)
     else:
-        t0 = time.perf_counter()
-        store = stages.observe(model, inventory, config, forward_loop) if needs_stats else StatsStore()
-        seconds["observe"] = time.perf_counter() - t0
-        # FSDP2: reshard (the root keeps its weights unsharded after a forward); FSDP1: summon
-        # the full weights with writeback (its fallback). Other layouts: local shards as they are.
-        with local_shards(model):
-            t0 = time.perf_counter()
-            statistics = stages.reduce(inventory, store, needs_stats, ctx, _model_device(model))
-            seconds["reduce"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            states = stages.search(inventory, statistics, config, show_progress)
-            seconds["search"] = time.perf_counter() - t0
+        statistics, states = _calibrate(model, inventory, config, forward_loop, ctx, needs_stats, show_progress,
+                                        seconds)
 
     t0 = time.perf_counter()
     settled = stages.settle(inventory, states, config, ctx)

@@ -23,7 +23,7 @@ from ..config import QuantConfig
 from ..errors import ConfigError, ExportError
 from ..layout.stats import StatsStore
 from ..numerics.constants import BLOCK_SIZE
-from ..parallel.access import local_shards, local_weight
+from ..parallel.access import local_shards, local_tensor, local_weight
 from ..parallel.context import ParallelContext, check_groups
 from ..parallel.registry import detect_context, export_naming
 from .apply import apply_states, remove_fake_quant
@@ -85,11 +85,6 @@ def _nan(shape, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
 
-def _local(t):
-    to_local = getattr(t, "to_local", None)  # FSDP2: the state is a DTensor sharded like the weight
-    return (to_local() if to_local is not None else t).detach()
-
-
 def restored_result(model: nn.Module, inventory: Inventory, config: QuantConfig,
                     ctx: ParallelContext | None = None) -> QuantResult:
     """The QuantResult of ``model`` after its quantizer state was loaded into the buffers
@@ -101,7 +96,9 @@ def restored_result(model: nn.Module, inventory: Inventory, config: QuantConfig,
     states, unloaded = {}, []
     with local_shards(model):
         for slot in inventory.slots:
-            buffers = {k: _local(v) for k, v in read_state(slot.module, slot.param_name, slot.expert).items()}
+            # FSDP2: the state is a DTensor sharded like the weight: this rank's part
+            buffers = {k: local_tensor(v).detach()
+                       for k, v in read_state(slot.module, slot.param_name, slot.expert).items()}
             if any(bool(torch.isnan(v).any()) for v in buffers.values()):
                 unloaded.append(slot.name)
                 continue

@@ -34,7 +34,7 @@ from ..numerics import nvfp4
 from ..numerics.constants import E4M3_MAX, E4M3_MIN_SCALE
 from ..parallel.access import local_weight
 from ..parallel.context import ParallelContext
-from ..parallel.reduce import reduce_global_amax, reduce_report_sums, reduce_stats
+from ..parallel.reduce import reduce_report_sums, reduce_stats, reduce_weight_amax
 from ..progress import progress
 from .discover import Inventory
 from .moe import ExpertSummary, dead_input_amax, summarize_experts
@@ -86,9 +86,13 @@ def reduce(inventory: Inventory, store: StatsStore, observed: bool, ctx: Paralle
         w = local_weight(slot)
         local_amax[slot.name] = (w.detach().abs().amax().float() if w.numel()
                                  else torch.zeros((), dtype=torch.float32, device=w.device))
-    slots = list(inventory.slots)
-    statistics = Statistics(store, reduce_global_amax(slots, local_amax, ctx),
-                            reduce_global_amax(slots, local_amax, ctx, per_weight=True), observed)
+    weight_amax = reduce_weight_amax(list(inventory.slots), local_amax, ctx)
+    members: dict[str, list[torch.Tensor]] = {}
+    for slot in inventory.slots:
+        members.setdefault(slot.fused_group, []).append(weight_amax[slot.name])
+    # q/k/v and gate/up share one global amax: the MAX over the members' whole-weight amaxes
+    global_amax = {group: torch.stack(values).amax() for group, values in sorted(members.items())}
+    statistics = Statistics(store, global_amax, weight_amax, observed)
     check_shared_scales(inventory, statistics)
     return statistics
 

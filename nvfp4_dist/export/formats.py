@@ -172,7 +172,7 @@ def modelopt_quant_algo(w4a4: bool) -> str:
 
 
 def quantization_config(fmt: ExportFormat, ignore: list[str], w4a4: bool) -> dict:
-    """``config.json["quantization_config"]`` of ``fmt`` (see FORMATS.md).
+    """``config.json["quantization_config"]`` of ``fmt`` (the key scheme is in this module's docstring).
 
     ModelOpt: ``quant_algo`` names what was quantized (``NVFP4`` / ``W4A16_NVFP4``) and
     ``kv_cache_quant_algo: null`` says the KV cache is not. compressed-tensors: the scheme of the

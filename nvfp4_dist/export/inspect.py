@@ -5,8 +5,8 @@ Every check runs and every problem is collected (nothing stops at the first one)
     ``hf_quant_config.json`` keys vLLM requires);
   * index and files consistent: every indexed file exists and holds exactly the tensors the
     index assigns to it, no stray shard files, format marker and version in the headers;
-  * every NVFP4 module has its tensors with the dtypes and shapes of FORMATS.md, input scales
-    exactly when the config declares W4A4, no orphan scale tensors;
+  * every NVFP4 module has its tensors with the dtypes and shapes of the key scheme in
+    :mod:`.formats`, input scales exactly when the config declares W4A4, no orphan scale tensors;
   * no NaN/Inf in any floating tensor (FP8 included); block, global and input scales > 0;
   * ``quant_algo`` (ModelOpt: ``NVFP4`` for W4A4, ``W4A16_NVFP4`` weight-only, in config.json and
     hf_quant_config.json alike) and ``config_groups`` agree with the input scales stored;
@@ -113,7 +113,8 @@ def _check_args(args, where: str, expected: dict, problems: list[str]) -> None:
 
 
 def config_problems(fmt: ExportFormat, qc: dict) -> list[str]:
-    """Problems of a ``quantization_config`` against FORMATS.md."""
+    """Problems of a ``quantization_config`` against the format's scheme
+    (:func:`.formats.quantization_config`)."""
     problems: list[str] = []
     where = "config.json quantization_config"
     if not isinstance(qc.get("ignore"), list) or not all(isinstance(x, str) for x in qc.get("ignore", [])):
@@ -309,7 +310,7 @@ def _expect_tensor(name: str, info: dict, dtype: torch.dtype, shape: tuple[int, 
 
 def _check_module(module: str, scheme: TensorScheme, info: dict, w4a4: bool | None,
                   problems: list[str]) -> ModuleInfo | None:
-    """dtypes/shapes of one NVFP4 module's tensors (FORMATS.md)."""
+    """dtypes/shapes of one NVFP4 module's tensors (the key scheme of :mod:`.formats`)."""
     packed = f"{module}.{scheme.packed}"
     if not _expect_tensor(packed, info, torch.uint8, None, problems):
         return None

@@ -30,7 +30,7 @@ from ..kernels.dispatch import quantize_pack_weight
 from ..kernels.types import KernelImpl
 from ..layout.naming import PassThrough
 from ..layout.slots import WeightSlot
-from ..parallel.access import local_weight
+from ..parallel.access import local_tensor, local_weight
 from .formats import ExportFormat, build_tensors
 
 Tensors = dict[str, torch.Tensor]
@@ -90,11 +90,6 @@ def is_quantizer_buffer(key: str) -> bool:
     return "_nvfp4_" in leaf and leaf.rsplit("_nvfp4_", 1)[1] in SUFFIXES
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return (to_local() if to_local is not None else t).detach()
-
-
 def _storage_key(t: torch.Tensor) -> tuple | None:
     """Identity of a tensor's memory: tied parameters (one storage, same view) share it. None
     for an empty tensor (an FSDP2 rank may hold no rows; empty tensors share no data)."""
@@ -137,7 +132,7 @@ def _passthrough_piece(spec: PassThrough, tensor: torch.Tensor) -> Piece:
         t = whole["t"]
         return [(name, t[_rows(rows, t.device)]) for name, rows in outputs]
 
-    return Piece(spec.outputs[0][0], lambda: {"t": _plain(tensor)}, emit, spec.axis,
+    return Piece(spec.outputs[0][0], lambda: {"t": local_tensor(tensor).detach()}, emit, spec.axis,
                  {"t": spec.offset}, spec.group)
 
 
@@ -209,7 +204,7 @@ def local_pieces(model: nn.Module, result: QuantResult, fmt: ExportFormat, w4a4:
         if (is_quantizer_buffer(key) or key.endswith("._extra_state")
                 or not isinstance(tensor, torch.Tensor)):
             continue
-        local = _plain(tensor)
+        local = local_tensor(tensor).detach()
         if local.device.type == "meta":
             problems.append(f"{key}: a meta tensor (no data); materialise the model before exporting")
             continue

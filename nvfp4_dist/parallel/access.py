@@ -23,14 +23,16 @@ from ..layout.slots import WeightSlot
 from .fsdp import is_fsdp1, reshard_all
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: ``to_local()`` of a DTensor (FSDP2 weights and quantizer
+    state), ``t`` itself otherwise. No copy, no communication."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
 
 
 def local_weight(slot: WeightSlot) -> torch.Tensor:
     """The slot's local shard as a plain tensor view (no copy, no communication)."""
-    param = _plain(slot.parameter().data)
+    param = local_tensor(slot.parameter().data)
     return param if slot.expert is None else param[slot.expert]
 
 

@@ -4,8 +4,8 @@
   and also over the slot's shard group when its inputs are sequence-parallel; input amax is a MAX
   over the same groups, and also over the shard group when input channels are split (row
   parallel: each rank sees its channels of every token).
-* Global weight amax is a MAX over the local shards of one logical weight (its shard group) and
-  over the members of its fused group (q/k/v, gate/up).
+* Weight amax is a MAX over the local shards of one logical weight (its shard group); the fused
+  group's global amax (q/k/v, gate/up) is then the MAX over its members, locally.
 * Gathers (export and tests only): the whole of a slot's per-shard tensor along its shard axis.
 Collectives are issued in sorted key order so every rank of a group makes the same calls, batched
 into one collective per group and kind. In a single process every function here is a pure local
@@ -113,30 +113,25 @@ def reduce_stats(store: StatsStore, slots: list[WeightSlot], ctx: ParallelContex
             store[key].amax = a.clone()
 
 
-def reduce_global_amax(slots: list[WeightSlot], local_amax: dict[str, torch.Tensor],
-                       ctx: ParallelContext, per_weight: bool = False) -> dict[str, torch.Tensor]:
-    """fused_group -> fp32 0-d global amax (MAX over members and their shards); with
-    ``per_weight``, slot name -> the amax of that one weight (MAX over its shards).
+def reduce_weight_amax(slots: list[WeightSlot], local_amax: dict[str, torch.Tensor],
+                       ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """slot name -> fp32 0-d amax of the whole weight (MAX over its shards).
 
     ``local_amax``: slot name -> max |w| of this rank's shard (fp32 0-d). One MAX collective per
-    shard group, over every fused group sharded on it.
+    shard group, over every weight sharded on it. (A fused group's global amax is the MAX over
+    its members' values: a local step, see :func:`nvfp4_dist.calib.stages.reduce`.)
     """
-    members = defaultdict(list)
-    for slot in slots:
-        members[slot.name if per_weight else slot.fused_group].append(slot)
-    result = {}
-    shard_groups = {}
-    for group_key in sorted(members):
-        group_slots = members[group_key]
-        result[group_key] = torch.stack([local_amax[s.name] for s in group_slots]).amax()
-        shard_groups[group_key] = sorted({s.layout.shard_group for s in group_slots
-                                          if s.layout.shard_axis is not None})
-    for name in sorted({n for names in shard_groups.values() for n in names}):
-        keys = [k for k in sorted(result) if name in shard_groups[k]]
-        amax = torch.stack([result[k] for k in keys])
-        _all_reduce(amax, dist.ReduceOp.MAX, ctx.group(name))
-        for k, a in zip(keys, amax):
-            result[k] = a.clone()
+    result = {name: local_amax[name] for name in sorted(local_amax)}
+    by_group = defaultdict(list)
+    for slot in sorted(slots, key=lambda s: s.name):
+        if slot.layout.shard_axis is not None:
+            by_group[slot.layout.shard_group].append(slot.name)
+    for group_name in sorted(by_group):
+        names = by_group[group_name]
+        amax = torch.stack([result[n] for n in names])
+        _all_reduce(amax, dist.ReduceOp.MAX, ctx.group(group_name))
+        for n, a in zip(names, amax):
+            result[n] = a.clone()
     return result
 
 

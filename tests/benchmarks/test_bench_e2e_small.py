@@ -9,38 +9,33 @@ import sys
 from pathlib import Path
 
 BENCH_E2E = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
+# A two-layer model of tiny shapes, 4 x 16 tokens on the CPU.
+SMALL = ["--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "2", "--kv-heads", "1",
+         "--head-dim", "32", "--vocab", "97", "--samples", "4", "--seq", "16", "--batch", "2", "--device", "cpu"]
 
 
-def test_bench_e2e_small_on_cpu(tmp_path, monkeypatch, capsys):
+def _run_bench(monkeypatch, out: Path, *args: str) -> str:
+    """bench_e2e.py's main() with ``SMALL`` and ``args``; returns the markdown it wrote."""
     spec = importlib.util.spec_from_file_location("nvfp4_benchmarks_e2e", BENCH_E2E)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    out = tmp_path / "e2e.md"
-    monkeypatch.setattr(sys, "argv", [
-        "bench_e2e.py", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "2",
-        "--kv-heads", "1", "--head-dim", "32", "--vocab", "97", "--samples", "4", "--seq", "16",
-        "--batch", "2", "--device", "cpu", "--methods", "max,local_hessian+dss", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", *SMALL, *args, "--out", str(out)])
     module.main()
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "quantize s" not in line]
+    return out.read_text()
+
+
+def test_bench_e2e_small_on_cpu(tmp_path, monkeypatch, capsys):
+    text = _run_bench(monkeypatch, tmp_path / "e2e.md", "--methods", "max,local_hessian+dss")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "quantize s" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| max", "| local_hessian+dss"]
     assert all(r.split(" | ")[5] == "14" for r in rows)  # 2 layers x 7 linears quantized
     assert "observe" in rows[1] and "search" in rows[1]
 
 
 def test_bench_e2e_moe_small_on_cpu(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("nvfp4_benchmarks_e2e_moe", BENCH_E2E)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    out = tmp_path / "e2e.md"
-    monkeypatch.setattr(sys, "argv", [
-        "bench_e2e.py", "--moe", "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "2",
-        "--kv-heads", "1", "--head-dim", "32", "--experts", "4", "--top-k", "2", "--moe-intermediate", "32",
-        "--vocab", "97", "--samples", "4", "--seq", "16", "--batch", "2", "--device", "cpu",
-        "--methods", "local_hessian", "--out", str(out)])
-    module.main()
-    text = out.read_text()
+    text = _run_bench(monkeypatch, tmp_path / "e2e.md", "--moe", "--experts", "4", "--top-k", "2",
+                      "--moe-intermediate", "32", "--methods", "local_hessian")
     rows = [line for line in text.splitlines() if line.startswith("| local_hessian")]
     # per layer q/k/v/o and, per expert, gate_up and down: (4 + 4 * 2) x 2 layers; routers kept
     assert len(rows) == 1 and rows[0].split(" | ")[5] == "24"
