@@ -37,8 +37,9 @@ import torch
 
 from ..errors import CalibrationError
 from ..numerics import nvfp4
-from ..numerics.constants import BLOCK_SIZE, E2M1_VALUES
+from ..numerics.constants import BLOCK_SIZE
 from .dispatch import search_block_scales
+from .gptq_ops import propagate, sweep_block
 from .types import KernelImpl, Method
 
 
@@ -79,17 +80,6 @@ def inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, to
     return upper, dead
 
 
-def quantize_column(x: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """NVFP4 quantize-dequantize of one column ``x [rows]`` (fp32) whose elements sit in blocks
-    with FP8 scale values ``scale [rows]`` (fp32): the operations of :func:`nvfp4.encode` and
-    :func:`nvfp4.decode`, element by element."""
-    d = scale * global_scale  # decode scale fl(v * S)
-    code = nvfp4.e2m1_code_magnitude(x.abs(), d)
-    grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)
-    value = (grid[code.long()] * scale) * global_scale
-    return torch.where(x < 0, -value, value)
-
-
 def _scales(w: torch.Tensor, g: torch.Tensor, objective: Method, hessian, kernels) -> torch.Tensor:
     return search_block_scales(w, g, objective, hessian=hessian if objective is Method.LOCAL_HESSIAN else None,
                                kernels=kernels).block_amax
@@ -121,25 +111,14 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, global_amax: torch.Ten
     else:
         block_amax = torch.empty(rows, nb, dtype=torch.float32, device=device)
     quant = torch.empty(rows, cin, dtype=torch.float32, device=device)
-    err = torch.empty(rows, BLOCK_SIZE, dtype=torch.float32, device=device)
     for b in range(nb):
         c0, c1 = b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE
         if timing == "group":
             cols = work[:, c0:c1].to(dtype)
             block_amax[:, b] = _scales(cols, g, scales, None if bh is None else bh[b:b + 1], kernels)[:, 0]
         v = nvfp4.scale_fp8(block_amax[:, b], g).float()
-        for k in range(BLOCK_SIZE):
-            j = c0 + k
-            x = work[:, j].to(dtype).float()
-            work[:, j] = x
-            q = quantize_column(x, v, s)
-            quant[:, j] = q
-            e = (x - q) / u[j, j]
-            err[:, k] = e
-            if j + 1 < c1:
-                work[:, j + 1:c1] -= e[:, None] * u[j, j + 1:c1][None, :]
+        block = work[:, c0:c1]  # a view: sweep_block updates work in place
+        quant[:, c0:c1], err = sweep_block(block, u[c0:c1, c0:c1], v, s, dtype)
         if c1 < cin:
-            rest = work[:, c1:]
-            for k in range(BLOCK_SIZE):
-                rest -= err[:, k:k + 1] * u[c0 + k, c1:][None, :]
+            propagate(work[:, c1:], err, u[c0:c1, c1:])
     return GPTQResult(weight=work.to(dtype), quant=quant, block_amax=block_amax, dead=int(dead.sum()))
