@@ -36,12 +36,13 @@ class QuantConfig:
     method: block-scale objective (``max`` | ``mse`` | ``local_hessian``), or ``gptq``: the
         block scales by the ``gptq_scales`` objective, then column-sequential quantization with
         Hessian-inverse error compensation; the compensated weight is written into the parameter.
-    gptq_scales: objective of GPTQ's block scales (``mse`` | ``local_hessian``).
+    gptq_scales: objective of GPTQ's block scales (``local_hessian`` default | ``mse``).
     gptq_scale_timing: ``before`` (scales from the original weight) or ``group`` (each block's
         scales from the updated weight when the sweep reaches it).
     gptq_damp: damping added to the Hessian diagonal, relative to its mean diagonal.
     gptq_sequential: observe decoder layer by layer, each layer's statistics taken with the
-        earlier layers already quantized (one forward loop per layer group).
+        earlier layers already quantized (decoder layers run alone on inputs cached from one
+        forward loop; Megatron and FSDP1: one forward loop per layer group).
     dss: decoupled scale search on top of ``local_hessian``.
     dss_beta_min/max/step: the DSS beta grid (default [0.5, 1.5] step 0.05).
     quantize_inputs: W4A4 (True) records a static input scale from the observed input amax;
@@ -62,7 +63,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDES)
     kernels: KernelImpl = KernelImpl.AUTO
     dead_experts: DeadExpertPolicy = DeadExpertPolicy.WEIGHT_ONLY
-    gptq_scales: Method = Method.MSE
+    gptq_scales: Method = Method.LOCAL_HESSIAN  # measured: benchmarks/RESULTS.md, GPTQ on MiniLM
     gptq_scale_timing: GPTQScaleTiming = GPTQScaleTiming.GROUP
     gptq_damp: float = 0.01
     gptq_sequential: bool = False

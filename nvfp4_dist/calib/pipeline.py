@@ -14,14 +14,15 @@ Stages (every rank runs every stage on what it holds; each is a function of :mod
                             for (:meth:`QuantResult.layer_report`).
 
 GPTQ with ``gptq_sequential``: stages 2-4 run once per decoder layer (in layer order, weights
-outside numbered layers last), each time with the forward loop re-run in full and the layers
-done so far already computing with their quantized weights, so a layer's statistics see the
-inputs the quantized model gives it (one forward loop per layer group: simple, not cheap).
+outside numbered layers last), the layers done so far already computing with their quantized
+weights, so a layer's statistics see the inputs the quantized model gives it. The decoder layers
+run one at a time on inputs cached from one forward loop stopped at the first layer
+(:mod:`.layerwise`); where that is not valid (Megatron, FSDP1, see
+:func:`.layerwise.decoder_stack`) the forward loop is re-run in full once per layer group.
 """
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from ..layout.stats import StatsStore
 from ..parallel.access import local_shards, local_weight
 from ..parallel.context import ParallelContext, check_groups
 from ..parallel.registry import detect_context, export_naming
-from . import stages
+from . import layerwise, stages
 from .apply import apply_states, install_states
 from .discover import Inventory, discover, validate_weights
 from .moe import ExpertSummary
@@ -101,22 +102,24 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+def _numbered_groups(inventory: Inventory) -> dict[int | None, Inventory]:
+    """The inventory cut by decoder layer index (None: modules outside numbered layers)."""
+    groups: dict[int | None, list[str]] = {}
+    for name in inventory.modules:
+        groups.setdefault(layerwise.layer_index(name), []).append(name)
+    parts = {}
+    for index, names in groups.items():
+        modules = {n: inventory.modules[n] for n in names}
+        slots = tuple(s for s in inventory.slots if any(s in m.slots for m in modules.values()))
+        parts[index] = Inventory(slots, modules, inventory.ignored, inventory.skipped_reasons)
+    return parts
 
 
 def layer_groups(inventory: Inventory) -> list[Inventory]:
     """The inventory cut by decoder layer (the ``layers.N.`` of module names), in layer order;
     modules outside numbered layers form the last group."""
-    groups: dict[int, list[str]] = {}
-    for name in inventory.modules:
-        match = _LAYER_INDEX.search(name)
-        groups.setdefault(int(match.group(1)) if match else 1 << 62, []).append(name)
-    parts = []
-    for index in sorted(groups):
-        modules = {n: inventory.modules[n] for n in groups[index]}
-        slots = tuple(s for s in inventory.slots if any(s in m.slots for m in modules.values()))
-        parts.append(Inventory(slots, modules, inventory.ignored, inventory.skipped_reasons))
-    return parts
+    parts = _numbered_groups(inventory)
+    return [parts[k] for k in sorted(k for k in parts if k is not None)] + ([parts[None]] if None in parts else [])
 
 
 def _calibrate(model: nn.Module, inventory: Inventory, config: QuantConfig, forward_loop, ctx: ParallelContext,
@@ -133,7 +136,7 @@ def _calibrate(model: nn.Module, inventory: Inventory, config: QuantConfig, forw
         statistics = stages.reduce(inventory, store, observed, ctx, _model_device(model))
         seconds["reduce"] = seconds.get("reduce", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        states = stages.search(inventory, statistics, config, show_progress)
+        states = stages.search(inventory, statistics, config, show_progress, ctx)
         seconds["search"] = seconds.get("search", 0.0) + time.perf_counter() - t0
     return statistics, states
 
@@ -141,16 +144,31 @@ def _calibrate(model: nn.Module, inventory: Inventory, config: QuantConfig, forw
 def _sequential(model: nn.Module, inventory: Inventory, config: QuantConfig, forward_loop, ctx: ParallelContext,
                 seconds: dict) -> tuple[stages.Statistics, dict[str, SlotState]]:
     """Stages 2-4 layer group by layer group; each group computes with its quantized weights
-    before the next one is observed."""
-    store = StatsStore(full_hessian=config.needs_full_hessian)
+    before the next one is observed. Decoder layers run alone on cached inputs
+    (:func:`.layerwise.calibrate_layers`: one forward loop, stopped at the first layer); the
+    groups it leaves (modules outside the decoder layers; every group where running a layer
+    alone is not valid) each re-run ``forward_loop`` in full.
+
+    Memory: a group's full ``[cin, cin]`` Hessians live from its observation to the end of its
+    search; what is kept afterwards (for the report) is their diagonal 16x16 blocks. A rank thus
+    holds one layer's full Hessians plus the cached activations (samples x sequence x hidden in
+    the model's dtype, on its device: see :mod:`.layerwise`)."""
+    store = StatsStore()
     global_amax, weight_amax, states = {}, {}, {}
-    for part in layer_groups(inventory):
-        part_stats, part_states = _calibrate(model, part, config, forward_loop, ctx, True, False, seconds)
+
+    def calibrate(part: Inventory, loop) -> None:
+        part_stats, part_states = _calibrate(model, part, config, loop, ctx, True, False, seconds)
         install_states(part, part_states, config)
-        store.update(part_stats.inputs)
+        store.update({key: inputs.blocks_only() for key, inputs in part_stats.inputs.items()})
         global_amax.update(part_stats.global_amax)
         weight_amax.update(part_stats.weight_amax)
         states.update(part_states)
+        # the group's full Hessians (part_stats) are freed here, before the next group is observed
+
+    rest = layerwise.calibrate_layers(model, inventory, _numbered_groups(inventory), calibrate, forward_loop,
+                                      seconds)
+    for part in rest:
+        calibrate(part, forward_loop)
     return stages.Statistics(store, global_amax, weight_amax, True), states
 
 
@@ -177,7 +195,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
         inventory = discover(model, config, ctx)
         check_groups(inventory.slots, ctx)
         validate_weights(inventory.slots, local_weight)
-        stages.check_gptq_layouts(inventory, config)
+        stages.check_gptq_layouts(inventory, config, ctx)
     seconds["discover"] = time.perf_counter() - t0
 
     if config.gptq_sequential:

@@ -6,7 +6,8 @@
                         global amax MAX over shards and fused groups         -> Statistics
   search   (local)      block scales of each rank's own shard                -> {slot: SlotState}
                         (GPTQ: the scales, then the error-compensated weight written into the
-                        rank's own rows of the parameter)
+                        rank's own shard of the parameter; row-parallel shards pass their errors
+                        down their TP group in rank order: point to point there)
   settle   (collective) dead weights' input amax borrowed from live siblings; the experts
                         summary                                               -> Settled
   report   (collective) per-layer errors against plain max calibration, on demand
@@ -28,14 +29,16 @@ from ..kernels.dispatch import fake_quant_weight, search_block_scales
 from ..kernels.gptq import gptq_quantize
 from ..kernels.reference import beta_grid
 from ..kernels.types import Method
+from ..layout.roles import GroupRole
 from ..layout.slots import WeightSlot
 from ..layout.stats import InputStats, StatsStore
 from ..numerics import nvfp4
 from ..numerics.constants import E4M3_MAX, E4M3_MIN_SCALE
 from ..parallel.access import local_weight
-from ..parallel.context import ParallelContext
-from ..parallel.reduce import reduce_report_sums, reduce_stats, reduce_weight_amax
+from ..parallel.context import SINGLE_PROCESS, ParallelContext, group_size
+from ..parallel.reduce import ErrorRelay, reduce_report_sums, reduce_stats, reduce_weight_amax
 from ..progress import progress
+from .batched import search_stacked
 from .discover import Inventory
 from .moe import ExpertSummary, dead_input_amax, summarize_experts
 from .report import LayerReport, error_sums
@@ -174,34 +177,62 @@ def _search_one(w, g, method: Method, hessian, betas, config: QuantConfig):
     return block_amax, beta, method, empty
 
 
-def check_gptq_layouts(inventory: Inventory, config: QuantConfig) -> None:
-    """GPTQ propagates each column's error along the input channels: refuse, naming them, the
-    weights whose input channels are split over ranks (Megatron row-parallel under TP > 1)."""
+def check_gptq_layouts(inventory: Inventory, config: QuantConfig, ctx: ParallelContext = SINGLE_PROCESS) -> None:
+    """GPTQ propagates each column's error along the input channels: a weight whose input
+    channels are split over ranks needs its whole input observed on every rank. Megatron's dense
+    row-parallel linears (split over TP) do that; refuse, naming them, the other channel-split
+    weights (expert linears split over expert-tensor-parallel ranks, FSDP2 ``Shard(1)``).
+    The sequential mode walks decoder layers in order, which pipeline stages (each numbering
+    its own layers) cannot do yet: refused under pipeline parallelism."""
     if config.method is not Method.GPTQ:
         return
-    split = [s.name for s in inventory.slots if s.layout.shard_axis == 1 and s.layout.is_sharded]
+    pp = group_size(ctx.group(GroupRole.PP))
+    if config.gptq_sequential and pp > 1:
+        raise LayoutError(f"gptq_sequential is not supported under pipeline parallelism (pipeline size {pp}): "
+                          "use one-shot GPTQ (gptq_sequential=False) or pipeline size 1")
+    split = [s.name for s in inventory.slots
+             if s.layout.shard_axis == 1 and s.layout.is_sharded and s.layout.shard_group != GroupRole.TP]
     if split:
         listed = ", ".join(split[:8]) + (f" ... ({len(split)} in all)" if len(split) > 8 else "")
         raise LayoutError(
-            f"method='gptq' is not supported yet for weights whose input channels are split over "
-            f"tensor-parallel ranks (row-parallel): {listed}. GPTQ's error propagation across the "
-            "ranks' input channels is later work. Use tensor-parallel size 1 for GPTQ, exclude these "
-            "layers, or use method='local_hessian'.")
+            f"method='gptq' is not supported for these weights, whose input channels are split over "
+            f"ranks other than Megatron's tensor-parallel group: {listed}. Use expert-tensor-parallel "
+            "size 1 (or FSDP2 row sharding), exclude these layers, or use method='local_hessian'.")
 
 
-def _gptq_one(w: torch.Tensor, g: torch.Tensor, inputs: InputStats, config: QuantConfig):
+def _gptq_one(slot: WeightSlot, w: torch.Tensor, g: torch.Tensor, inputs: InputStats, config: QuantConfig,
+              ctx: ParallelContext, relay: ErrorRelay):
     """GPTQ of one local shard: writes W' into ``w`` (the parameter's local rows) and returns
-    ``(block_amax, method, dead input channels)``."""
-    result = gptq_quantize(w, inputs.full_hessian(), g, scales=config.gptq_scales,
-                           timing=config.gptq_scale_timing.value, damp=config.gptq_damp,
-                           kernels=config.kernels)
+    ``(block_amax, method, dead input channels)``.
+
+    A row-parallel shard (input channels split over TP) runs in rank order: rank r first applies
+    the scaled errors of ranks 0 .. r-1 (received through ``relay``, in column order, the order one
+    process applies them), sweeps its own columns, and sends its scaled errors to the later ranks.
+    Every update to a column is then the one-process update in the one-process order: bit for
+    bit the TP=1 result.
+    """
+    hessian = inputs.full_hessian()
+    layout = slot.layout
+    cin = layout.global_shape[1]
+    if hessian.shape != (cin, cin):
+        raise LayoutError(f"{slot.name}: GPTQ needs the whole [{cin}, {cin}] input Hessian but its observer "
+                          f"gave {tuple(hessian.shape)}; exclude this layer or use method='local_hessian'")
+    split = layout.shard_axis == 1 and layout.is_sharded
+    group = ctx.group(layout.shard_group) if split else None
+    offset = layout.offset[1] if split else 0
+    earlier = relay.incoming(tuple(w.shape), group, w.device) if split and offset else ()
+    result = gptq_quantize(w, hessian, g, scales=config.gptq_scales, timing=config.gptq_scale_timing.value,
+                           damp=config.gptq_damp, kernels=config.kernels, offset=offset, earlier=earlier,
+                           keep_errors=split and offset + w.shape[1] < cin)
+    if result.errors is not None:
+        relay.send(result.errors, group)
     with torch.no_grad():
         w.copy_(result.weight)
     return result.block_amax, Method.GPTQ, result.dead
 
 
 def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
-           show_progress: bool = True) -> dict[str, SlotState]:
+           show_progress: bool = True, ctx: ParallelContext = SINGLE_PROCESS) -> dict[str, SlotState]:
     """Block scales of every slot's local shard (inside ``local_shards(model)``).
 
     A weight that no calibration token reached (dead) or whose Hessian is missing or empty is
@@ -212,10 +243,16 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
     Hessian of its statistics key and its compensated weight W' is written into the parameter
     (``empty_blocks`` then counts dead input channels, zeroed as GPTQ does); a dead weight or
     one whose Hessian is all zero gets the weight-only MSE scales and keeps its values.
+    Row-parallel shards relay their errors over their TP group (``ctx``): collective there.
     """
+    relay = ErrorRelay()
     betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
     states: dict[str, SlotState] = {}
+    stacked = search_stacked(inventory.slots, stats, config, betas)  # fused experts, per projection
     for slot in progress(inventory.slots, desc="search", enabled=show_progress):
+        if slot.name in stacked:
+            states[slot.name] = stacked[slot.name]
+            continue
         inputs = stats.of(slot)
         tokens = inputs.tokens if inputs is not None else 0
         hessian = inputs.hessian() if (inputs is not None and config.needs_hessian) else None
@@ -228,7 +265,7 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
         w = local_weight(slot).detach()
         empty = 0
         if w.numel() and method is Method.GPTQ:
-            block_amax, method, _ = _gptq_one(w, g, inputs, config)
+            block_amax, method, _ = _gptq_one(slot, w, g, inputs, config, ctx, relay)
             beta, empty = None, int(empty_hessian_blocks(hessian).sum())
         elif w.numel():
             block_amax, beta, method, empty = _search_one(w, g, method, hessian, betas, config)
@@ -239,6 +276,7 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
             global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
             input_amax=inputs.amax.clone() if (config.quantize_inputs and inputs is not None) else None,
             tokens=tokens, dead=stats.observed and tokens == 0, empty_blocks=empty)
+    relay.finish()
     return states
 
 

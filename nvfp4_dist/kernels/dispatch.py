@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ConfigError
 from ..numerics import nvfp4
-from . import reference
+from . import reference, windows
 from .types import KernelImpl, Method, ScaleChoice
 
 
@@ -41,6 +41,12 @@ def _use_triton(w: torch.Tensor, kernels: KernelImpl) -> bool:
     return True
 
 
+def triton_impl(w: torch.Tensor, kernels: KernelImpl):
+    """The Triton implementation module (:mod:`.triton_ops`) when ``kernels`` selects it for
+    ``w`` (AUTO: CUDA tensors), else None; an explicit request that cannot be met raises."""
+    return _triton_module() if _use_triton(w, kernels) else None
+
+
 def search_block_scales(w: torch.Tensor, global_amax: torch.Tensor, method: Method,
                         hessian: torch.Tensor | None = None, dss_betas: torch.Tensor | None = None,
                         kernels: KernelImpl = KernelImpl.AUTO) -> ScaleChoice:
@@ -64,6 +70,14 @@ def search_block_scales(w: torch.Tensor, global_amax: torch.Tensor, method: Meth
     if dss_betas is not None:
         return impl.search_dss(w, global_amax, hessian.to(w.device), dss_betas)
     return impl.search_local_hessian(w, global_amax, hessian.to(w.device))
+
+
+def schur_floors(hessian: torch.Tensor, kernels: KernelImpl = KernelImpl.AUTO) -> torch.Tensor:
+    """Schur floors ``[nb, 16]`` fp32 of block Hessians ``[nb, 16, 16]`` (the local-Hessian
+    searches' candidate pruning bounds, :func:`.windows.schur_floor`), on the Hessian's device."""
+    if _use_triton(hessian, kernels):
+        return _triton_module().schur_floor(hessian)
+    return windows.schur_floor(hessian.float())
 
 
 def quantize_pack_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
@@ -90,3 +104,67 @@ def fake_quant_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
                                              None if dss_beta is None else dss_beta[e])
                             for e in range(w.shape[0])])
     return nvfp4.fake_quant(w, block_amax, global_amax, dss_beta)
+
+
+def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor,
+                     kernels: KernelImpl = KernelImpl.AUTO) -> torch.Tensor:
+    """W4A4 activation quantize-dequantize of ``x [..., K]`` as served, in ``x.dtype``: dynamic
+    per-16 FP8 block scales under the static global input scale of ``input_amax`` (fp32, one
+    value); semantics in :func:`nvfp4_dist.numerics.nvfp4.fake_quant_input`. fp64 inputs (a
+    float64 calibration forward) take the reference."""
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _use_triton(x, kernels):
+        return _triton_module().fake_quant_input(x, input_amax)
+    return nvfp4.fake_quant_input(x, input_amax.to(device=x.device, dtype=torch.float32).reshape(()))
+
+
+def _stacked_module():
+    """The Triton stacked-experts entries (:mod:`.stacked_ops`); imported where the Triton
+    implementation is, since it loads triton."""
+    from . import stacked_ops
+    return stacked_ops
+
+
+def search_block_scales_stacked(w: torch.Tensor, global_amax: torch.Tensor, method: Method,
+                                hessian: torch.Tensor | None = None, dss_betas: torch.Tensor | None = None,
+                                kernels: KernelImpl = KernelImpl.AUTO) -> ScaleChoice:
+    """:func:`search_block_scales` of every expert of stacked experts ``w [E, rows, cin]`` at
+    once (a few launches for all of them): ``global_amax [E]`` one per expert, ``hessian [E, cin
+    // 16, 16, 16]`` one per expert (expert e's rows take ``hessian[e]``); results ``[E, rows,
+    cin // 16]``, each expert's the bits of its own :func:`search_block_scales` call."""
+    method = Method(method)
+    global_amax = global_amax.to(device=w.device, dtype=torch.float32).reshape(-1)
+    if method is Method.LOCAL_HESSIAN and hessian is None:
+        raise ValueError("local_hessian search needs a hessian")
+    if dss_betas is not None and method is not Method.LOCAL_HESSIAN:
+        raise ValueError("DSS runs on top of the local_hessian search only")
+    if method not in (Method.MAX, Method.MSE, Method.LOCAL_HESSIAN):
+        raise ValueError(f"method {method.value!r} has no stacked search")
+    if method is Method.MAX:
+        return ScaleChoice(block_amax=nvfp4.block_amax(w))
+    if not _use_triton(w, kernels):
+        if method is Method.MSE:
+            return reference.search_mse_stacked(w, global_amax)
+        if dss_betas is not None:
+            return reference.search_dss_stacked(w, global_amax, hessian.to(w.device), dss_betas)
+        return reference.search_local_hessian_stacked(w, global_amax, hessian.to(w.device))
+    impl = _stacked_module()
+    if method is Method.MSE:
+        return impl.search_mse_stacked(w, global_amax)
+    if dss_betas is not None:
+        return impl.search_dss_stacked(w, global_amax, hessian, dss_betas)
+    return impl.search_local_hessian_stacked(w, global_amax, hessian)
+
+
+def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor,
+                          kernels: KernelImpl = KernelImpl.AUTO) -> None:
+    """In place: ``hessian_sum [E, cin // 16, 16, 16]`` (float64, contiguous) += the block
+    Hessians of each expert's rows of ``x [N, cin]`` (grouped by expert, ``offsets [E + 1]``),
+    in one launch on the GPU; semantics in :func:`.reference.expert_block_hessians`."""
+    if hessian_sum.dtype != torch.float64 or not hessian_sum.is_contiguous():
+        raise ValueError("expert_block_hessians accumulates into a contiguous float64 tensor")
+    if tuple(hessian_sum.shape[1:]) != (x.shape[-1] // 16, 16, 16) or x.shape[-1] % 16:
+        raise ValueError(f"hessian_sum shape {tuple(hessian_sum.shape)} does not match inputs {tuple(x.shape)}")
+    if _use_triton(x, kernels):
+        _stacked_module().expert_block_hessians(x, offsets, hessian_sum)
+    else:
+        reference.expert_block_hessians(x, offsets, hessian_sum)

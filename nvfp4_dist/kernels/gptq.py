@@ -1,9 +1,10 @@
-"""GPTQ for NVFP4 (torch reference): column-sequential quantization of one weight shard with
-Hessian-inverse error compensation, in the exact numerics of :mod:`nvfp4_dist.numerics.nvfp4`.
+"""GPTQ for NVFP4: column-sequential quantization of one weight shard with Hessian-inverse error
+compensation, in the exact numerics of :mod:`nvfp4_dist.numerics.nvfp4` (the inner loop's two
+primitives, torch reference and Triton, are :mod:`.gptq_ops`).
 
-Inputs: a shard ``w [rows, cin]`` (whole input channels: GPTQ propagates errors along cin), the
-normalised full input Hessian ``H = X^T X / n`` (float64 ``[cin, cin]``) and the fused group's
-global amax g (unchanged by GPTQ).
+Inputs: a shard ``w [rows, c]`` (some rows of the weight, and either all its input channels or,
+row-parallel, the channels ``[offset, offset + c)``), the normalised full input Hessian
+``H = X^T X / n`` (float64 ``[cin, cin]``) and the fused group's global amax g (unchanged by GPTQ).
 
 Algorithm (Frantar et al. 2022, without activation ordering, which would break the 16-column
 NVFP4 blocks):
@@ -17,12 +18,40 @@ NVFP4 blocks):
      dtype (the value the parameter will hold, ``W'_j``), quantized with its block's FP8 scale,
      and its scaled error ``e = (W'_j - Q_j) / U_jj`` updates the remaining columns of the block
      at once (``W_k -= e * U_jk``) and the columns after the block once the block is done (lazy
-     batch update, 16 rank-1 updates).
+     batch update, 16 rank-1 updates; grouped per span of ``LAZY_SPAN`` columns as
+     :class:`.gptq_ops.LazyPropagation` does, without changing any element's updates or their
+     order). With ``group`` timing a block's scale search, its sweep and the update of the rest
+     of its span are one :func:`.gptq_ops.gptq_block_step` (one launch on the GPU); the loop has
+     no host synchronisation.
 
 Every update is an elementwise fp32 operation in a fixed order (no BLAS product, whose summation
 order depends on the shapes), so a row's result never depends on the other rows of the shard:
 a rank holding some rows of a weight (FSDP2, Megatron column-parallel) computes them bit for
 bit as one process computing the whole weight does.
+
+Column shards (Megatron row-parallel: input channels split over TP ranks, no rank holding the
+whole weight): every rank holds the same full Hessian (its observer gathers the layer's whole
+input), computes the same ``U`` and keeps its own columns of it. Rank r applies the scaled errors
+of the columns before its shard, received from ranks 0 .. r-1 in column order, to its columns
+(``offset``/``earlier``), sweeps them, and hands its own errors to the later ranks
+(``keep_errors``). Each element receives the updates one process gives it, in one-process order,
+so TP=1, 2, 4 ... agree bit for bit; the ranks run one after another on a weight (rank r's sweep
+waits for rank r-1's errors), pipelined over the weights by the caller.
+
+Memory of a rank at its peak (cin: the weight's input channels; rows x c: its local shard):
+  * statistics: one full ``[cin, cin]`` float64 Hessian per statistics key (q/k/v share one,
+    gate/up share one; one per expert and projection; a row-parallel rank holds the WHOLE
+    ``cin x cin``, not its share). One-shot mode keeps every key's full Hessian until quantize()
+    returns (``QuantResult.statistics``); the sequential mode (``gptq_sequential``) holds one
+    layer group's at a time and keeps only their 16x16 diagonal blocks afterwards;
+  * per weight, during its GPTQ: the normalised Hessian (a float64 ``[cin, cin]`` copy) and,
+    while it is factorised, at most two more ``[cin, cin]`` float64 temporaries (dropped before
+    the sweep); then U's columns of the shard, ``[cin, c]`` fp32 (``[cin, cin]`` for a whole
+    weight); the working copy, Q and (row-parallel) the outgoing errors, ``[rows, c]`` fp32 each;
+    a ``[rows, 128]`` fp32 lazy-update buffer; on rank r of a row-parallel group the incoming
+    errors, r buffers ``[rows, c]`` fp32 (and its previous weight's outgoing errors until the
+    later ranks have received them);
+  * the weight shard itself, updated in place; never the whole weight of a sharded layer.
 
 Output: ``W'`` (the pre-quantization values, in ``w.dtype``) with ``fake_quant(W', block_amax,
 g) == Q`` exactly; storing ``W'`` in the parameter and ``block_amax`` as the state makes every
@@ -36,22 +65,26 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CalibrationError
-from ..numerics import nvfp4
 from ..numerics.constants import BLOCK_SIZE
-from .dispatch import search_block_scales
-from .gptq_ops import propagate, sweep_block
+from .dispatch import schur_floors, search_block_scales, triton_impl
+from .gptq_ops import gptq_block_step, propagate
 from .types import KernelImpl, Method
+
+
+LAZY_SPAN = 128  # columns per lazy-update span (module docstring, step 4)
 
 
 @dataclass(frozen=True)
 class GPTQResult:
     """GPTQ of one shard: ``weight`` W' (``w.dtype``), ``quant`` Q = fake_quant(W') (fp32),
-    ``block_amax`` fp32 ``[rows, cin/16]``, ``dead`` input channels whose Hessian diagonal is 0."""
+    ``block_amax`` fp32 ``[rows, cin/16]``, ``dead`` input channels whose Hessian diagonal is 0
+    (of this shard), ``errors`` the scaled errors ``[rows, c]`` fp32 when asked for."""
 
     weight: torch.Tensor = field(repr=False)
     quant: torch.Tensor = field(repr=False)
     block_amax: torch.Tensor = field(repr=False)
     dead: int = 0
+    errors: torch.Tensor | None = field(default=None, repr=False)
 
 
 def block_hessians(full: torch.Tensor) -> torch.Tensor:
@@ -73,7 +106,10 @@ def inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, to
         raise CalibrationError(
             f"GPTQ: the damped Hessian ({h.shape[0]} input channels) is not positive definite "
             f"(damp={damp}); raise gptq_damp (e.g. 0.1)")
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    del h  # at most two [cin, cin] float64 temporaries at a time (module docstring: memory)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
     if int(info) != 0:
         raise CalibrationError(f"GPTQ: the inverse Hessian lost positive definiteness in float64 "
                                f"(damp={damp}); raise gptq_damp (e.g. 0.1)")
@@ -85,40 +121,93 @@ def _scales(w: torch.Tensor, g: torch.Tensor, objective: Method, hessian, kernel
                                kernels=kernels).block_amax
 
 
+def _apply_earlier(work: torch.Tensor, earlier, u_cols: torch.Tensor, offset: int, kernels: KernelImpl) -> None:
+    """Apply the scaled errors of the columns before ``offset`` to this shard's columns, block
+    by block in column order: the updates one process makes to these columns, in its order."""
+    expected = 0
+    for start, err in earlier:
+        if start != expected or err.shape[1] % BLOCK_SIZE or start + err.shape[1] > offset:
+            raise ValueError(f"GPTQ: earlier errors must cover columns [0, {offset}) in order "
+                             f"(got {err.shape[1]} columns at {start}, expected {expected})")
+        err = err.to(device=work.device, dtype=torch.float32)
+        # one pass over the chunk's errors in column order: per element, the per-block updates
+        propagate(work, err, u_cols[start:start + err.shape[1]], kernels)
+        expected = start + err.shape[1]
+    if expected != offset:
+        raise ValueError(f"GPTQ: earlier errors cover columns [0, {expected}), expected [0, {offset})")
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, global_amax: torch.Tensor,
                   scales: Method = Method.MSE, timing: str = "group", damp: float = 0.01,
-                  kernels: KernelImpl = KernelImpl.AUTO) -> GPTQResult:
-    """GPTQ of ``w [rows, cin]`` under the full Hessian ``hessian [cin, cin]`` (see the module
-    docstring); ``timing`` is ``"before"`` or ``"group"``."""
-    rows, cin = w.shape
-    if cin % BLOCK_SIZE or hessian.shape != (cin, cin):
-        raise ValueError(f"GPTQ needs cin % 16 == 0 and a [cin, cin] Hessian (w {tuple(w.shape)}, "
-                         f"H {tuple(hessian.shape)})")
+                  kernels: KernelImpl = KernelImpl.AUTO, *, offset: int = 0, earlier=(),
+                  keep_errors: bool = False) -> GPTQResult:
+    """GPTQ of ``w [rows, c]``, the input channels ``[offset, offset + c)`` of a weight whose
+    full Hessian is ``hessian [cin, cin]`` (see the module docstring); ``timing`` is ``"before"``
+    or ``"group"``.
+
+    A shard that does not start at column 0 (row-parallel, ``offset > 0``) first takes the scaled
+    errors of every earlier column from ``earlier``: an iterable of ``(start, err [rows, width])``
+    in column order covering ``[0, offset)`` (consumed lazily, so the chunks may still be
+    arriving). ``keep_errors``: return this shard's own scaled errors (``GPTQResult.errors``), for
+    the shards after it.
+    """
+    rows, c = w.shape
+    cin = hessian.shape[0]
+    if c % BLOCK_SIZE or offset % BLOCK_SIZE or hessian.shape != (cin, cin) or offset + c > cin:
+        raise ValueError(f"GPTQ needs whole 16-column blocks and a [cin, cin] Hessian covering the shard "
+                         f"(w {tuple(w.shape)} at column {offset}, H {tuple(hessian.shape)})")
     timing = getattr(timing, "value", timing)
     if timing not in ("before", "group"):
         raise ValueError(f"timing must be 'before' or 'group', got {timing!r}")
     dtype, device = w.dtype, w.device
     g = global_amax.to(device=device, dtype=torch.float32)
-    s = nvfp4.global_scale(g)
     upper, dead = inverse_factor(hessian.to(device), damp)
-    u = upper.float()
+    # This shard's columns of U, every row (rows < offset carry the earlier columns' updates);
+    # the float64 factor is dropped as soon as its fp32 columns are taken. The factor comes
+    # column-major from LAPACK; the sweep reads rows of U, so they are laid out row-major here
+    # once (else every block's step and update would copy its rows of U first).
+    u = upper[:, offset:offset + c].to(torch.float32, memory_format=torch.contiguous_format)
+    del upper
+    dead = dead[offset:offset + c]
     work = w.detach().float().clone()
     work[:, dead] = 0.0
-    bh = block_hessians(hessian.to(device)) if scales is Method.LOCAL_HESSIAN else None
-    nb = cin // BLOCK_SIZE
-    if timing == "before":
+    bh = None
+    if scales is Method.LOCAL_HESSIAN:
+        bh = block_hessians(hessian.to(device))[offset // BLOCK_SIZE:(offset + c) // BLOCK_SIZE].contiguous()
+    nb = c // BLOCK_SIZE
+    if timing == "before":  # scales of the weight before any update, earlier shards' included
         block_amax = _scales(work.to(dtype), g, scales, bh, kernels).float()
     else:
         block_amax = torch.empty(rows, nb, dtype=torch.float32, device=device)
-    quant = torch.empty(rows, cin, dtype=torch.float32, device=device)
+    if offset:
+        _apply_earlier(work, earlier, u, offset, kernels)
+    quant = torch.empty(rows, c, dtype=torch.float32, device=device)
+    errors = torch.empty(rows, c, dtype=torch.float32, device=device) if keep_errors else None
+    own = u[offset:offset + c]  # [c, c]: this shard's rows and columns of U
+    search = scales if timing == "group" else None
+    floors = None
+    if search is Method.LOCAL_HESSIAN and triton_impl(work, kernels) is not None:
+        floors = schur_floors(bh, kernels)  # all blocks' pruning bounds in one launch
+    # The lazy update's spans (gptq_ops.LazyPropagation, unrolled): a block's step updates the
+    # rest of its span; the columns after a span take all its errors (``pending``) at its end.
+    pending = torch.empty(rows, LAZY_SPAN, dtype=torch.float32, device=device)
+    steps = []  # every view and argument of the loop, sliced once before it
     for b in range(nb):
         c0, c1 = b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE
-        if timing == "group":
-            cols = work[:, c0:c1].to(dtype)
-            block_amax[:, b] = _scales(cols, g, scales, None if bh is None else bh[b:b + 1], kernels)[:, 0]
-        v = nvfp4.scale_fp8(block_amax[:, b], g).float()
-        block = work[:, c0:c1]  # a view: sweep_block updates work in place
-        quant[:, c0:c1], err = sweep_block(block, u[c0:c1, c0:c1], v, s, dtype)
-        if c1 < cin:
-            propagate(work[:, c1:], err, u[c0:c1, c1:])
-    return GPTQResult(weight=work.to(dtype), quant=quant, block_amax=block_amax, dead=int(dead.sum()))
+        s0 = c0 - c0 % LAZY_SPAN
+        s1 = min(s0 + LAZY_SPAN, c)
+        far = None
+        if c1 == s1 and s1 < c:
+            far = (work[:, s1:], pending[:, :s1 - s0], own[s0:s1, s1:])
+        steps.append((work[:, c0:s1], own[c0:c1, c0:s1], block_amax[:, b], None if bh is None else bh[b],
+                      None if floors is None else floors[b], quant[:, c0:c1], pending[:, c0 - s0:c1 - s0],
+                      None if errors is None else errors[:, c0:c1], far))
+    for cols, u_rows, amax, h, floor, q, err, kept, far in steps:
+        # one launch on the GPU: search (timing "group"), sweep, in-span update
+        gptq_block_step(cols, u_rows, amax, g, dtype, search, h, floors=floor, quant=q, err=err, kernels=kernels)
+        if kept is not None:
+            kept.copy_(err)
+        if far is not None:  # the span is done: its errors, in block order, to every column after it
+            propagate(*far, kernels)
+    return GPTQResult(weight=work.to(dtype), quant=quant, block_amax=block_amax, dead=int(dead.sum()),
+                      errors=errors)

@@ -223,3 +223,67 @@ def quantize_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.
     scale = nvfp4.scale_fp8(block_amax, global_amax)
     codes = nvfp4.encode(w, scale, nvfp4.global_scale(global_amax), dss_beta)
     return nvfp4.pack(codes), scale
+
+
+# --- Stacked experts: the searches of E same-shaped weights at once, and their statistics ---
+
+def _stacked(search, w: torch.Tensor, global_amax: torch.Tensor, *per_expert) -> ScaleChoice:
+    """``search`` of each expert ``w[e]`` with its own global amax (and Hessian), stacked."""
+    if w.dim() != 3:
+        raise ValueError(f"expected stacked experts [E, rows, cin], got shape {tuple(w.shape)}")
+    g = global_amax.reshape(-1)
+    if g.numel() != w.shape[0]:
+        raise ValueError(f"global_amax has {g.numel()} values for {w.shape[0]} experts")
+    choices = [search(w[e], g[e], *(a[e] for a in per_expert)) for e in range(w.shape[0])]
+
+    def stack(field):
+        values = [getattr(c, field) for c in choices]
+        return None if not values or values[0] is None else torch.stack(values)
+    return ScaleChoice(block_amax=stack("block_amax") if choices else
+                       torch.empty(0, w.shape[1], w.shape[2] // BLOCK_SIZE, device=w.device),
+                       candidate=stack("candidate"), dss_beta=stack("dss_beta"), loss=stack("loss"))
+
+
+def search_mse_stacked(w: torch.Tensor, global_amax: torch.Tensor) -> ScaleChoice:
+    """:func:`search_mse` of each expert of ``w [E, rows, cin]`` with ``global_amax [E]``: the
+    definition the one-launch kernels must equal (results ``[E, rows, cin // 16]``)."""
+    return _stacked(search_mse, w, global_amax)
+
+
+def search_local_hessian_stacked(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor) -> ScaleChoice:
+    """:func:`search_local_hessian` per expert; ``hessian [E, cin // 16, 16, 16]`` (expert e's rows
+    take ``hessian[e]``)."""
+    return _stacked(search_local_hessian, w, global_amax, hessian)
+
+
+def search_dss_stacked(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor,
+                       betas: torch.Tensor | None = None) -> ScaleChoice:
+    """:func:`search_dss` per expert (one beta grid for all)."""
+    return _stacked(lambda we, ge, he: search_dss(we, ge, he, betas), w, global_amax, hessian)
+
+
+def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor) -> None:
+    """In place: ``hessian_sum[e] += sum_t x_t,b x_t,b^T`` over expert e's rows of ``x``.
+
+    ``x [N, cin]``: the rows of all experts grouped by expert, expert e's at ``offsets[e]:
+    offsets[e + 1]`` (``offsets`` int64 ``[E + 1]``); ``hessian_sum`` float64 ``[E, cin // 16,
+    16, 16]``. Each element is rounded to fp32, each product is taken exactly in float64 and the
+    products are added one token at a time in row order onto the running sum (the order the
+    Triton kernel follows, so both give the same bits; summing across calls equals one call
+    over all the rows).
+    """
+    n_experts, nb = hessian_sum.shape[:2]
+    counts = (offsets[1:] - offsets[:-1]).cpu()
+    longest = int(counts.max()) if n_experts else 0
+    if longest == 0:
+        return
+    # position t of expert e's rows, zero-padded to the longest: a zero row adds +0.0 everywhere
+    start = offsets[:-1].to(x.device)
+    pos = torch.arange(longest, device=x.device)
+    valid = pos[None, :] < counts.to(x.device)[:, None]
+    index = torch.where(valid, start[:, None] + pos[None, :], 0)
+    padded = x[index.reshape(-1)].float().double().reshape(n_experts, longest, nb, BLOCK_SIZE)
+    padded = torch.where(valid[:, :, None, None], padded, 0.0)  # (not a product: inf * 0 is NaN)
+    for t in range(longest):
+        xt = padded[:, t]
+        hessian_sum += xt[..., :, None] * xt[..., None, :]

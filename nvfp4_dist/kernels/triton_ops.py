@@ -17,7 +17,7 @@ import torch
 
 from ..numerics import nvfp4
 from ..numerics.constants import E4M3_MAX, GLOBAL_SCALE_DENOM, e4m3_positive_values
-from . import cast_kernels, dss_kernel, floor_kernel, hessian_kernel, mse_kernel
+from . import act_quant_kernel, cast_kernels, dss_kernel, floor_kernel, gptq_kernel, hessian_kernel, mse_kernel
 from .reference import _check_hessian, _check_weight, default_betas
 from .types import ScaleChoice
 
@@ -165,3 +165,73 @@ def quantize_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.
     w2, bamax, g, beta, _ = _static_inputs(w, block_amax, global_amax, dss_beta)  # 2-D: one global amax
     with _on_device(w2):
         return cast_kernels.launch_quantize_pack(w2, bamax, g, beta)
+
+
+def gptq_sweep_block(block: torch.Tensor, u_block: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                     dtype: torch.dtype, from_amax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`.gptq_ops.sweep_block` (same arguments and bits; with ``from_amax``,
+    :func:`.gptq_ops.sweep_block_from_amax`: ``scale`` the block amaxes, ``global_scale`` the
+    global amax); ``block`` is updated in place (a view without unit column stride goes through
+    a copy)."""
+    dev = block.device
+    target = block if block.stride(-1) == 1 else block.contiguous()
+    u = _unit_stride(u_block.detach().to(device=dev, dtype=torch.float32))
+    scale = scale.detach().to(device=dev, dtype=torch.float32).reshape(-1)  # any stride
+    with _on_device(block):
+        quant, err = gptq_kernel.launch_sweep_block(target, u, scale, _fp32(global_scale, dev).reshape(1), dtype,
+                                                    from_amax)
+    if target is not block:
+        block.copy_(target)
+    return quant, err
+
+
+def gptq_block_step(cols: torch.Tensor, u_rows: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
+                    dtype: torch.dtype, search: str | None, hessian: torch.Tensor | None, kappa: torch.Tensor | None,
+                    quant: torch.Tensor, err: torch.Tensor) -> None:
+    """:func:`.gptq_ops.gptq_block_step` in one launch (same bits); the caller
+    (:func:`.gptq_ops.gptq_block_step`) has checked that every tensor is fp32 on ``cols``'
+    device with unit column stride where the kernel needs it (``kappa``: the block's Schur floors,
+    computed here when not given)."""
+    dev = cols.device
+    g = global_amax.reshape(1)
+    h = None
+    if search == "local_hessian":
+        h = hessian.reshape(16, 16)
+        if kappa is None:
+            kappa = floor_kernel.launch_schur_floor(h.reshape(1, 16, 16).contiguous())
+        kappa = kappa.reshape(16)
+    with _on_device(cols):
+        gptq_kernel.launch_block_step(cols, u_rows, block_amax, g, _table("ratios", dev), _values(dev), h, kappa,
+                                      quant, err, dtype, search)
+
+
+def schur_floor(hessian: torch.Tensor) -> torch.Tensor:
+    """Schur floors ``[nb, 16]`` fp32 of block Hessians ``[nb, 16, 16]`` (one launch)."""
+    with _on_device(hessian):
+        return floor_kernel.launch_schur_floor(_fp32(hessian, hessian.device))
+
+
+def gptq_propagate(rest: torch.Tensor, err: torch.Tensor, u_rows: torch.Tensor) -> None:
+    """:func:`.gptq_ops.propagate` (same arguments and bits), ``rest`` updated in place."""
+    dev = rest.device
+    target = rest if rest.stride(-1) == 1 else rest.contiguous()
+    u = _unit_stride(u_rows.detach().to(device=dev, dtype=torch.float32))
+    with _on_device(rest):
+        gptq_kernel.launch_propagate(target, err.detach().to(device=dev, dtype=torch.float32), u)
+    if target is not rest:
+        rest.copy_(target)
+
+
+def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
+    """W4A4 activation fake-quant of ``x [..., K]`` (any strides; fp32/bf16/fp16) in ``x.dtype``,
+    bit-exact with :func:`nvfp4_dist.numerics.nvfp4.fake_quant_input` (no autograd graph)."""
+    x = x.detach()
+    if x.dim() < 1 or x.shape[-1] % 16:
+        raise ValueError(f"input shape {tuple(x.shape)}: the last dimension must be a multiple of 16")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"input dtype {x.dtype} is not one of fp32/bf16/fp16")
+    x2 = _unit_stride(x.reshape(-1, x.shape[-1]))
+    amax = _fp32(input_amax, x.device).reshape(1)
+    with _on_device(x2):
+        out = act_quant_kernel.launch_fake_quant_input(x2, amax)
+    return out.reshape(x.shape)

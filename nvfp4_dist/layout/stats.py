@@ -13,7 +13,20 @@ expert's tokens arrive in a different order, on other ranks, at each expert-para
 its 16x16 diagonal blocks; :meth:`InputStats.hessian` still returns the per-block Hessians (the
 diagonal blocks, for the block-scale searches and the report) and :meth:`InputStats.full_hessian`
 the whole normalised matrix. A :class:`StatsStore` created with ``full_hessian=True`` makes every
-statistics it creates full, so the adapters' observers need no change.
+statistics it creates full, so the adapters' observers need no change. The full matrix is rounded
+to fp32 once after normalisation (and returned as float64 for the factorisation), like the
+per-block Hessians: float64 sums of the same tokens added in another order (expert-parallel
+dispatch, data-parallel partial sums) then give the same matrix unless a value straddles an fp32
+rounding boundary.
+
+A weight whose input channels are split over ranks (Megatron row-parallel under GPTQ) observes
+its WHOLE input (its observer gathers the channels over the tensor-parallel group), so every rank
+holds the full ``[cin, cin]`` Hessian with its cross terms; ``local_cols`` names this rank's
+channels, and :meth:`InputStats.hessian` returns the diagonal blocks of those channels only (what
+the block-scale searches and the report of the local shard read).
+
+:meth:`InputStats.blocks_only` drops a full Hessian down to its (local) diagonal blocks once GPTQ
+has used it: the sequential mode keeps one layer group's full Hessians at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.dispatch import expert_block_hessians
+from ..kernels.types import KernelImpl
 from ..numerics.constants import BLOCK_SIZE
 
 # Tokens per chunk when forming x_b x_b^T, bounding the temporary to ~chunk * cin floats.
@@ -39,6 +54,7 @@ class InputStats:
     amax: torch.Tensor | None = field(default=None, repr=False)  # 0-d fp32
     accum_dtype: torch.dtype = torch.float32  # dtype of hessian_sum (see the module docstring)
     full: bool = False  # hessian_sum is the whole [cin, cin] X^T X (float64)
+    local_cols: tuple[int, int] | None = None  # full stats of a channel-split weight: its channels
 
     def __post_init__(self):
         if self.full:
@@ -77,10 +93,7 @@ class InputStats:
         no token was seen); for full statistics, the diagonal 16x16 blocks of the full one."""
         if self.hessian_sum is None or self.tokens == 0:
             return None
-        h = self.hessian_sum
-        if self.full:
-            nb = self.cin // BLOCK_SIZE
-            h = h.reshape(nb, BLOCK_SIZE, nb, BLOCK_SIZE).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        h = self._local_blocks() if self.full else self.hessian_sum
         # a tensor divisor: CUDA divides by a Python number through its rounded reciprocal
         tokens = torch.tensor(float(self.tokens), dtype=h.dtype, device=h.device)
         return (h / tokens).float()
@@ -91,7 +104,25 @@ class InputStats:
         if not self.full or self.hessian_sum is None or self.tokens == 0:
             return None
         tokens = torch.tensor(float(self.tokens), dtype=self.hessian_sum.dtype, device=self.hessian_sum.device)
-        return self.hessian_sum / tokens
+        # rounded to fp32 once (see the module docstring), float64 for the Cholesky factorisations
+        return (self.hessian_sum / tokens).float().to(torch.float64)
+
+    def _local_blocks(self) -> torch.Tensor:
+        """The diagonal 16x16 blocks of the full sum on this rank's channels ``[nb, 16, 16]``."""
+        start, stop = self.local_cols or (0, self.cin)
+        nb = self.cin // BLOCK_SIZE
+        h = self.hessian_sum.reshape(nb, BLOCK_SIZE, nb, BLOCK_SIZE).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        return h[start // BLOCK_SIZE: stop // BLOCK_SIZE]
+
+    def blocks_only(self) -> "InputStats":
+        """These statistics with a full Hessian replaced by its (local) diagonal blocks, kept as
+        float64 sums (:meth:`hessian` returns the same values); self when not full."""
+        if not self.full:
+            return self
+        start, stop = self.local_cols or (0, self.cin)
+        blocks = None if self.hessian_sum is None else self._local_blocks().clone()
+        return InputStats(cin=stop - start, with_hessian=self.with_hessian, hessian_sum=blocks,
+                          tokens=self.tokens, amax=self.amax, accum_dtype=torch.float64)
 
     def ensure_allocated(self, device: torch.device) -> None:
         """Materialise zero statistics (a rank that saw no token still joins the reduce)."""
@@ -115,3 +146,61 @@ class StatsStore(dict):
             self[key] = InputStats(cin=cin, with_hessian=with_hessian, accum_dtype=accum_dtype,
                                    full=with_hessian and self.full_hessian)
         return self[key]
+
+
+class ExpertStats:
+    """The statistics of one projection of E fused experts, accumulated together on the device.
+
+    Each call of :meth:`update` takes the inputs of all experts at once, their rows grouped by
+    expert: the token counts and input amaxes in a few tensor operations, the block Hessians in
+    one launch (:func:`~nvfp4_dist.kernels.dispatch.expert_block_hessians`: float64 sums of exact
+    products in row order, continued across calls, so an expert's sums do not depend on how its
+    tokens were batched). Nothing waits for the device until :meth:`flush` writes the totals into
+    the experts' own :class:`InputStats` (``members[e]``), whose Hessian sums are then views of
+    the stacked ``[E, cin/16, 16, 16]`` sums: the same values as :meth:`InputStats.update` of
+    each expert's rows with ``accum_dtype=torch.float64`` gives, up to the float64 rounding of
+    its other summation order; an expert no token reached keeps ``hessian_sum=None`` and gets
+    amax 0, as there.
+    """
+
+    def __init__(self, members: list[InputStats], kernels: KernelImpl = KernelImpl.AUTO):
+        self.members = members
+        self.kernels = kernels
+        self.hessian_sum: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None  # [E] int64
+        self.amax: torch.Tensor | None = None  # [E] fp32
+
+    def update(self, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor) -> None:
+        """Add rows ``x [N, cin]`` grouped by expert: expert e's are ``offsets[e]:offsets[e+1]``
+        (int64 ``[E + 1]``); ``row_expert [N]`` names each row's expert (E: a row no expert takes,
+        outside every range)."""
+        n_experts, cin = len(self.members), self.members[0].cin if self.members else 0
+        x = x.detach()
+        if x.shape[-1] != cin:
+            raise ValueError(f"observed input has {x.shape[-1]} channels, expected {cin}")
+        if self.amax is None:
+            self.tokens = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
+            self.amax = torch.zeros(n_experts, dtype=torch.float32, device=x.device)
+        self.tokens += (offsets[1:] - offsets[:-1]).to(self.tokens.device)
+        if x.shape[0]:
+            # a NaN row counts as +inf: the MAX keeps it, and non-finite statistics are refused
+            row_amax = torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf"))
+            amax = torch.zeros(n_experts + 1, dtype=torch.float32, device=x.device)
+            amax.scatter_reduce_(0, row_expert.long(), row_amax, reduce="amax")
+            self.amax = torch.maximum(self.amax, amax[:n_experts])
+        if self.members and self.members[0].with_hessian and x.shape[0]:
+            if self.hessian_sum is None:
+                self.hessian_sum = torch.zeros(n_experts, cin // BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE,
+                                               dtype=torch.float64, device=x.device)
+            expert_block_hessians(x, offsets, self.hessian_sum, kernels=self.kernels)
+
+    def flush(self) -> None:
+        """Write the totals into ``members`` (one wait for the device); nothing when no call came."""
+        if self.amax is None:
+            return
+        tokens = self.tokens.tolist()
+        amax = self.amax.unbind(0)  # views: no launch per expert (self.amax is never written in place)
+        for e, stats in enumerate(self.members):
+            stats.tokens = tokens[e]
+            stats.amax = amax[e]
+            stats.hessian_sum = (self.hessian_sum[e] if (self.hessian_sum is not None and tokens[e]) else None)

@@ -267,3 +267,66 @@ def group_ranks(group) -> list[int]:
     if group is None or not (dist.is_available() and dist.is_initialized()):
         return [dist.get_rank() if dist.is_available() and dist.is_initialized() else 0]
     return dist.get_process_group_ranks(group)
+
+
+# GPTQ under row parallelism (input channels split over a tensor-parallel group). Observation:
+# every rank gathers the layer's whole input, so it accumulates the full Hessian with the cross
+# terms between ranks' channels. Sweep: rank r sweeps its columns after the scaled errors of
+# every earlier rank's columns have been applied to them, then sends its own to the later ranks
+# (point to point, in rank order; see nvfp4_dist.calib.stages).
+
+
+def gather_input_channels(x: torch.Tensor, group) -> torch.Tensor:
+    """``x [..., c]`` of every rank of ``group`` concatenated along the last dimension in
+    group-rank order (the whole input of a row-parallel linear); ``x`` itself for one rank."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    device = _device_for(group, x)
+    part = x.detach().to(device).contiguous()
+    pieces = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(pieces, part, group=group)
+    return torch.cat(pieces, dim=-1).to(x.device)
+
+
+class ErrorRelay:
+    """Scaled GPTQ errors passed down a group in rank order: :meth:`incoming` receives the
+    earlier ranks' shards (rank order), :meth:`send` posts this rank's to every later rank without
+    blocking. A rank may run one shard ahead of the ranks it feeds: sends of the previous shard
+    are waited for before the next ones are posted, and :meth:`finish` waits for the last (call
+    it on every rank once the shards are done). Every rank must relay its group's shards in the
+    same order (the search visits slots in inventory order on every rank)."""
+
+    def __init__(self):
+        self._pending: list = []
+
+    def incoming(self, shape: tuple[int, int], group, device: torch.device):
+        """Yield ``(column start, err [rows, width] fp32)`` from group ranks 0 .. r-1 in order
+        (equal widths, ``shape`` = this rank's); every receive is posted at once and waited for
+        when its chunk is asked for."""
+        me = dist.get_rank(group)
+        rows, width = shape
+        # a tensor on the group's device (CUDA for NCCL), moved to ``device`` by the consumer
+        probe = torch.empty(0, device=device)
+        carrier = _device_for(group, probe)
+        bufs = [torch.empty(rows, width, dtype=torch.float32, device=carrier) for _ in range(me)]
+        works = [dist.irecv(buf, src=dist.get_global_rank(group, r), group=group) for r, buf in enumerate(bufs)]
+        for r, (buf, work) in enumerate(zip(bufs, works)):
+            work.wait()
+            yield r * width, buf
+
+    def send(self, err: torch.Tensor, group) -> None:
+        """Post ``err`` to every later rank of ``group`` (non-blocking; see the class docstring)."""
+        self.finish()
+        me, world = dist.get_rank(group), group_size(group)
+        if me + 1 >= world:
+            return
+        buf = err.to(_device_for(group, err), torch.float32).contiguous()
+        self._pending = [(buf, dist.isend(buf, dst=dist.get_global_rank(group, r), group=group))
+                         for r in range(me + 1, world)]
+
+    def finish(self) -> None:
+        """Wait for the posted sends."""
+        for _, work in self._pending:
+            work.wait()
+        self._pending = []

@@ -1,5 +1,6 @@
 """quantize(method="gptq") end to end in one process: config, the written weights, the state,
-sequential mode, the row-parallel refusal, and a quality check on the embedded tiny-dense."""
+sequential mode (one layer group's full Hessians at a time), the refusal of channel splits
+outside tensor parallelism, and a quality check on the embedded tiny-dense."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _out_err(w, q, h):
 def test_config_and_cli():
     c = QuantConfig(method="gptq")
     assert c.method is Method.GPTQ and c.needs_hessian and c.needs_full_hessian
-    assert c.gptq_scales is Method.MSE and c.gptq_scale_timing.value == "group" and c.gptq_damp == 0.01
+    assert c.gptq_scales is Method.LOCAL_HESSIAN and c.gptq_scale_timing.value == "group" and c.gptq_damp == 0.01
     QuantConfig(method="gptq", gptq_scales="local_hessian", gptq_scale_timing="before", gptq_sequential=True)
     with pytest.raises(ConfigError, match="gptq_scales"):
         QuantConfig(method="gptq", gptq_scales="max")
@@ -107,10 +108,15 @@ def test_sequential_layer_by_layer():
     seq = quantize(model, QuantConfig(method="gptq", gptq_sequential=True), counting, ctx=SINGLE_PROCESS,
                    show_progress=False)
     groups = layer_groups(seq.inventory)
-    assert len(calls) == len(groups) == 2
+    # one forward loop, stopped at layer 0; the layers then run alone on the cached inputs
+    # (tests/gptq/test_layerwise.py: bit for bit the one-loop-per-group path)
+    assert len(calls) == 1 and len(groups) == 2
     for slot in seq.slots:
-        h_plain = plain.statistics.of(slot).full_hessian()
-        h_seq = seq.statistics.of(slot).full_hessian()
+        # one layer group's full Hessians at a time: afterwards only their diagonal blocks remain
+        assert not seq.statistics.of(slot).full and seq.statistics.of(slot).full_hessian() is None
+        h_plain = plain.statistics.of(slot).hessian()
+        h_seq = seq.statistics.of(slot).hessian()
+        assert torch.equal(seq.statistics.of(slot).blocks_only().hessian(), h_seq)
         if ".layers.0." in slot.name:
             if "q_proj" in slot.name:  # layer 0's inputs are the embeddings' in both runs
                 assert torch.equal(h_seq, h_plain)
@@ -121,14 +127,22 @@ def test_sequential_layer_by_layer():
         assert seq.states[slot.name].method is Method.GPTQ
 
 
-def test_row_parallel_refused_by_name():
+def test_channel_split_outside_tensor_parallel_refused_by_name():
+    """Megatron's dense row-parallel linears (split over TP) run GPTQ in rank order
+    (tests/gptq/test_gptq_distributed.py); weights split along cin over another group (expert
+    tensor parallel, FSDP2 Shard(1)) have no whole-input observer and are refused by name."""
     layer = torch.nn.Linear(32, 8, bias=False)
-    slot = WeightSlot(name="decoder.layers.3.mlp.linear_fc2", module=layer, param_name="weight",
-                      layout=ShardLayout.split((8, 64), 1, 0, 2, GroupRole.TP), fused_group="x", stats_key="x")
-    inventory = Inventory((slot,), {})
-    with pytest.raises(LayoutError, match=r"not supported yet.*decoder\.layers\.3\.mlp\.linear_fc2"):
-        stages.check_gptq_layouts(inventory, QuantConfig(method="gptq"))
-    stages.check_gptq_layouts(inventory, QuantConfig(method="local_hessian"))
+
+    def slot(name, role):
+        return WeightSlot(name=name, module=layer, param_name="weight", stats_key=name, fused_group=name,
+                          layout=ShardLayout.split((8, 64), 1, 0, 2, role))
+
+    dense = Inventory((slot("decoder.layers.3.mlp.linear_fc2", GroupRole.TP),), {})
+    stages.check_gptq_layouts(dense, QuantConfig(method="gptq"))
+    expert = Inventory((slot("decoder.layers.1.mlp.experts.local_experts.2.linear_fc2", GroupRole.ETP),), {})
+    with pytest.raises(LayoutError, match=r"not supported.*local_experts\.2\.linear_fc2"):
+        stages.check_gptq_layouts(expert, QuantConfig(method="gptq"))
+    stages.check_gptq_layouts(expert, QuantConfig(method="local_hessian"))
 
 
 def test_tiny_dense_quality():

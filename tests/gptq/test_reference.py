@@ -1,5 +1,7 @@
 """GPTQ for NVFP4 on small random problems: exactness of W', error against the scale-only
-search, damping, dead input channels, row independence, full-Hessian statistics."""
+search, damping, dead input channels, row independence, column shards (the row-parallel sweep)
+equal to the whole, full-Hessian statistics and their local blocks, and the loop of fused block
+steps equal to the plain per-block loop it replaced."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import torch
 
 from nvfp4_dist.errors import CalibrationError
 from nvfp4_dist.kernels.dispatch import search_block_scales
-from nvfp4_dist.kernels.gptq import block_hessians, gptq_quantize
-from nvfp4_dist.kernels.types import Method
+from nvfp4_dist.kernels.gptq import block_hessians, gptq_quantize, inverse_factor
+from nvfp4_dist.kernels.gptq_ops import propagate, sweep_block
+from nvfp4_dist.kernels.types import KernelImpl, Method
 from nvfp4_dist.layout.stats import InputStats, StatsStore
 from nvfp4_dist.numerics import nvfp4
 
@@ -109,9 +112,96 @@ def test_full_statistics_and_their_blocks():
         blocks.update(chunk)
     assert full.full and full.hessian_sum.shape == (48, 48) and full.hessian_sum.dtype == torch.float64
     h = full.full_hessian()
-    torch.testing.assert_close(h, x.double().T @ x.double() / 100, rtol=1e-12, atol=1e-12)
+    # float64 sums, normalised, rounded to fp32 once (order-robust), handed out as float64
+    assert h.dtype == torch.float64 and torch.equal(h, (full.hessian_sum / 100).float().double())
+    torch.testing.assert_close(h, x.double().T @ x.double() / 100, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(full.hessian(), blocks.hessian(), rtol=1e-6, atol=0)
     assert blocks.full_hessian() is None
     empty = StatsStore(full_hessian=True).get_or_create("e", 32, with_hessian=True)
     empty.ensure_allocated(torch.device("cpu"))
     assert empty.hessian_sum.shape == (32, 32) and empty.hessian() is None
+
+
+@pytest.mark.parametrize("timing", ["before", "group"])
+@pytest.mark.parametrize("scales", [Method.MSE, Method.LOCAL_HESSIAN])
+def test_column_shards_in_rank_order_equal_the_whole(timing, scales):
+    """The row-parallel sweep in one process: shard r applies the scaled errors of shards < r
+    (chunked as ranks send them), sweeps its columns and hands its errors on; the shards' W',
+    Q and scales equal the whole weight's bit for bit (also with dead channels)."""
+    w, h, _ = _problem(rows=8, cin=64, dead=(5, 33))
+    w = w.to(torch.bfloat16)
+    g = w.float().abs().amax()
+    whole = gptq_quantize(w, h, g, scales, timing, 0.01)
+    for width in (16, 32):
+        sent = []
+        for offset in range(0, 64, width):
+            part = gptq_quantize(w[:, offset:offset + width], h, g, scales, timing, 0.01, offset=offset,
+                                 earlier=list(sent), keep_errors=True)
+            cols = slice(offset, offset + width)
+            assert torch.equal(part.weight, whole.weight[:, cols]), (width, offset)
+            assert torch.equal(part.quant, whole.quant[:, cols]) and torch.equal(
+                part.block_amax, whole.block_amax[:, offset // 16:(offset + width) // 16])
+            sent.append((offset, part.errors))
+    with pytest.raises(ValueError, match="earlier errors"):
+        gptq_quantize(w[:, 32:], h, g, scales, timing, 0.01, offset=32, earlier=[(0, sent[0][1][:, :16])])
+
+
+def test_local_blocks_and_blocks_only():
+    _, _, x = _problem(cin=64, n=50)
+    x = x.float()
+    full = StatsStore(full_hessian=True).get_or_create("k", 64, with_hessian=True)
+    full.local_cols = (32, 64)  # a row-parallel rank holding channels 32..63 of the whole input
+    full.update(x)
+    whole = InputStats(cin=64, with_hessian=True, full=True)
+    whole.update(x)
+    assert torch.equal(full.full_hessian(), whole.full_hessian())
+    assert torch.equal(full.hessian(), whole.hessian()[2:])  # the local diagonal blocks
+    small = full.blocks_only()
+    assert not small.full and small.hessian_sum.shape == (2, 16, 16) and small.full_hessian() is None
+    assert torch.equal(small.hessian(), full.hessian()) and small.tokens == 50
+    assert whole.blocks_only().hessian_sum.shape == (4, 16, 16)
+
+
+def _plain_gptq(w, h, g, scales, timing, damp=0.01):
+    """GPTQ as one loop of separate steps per block (the loop before the fused block step): the
+    scale search on the dtype-rounded block, the FP8 scales, the sweep, and the update of every
+    later column by the block's errors right away (no lazy spans). Torch reference throughout."""
+    dtype, rows, cin = w.dtype, *w.shape
+    torch_ = KernelImpl.TORCH
+    upper, dead = inverse_factor(h, damp)
+    u = upper.float()
+    work = w.float().clone()
+    work[:, dead] = 0.0
+    bh = block_hessians(h) if scales is Method.LOCAL_HESSIAN else None
+
+    def search(x, hb):
+        return search_block_scales(x, g, scales, hessian=hb, kernels=torch_).block_amax
+
+    amax = search(work.to(dtype), bh).float() if timing == "before" else torch.empty(rows, cin // 16)
+    quant = torch.empty(rows, cin)
+    for b in range(cin // 16):
+        c0, c1 = 16 * b, 16 * b + 16
+        if timing == "group":
+            amax[:, b] = search(work[:, c0:c1].to(dtype), None if bh is None else bh[b:b + 1])[:, 0]
+        v = nvfp4.scale_fp8(amax[:, b], g).float()
+        quant[:, c0:c1], err = sweep_block(work[:, c0:c1], u[c0:c1, c0:c1], v, nvfp4.global_scale(g), dtype, torch_)
+        propagate(work[:, c1:], err, u[c0:c1, c1:], torch_)
+    return work.to(dtype), quant, amax
+
+
+@pytest.mark.parametrize("timing", ["before", "group"])
+@pytest.mark.parametrize("scales,dtype", [(Method.MSE, torch.float32), (Method.MSE, torch.bfloat16),
+                                          (Method.MSE, torch.float16), (Method.LOCAL_HESSIAN, torch.bfloat16)])
+def test_fused_block_steps_equal_the_plain_loop(timing, scales, dtype):
+    """Bit for bit: W', Q and the block amaxes, over two lazy spans (160 columns: 128, 32),
+    with dead input channels, a zero row and a row of -0.0."""
+    w, h, _ = _problem(rows=8, cin=160, n=300, dead=(3, 130, 131, 150))
+    w[0] = 0.0
+    w[1] = -0.0
+    w = w.to(dtype)
+    g = w.float().abs().amax()
+    r = gptq_quantize(w, h, g, scales, timing, 0.01, kernels=KernelImpl.TORCH)
+    weight, quant, amax = _plain_gptq(w, h, g, scales, timing)
+    assert torch.equal(r.weight.view(torch.uint8), weight.view(torch.uint8))
+    assert torch.equal(r.quant.view(torch.int32), quant.view(torch.int32))
+    assert torch.equal(r.block_amax, amax)
