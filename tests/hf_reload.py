@@ -4,6 +4,7 @@ The export must load with nothing but transformers (and the format's own package
 runs in a subprocess that imports neither nvfp4_dist nor the test's state.
 """
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -48,3 +49,31 @@ def reload_compressed_tensors(path: Path, workdir: Path, seq_len: int) -> dict[s
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return load_file(out)
+
+
+@contextlib.contextmanager
+def inputs_unquantized(model):
+    """Within: ``model`` (after a W4A4 ``quantize``) computes with fake-quant weights only, i.e.
+    what a reload that dequantizes the weights and runs high-precision activations computes
+    (transformers' compressed-tensors ``dequantize=True``, a dense dequantized checkpoint).
+    After: W4A4 again."""
+    from nvfp4_dist.calib.apply import install_fake_quant
+
+    stashed = []
+    for module in model.modules():
+        if not hasattr(module, "_nvfp4_fake_quant_handles"):
+            continue
+        buffers = dict(module.named_buffers(recurse=False))
+        params = [n.removesuffix("_nvfp4_block_amax") for n in buffers if n.endswith("_nvfp4_block_amax")]
+        inputs = {n: b for n, b in buffers.items() if n.endswith("_nvfp4_input_amax")}
+        for n in inputs:
+            delattr(module, n)
+        install_fake_quant(module, params)
+        stashed.append((module, params, inputs))
+    try:
+        yield model
+    finally:
+        for module, params, inputs in stashed:
+            for n, b in inputs.items():
+                module.register_buffer(n, b, persistent=True)
+            install_fake_quant(module, params)

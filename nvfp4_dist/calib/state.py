@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.types import Method
-from ..parallel.fsdp import state_like
+from ..parallel.fsdp import is_dtensor, state_like
+from ..parallel.hf_experts_fsdp import attach_expert_state, expert_state
 from ..layout.slots import WeightSlot
 
 SUFFIXES = ("global_amax", "block_amax", "dss_beta", "input_amax")
@@ -62,10 +63,13 @@ def attach_buffer(slot: WeightSlot, suffix: str, value: torch.Tensor) -> None:
         # would otherwise be held twice (1.6 GiB per copy of an 8B model's block amaxes)
         module.register_buffer(name, state_like(slot.parameter(), value), persistent=True)
         return
+    fill = 1.0 if suffix == "dss_beta" else 0.0
+    if is_dtensor(slot.parameter()):  # FSDP2 experts: a DTensor buffer sharded like the weight
+        attach_expert_state(module, name, slot.parameter(), slot.expert, value, fill)
+        return
     n_experts = slot.parameter().shape[0]
     buf = getattr(module, name, None)
     if buf is None or buf.shape[1:] != value.shape:
-        fill = 1.0 if suffix == "dss_beta" else 0.0
         buf = torch.full((n_experts, *value.shape), fill, dtype=torch.float32, device=value.device)
         module.register_buffer(name, buf, persistent=True)
     buf[slot.expert] = value
@@ -77,7 +81,7 @@ def read_state(module: torch.nn.Module, param_name: str, expert: int | None = No
     for suffix in SUFFIXES:
         buf = getattr(module, buffer_name(param_name, suffix), None)
         if buf is not None:
-            out[suffix] = buf if expert is None else buf[expert]
+            out[suffix] = buf if expert is None else expert_state(buf, expert)
     return out
 
 

@@ -166,3 +166,57 @@ def fake_quant(w: torch.Tensor, block_amax_: torch.Tensor, global_amax: torch.Te
 def input_scale(input_amax: torch.Tensor) -> torch.Tensor:
     """Static activation scale ``act_amax / 2688`` (ModelOpt ``input_scale``)."""
     return global_scale(input_amax)
+
+
+def input_global_scale(input_amax: torch.Tensor) -> torch.Tensor:
+    """G = fl(1 / S_in), S_in = :func:`input_scale`: the scale an engine multiplies activation
+    block amaxes by (vLLM ``modelopt_fp4``: ``1 / input_scale``)."""
+    s = input_scale(input_amax)
+    return torch.ones_like(s) / s  # tensor / tensor: one IEEE rounding on every device
+
+
+def dynamic_scale_fp8(block_amax_: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
+    """Activation block scale as engines compute it per token: ``e4m3_satfinite(fl(fl(amax / 6)
+    * G))`` with G = :func:`input_global_scale`, round to nearest even.
+
+    Unlike the weights' :func:`scale_fp8` there is no lower clamp: a ratio at or below 2^-10
+    rounds to a zero scale (a zero or tiny block dequantizes to zeros, as in the engines'
+    kernels, which then use an output scale of 0); above 448 it saturates to 448.
+    """
+    g = input_global_scale(input_amax).to(block_amax_.device)
+    ratio = _divide(block_amax_.float(), E2M1_MAX) * g
+    return ratio.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4 W4A4 activation quantize-dequantize of ``x [..., K]`` as served, in ``x.dtype``.
+
+    Dynamic per-16-element block scales along the last dimension (per token) under the
+    calibrated static global input scale ``S_in = fl(clamp(input_amax) / 2688)`` (the exported
+    ModelOpt ``input_scale``; compressed-tensors stores ``input_global_scale = fl(2688 /
+    input_amax)``)::
+
+        G    = fl(1 / S_in)
+        v    = e4m3_satfinite(fl(fl(block_amax / 6) * G))     (0 for blocks at or below 2^-10 / G * 6)
+        d    = fl(v * S_in)                                    (decode scale)
+        code = E2M1 round-to-nearest-even of |x| / d, by comparing |x| with fl(t * d)
+        out  = sign(x) * fl(fl(e2m1[code] * v) * S_in)        (x's sign bit; cast to x.dtype)
+
+    This is what vLLM's ``scaled_fp4_quant`` (``modelopt_fp4`` and compressed-tensors W4A4
+    linears) computes from the exported scale: ``v`` from the block amax times the global scale,
+    codes from ``x * (1 / (v / G))`` saturating at 6, and the GEMM's ``alpha`` multiplies by
+    ``S_in``. Engines use approximate reciprocals there (and compressed-tensors' stored ``G`` is
+    ``fl(2688 / input_amax)``, which can differ from ``fl(1 / S_in)`` by an ulp): their codes and
+    scales can differ from these only for values within an ulp or two of a rounding boundary.
+    Values beyond the calibrated range saturate: a block scale stops at 448, a code at 6.
+    """
+    xb = blocks(x)
+    amax = xb.abs().amax(dim=-1).float()
+    v = dynamic_scale_fp8(amax, input_amax).float()
+    s = input_scale(input_amax).to(x.device)
+    d = v * s
+    code = e2m1_code_magnitude(xb.abs(), d.unsqueeze(-1))
+    grid = _table(E2M1_VALUES, x.device)
+    out = (grid[code.long()] * v.unsqueeze(-1)) * s
+    out = torch.where(torch.signbit(xb), -out, out)  # x's sign, -0.0 included
+    return out.reshape(x.shape).to(x.dtype)

@@ -59,8 +59,9 @@ def test_tiny_dense_slots_groups_and_forward(tiny_tokens):
     x = torch.randn(3, 256)
     st = read_state(layer.mlp.gate_proj, "weight")
     fq = nvfp4.fake_quant(layer.mlp.gate_proj.weight, st["block_amax"], st["global_amax"], st["dss_beta"])
+    x_in = nvfp4.fake_quant_input(x, st["input_amax"])  # W4A4: the input is quantized as served
     with torch.no_grad():
-        assert torch.equal(layer.mlp.gate_proj(x), x @ fq.T)
+        assert torch.equal(layer.mlp.gate_proj(x), x_in @ fq.T)
     assert isinstance(layer.mlp.gate_proj.weight, nn.Parameter)
     # report: searched losses never above max calibration's
     for row in result.layer_report():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nvfp4_dist as nd
-from hf_reload import probe_ids, reload_compressed_tensors
+from hf_reload import inputs_unquantized, probe_ids, reload_compressed_tensors
 from nvfp4_dist.calib.state import read_state
 from nvfp4_dist.cli import build_parser
 from nvfp4_dist.export import export_checkpoint
@@ -171,7 +171,7 @@ def test_transformers_dequantizes_the_experts_to_our_weights(calibrated, transfo
 def test_compressed_tensors_decompressed_dense_model_runs_in_transformers(calibrated, tmp_path):
     """Fallback, stated as such: compressed-tensors' own unpacking and dequantization (kept in
     fp32) turn the export into a dense checkpoint with per-expert names, which transformers loads
-    into its fused experts; its logits match the fake-quant forward up to fp32 rounding of the
+    into its fused experts; its logits match the weight-only fake-quant forward up to fp32 rounding of the
     stored reciprocal global scale."""
     from compressed_tensors.compressors.nvfp4 import unpack_fp4_from_uint8
     from compressed_tensors.quantization import QuantizationConfig
@@ -197,7 +197,8 @@ def test_compressed_tensors_decompressed_dense_model_runs_in_transformers(calibr
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file(dense, tmp_path / "model.safetensors", metadata={"format": "pt"})
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ours = _fake_quant_logits(model)
+    with inputs_unquantized(model):  # the dense reload runs high-precision activations: like with like
+        ours = _fake_quant_logits(model)
     theirs = _fake_quant_logits(reloaded)
     rel = (theirs - ours).norm() / ours.norm()
     assert rel < 1e-5, f"dense reload differs from the fake-quant forward by {rel:.3g}"
