@@ -12,6 +12,25 @@ one-layer model of the same shapes is quantized once in the same process, so tha
 compilation (on disk after a process's first use) is timed apart, as ModelOpt was timed
 after its CUDA-extension build. Smaller shapes
 (``--layers 2 --hidden 256 ...``, ``--device cpu``) make a smoke test.
+
+``--moe``: the Qwen3-30B-A3B-shaped mixture of experts (48 layers, 128 experts top-8; ``--layers``
+picks fewer). Extra modes, each its own table:
+
+* ``--experts-impl eager,grouped_mm``: the quantize() table once per transformers experts
+  implementation (the forward the observers watch; ``default`` keeps transformers' choice);
+* ``--breakdown``: quantize()'s stages run by hand, observe / reduce / search split into dense
+  linears and fused experts (observe: the forward with only that kind's observers, less a plain
+  forward);
+* ``--qat``: the fake-quant forward (W4A4 weights fake-quantized in every forward, what QAT runs)
+  against the same forward with a plain copy of each weight in its place, and the kernel launches
+  of one stacked-experts fake-quant;
+* ``--modelopt``: ModelOpt's ``NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG`` on a fresh model of the same
+  shapes, after a one-layer warm-up that builds its CUDA extension (needs ``nvidia-modelopt``
+  importable; see benchmarks/bench_gptq.py for installing it on the GPU machine); ``--no-ours``
+  skips our tables.
+
+Between our methods the model is reused: its quantizer state and fake-quant hooks are removed
+(the scale searches leave the weights untouched), which saves building a 61 GB model per method.
 """
 
 from __future__ import annotations
@@ -22,9 +41,16 @@ import gc
 import time
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
 from nvfp4_dist import QuantConfig, quantize
+from nvfp4_dist.calib import stages
+from nvfp4_dist.calib.apply import fake_quant_param, remove_fake_quant
+from nvfp4_dist.calib.discover import Inventory, discover
+from nvfp4_dist.calib.state import SUFFIXES, buffer_name
+from nvfp4_dist.parallel.access import local_shards
+from nvfp4_dist.parallel.context import SINGLE_PROCESS
 
 METHODS = {"max": {"method": "max"}, "mse": {"method": "mse"}, "local_hessian": {"method": "local_hessian"},
            "local_hessian+dss": {"method": "local_hessian", "dss": True}}
@@ -57,6 +83,202 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(device: torch.device, fn):
+    """``(seconds, result)`` of ``fn()`` with the device's queue drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def strip_quantization(model: torch.nn.Module) -> None:
+    """Undo quantize()'s apply stage: fake-quant hooks and quantizer buffers removed (the scale
+    searches leave the weights untouched), so the same model can be quantized again."""
+    for module in model.modules():
+        remove_fake_quant(module)
+        for name, _ in list(module.named_parameters(recurse=False)):
+            for suffix in SUFFIXES:
+                if buffer_name(name, suffix) in module._buffers:
+                    del module._buffers[buffer_name(name, suffix)]
+
+
+def set_experts_impl(model: torch.nn.Module, impl: str) -> None:
+    if impl != "default":
+        model.set_experts_implementation(impl)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def warm_up(args, device, config: QuantConfig, forward_loop, impl: str) -> float:
+    """Seconds of quantize() on a one-layer model of the same shapes (Triton's compilation)."""
+    small = build_model(argparse.Namespace(**{**vars(args), "layers": 1}), device)
+    set_experts_impl(small, impl)
+    seconds, _ = timed(device, lambda: quantize(small, config, forward_loop, show_progress=False))
+    del small
+    free(device)
+    return seconds
+
+
+def run_ours(args, device, forward_loop, impl: str) -> tuple[list[str], float, torch.nn.Module]:
+    """quantize() rows of every method on one model of experts implementation ``impl``; returns
+    the rows, one plain forward's seconds and the (stripped) model."""
+    rows = []
+    model = None
+    plain_s = 0.0
+    for name in args.methods.split(","):
+        first_s = warm_up(args, device, QuantConfig(**METHODS[name]), forward_loop, impl)
+        if model is None:
+            model = build_model(args, device)
+            set_experts_impl(model, impl)
+            forward_loop(model)  # warm-up (kernels, allocator)
+            plain_s, _ = timed(device, lambda: forward_loop(model))
+        model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        reset_peak(device)
+        total, result = timed(device, lambda: quantize(model, QuantConfig(**METHODS[name]), forward_loop,
+                                                       show_progress=False))
+        stage_s = ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items())
+        rows.append(f"| {name} | {impl} | {total:.2f} | {total / plain_s:.1f} | {stage_s} | {peak_gib(device):.1f} | "
+                    f"{model_gib:.1f} | {len(result.inventory.slots)} | {len(result.dead)} | {first_s:.2f} |")
+        print(rows[-1], flush=True)
+        del result
+        strip_quantization(model)
+        free(device)
+    return rows, plain_s, model
+
+
+def _kind_inventory(inventory: Inventory, experts: bool) -> Inventory:
+    """The part of ``inventory`` of one kind: fused experts or everything else (dense)."""
+    modules = {k: m for k, m in inventory.modules.items() if any(s.moe is not None for s in m.slots) == experts}
+    slots = tuple(s for m in modules.values() for s in m.slots)
+    return Inventory(slots=slots, modules=modules, ignored=inventory.ignored)
+
+
+def run_breakdown(args, device, model, forward_loop, plain_s: float) -> list[str]:
+    """Stage seconds by kind (dense / experts) for ``args.breakdown_method``, stages by hand."""
+    config = QuantConfig(**METHODS[args.breakdown_method])
+    rows = []
+    inventory = discover(model, config, SINGLE_PROCESS)
+    for kind, experts in (("dense", False), ("experts", True)):
+        part = _kind_inventory(inventory, experts)
+        observe_s, store = timed(device, lambda: stages.observe(model, part, config, forward_loop))
+        with local_shards(model):
+            reduce_s, stats = timed(device, lambda: stages.reduce(part, store, True, SINGLE_PROCESS, device))
+            search_s, _ = timed(device, lambda: stages.search(part, stats, config, show_progress=False))
+        rows.append(f"| {kind} | {len(part.slots)} | {observe_s - plain_s:.2f} | "
+                    f"{(observe_s - plain_s) / plain_s:.2f} | {reduce_s:.2f} | {search_s:.2f} |")
+        print(rows[-1], flush=True)
+        del store, stats
+        free(device)
+    return rows
+
+
+def _experts_param(model):
+    """(module, parameter name) of the first fused-experts projection, or None."""
+    for module in model.modules():
+        if hasattr(module, "gate_up_proj") and getattr(module, "gate_up_proj").dim() == 3:
+            return module, "gate_up_proj"
+    return None
+
+
+def run_qat(args, device, model, forward_loop) -> list[str]:
+    """Forward seconds with fake-quant weights against a plain copy of each weight in their place."""
+    quantize(model, QuantConfig(method="max"), forward_loop, show_progress=False)
+    forward_loop(model)
+    fq_s, _ = timed(device, lambda: forward_loop(model))
+    hooked = [m for m in model.modules() if hasattr(m, "_nvfp4_fake_quant_handles")]
+    params = {m: [n for n, _ in m.named_parameters(recurse=False) if hasattr(m, buffer_name(n, "block_amax"))]
+              for m in hooked}
+    for m in hooked:
+        remove_fake_quant(m)
+    handles = []
+    for m, names in params.items():  # the same swap as the fake-quant forward, with a copy
+        stash = {}
+
+        def pre(mod, _args, names=names, stash=stash):
+            for p in names:
+                stash[p] = mod._parameters.pop(p)
+                setattr(mod, p, stash[p].detach().clone())
+
+        def post(mod, _args, _out, stash=stash):
+            for p, param in stash.items():
+                delattr(mod, p)
+                mod._parameters[p] = param
+            stash.clear()
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post, always_call=True)]
+    forward_loop(model)
+    copy_s, _ = timed(device, lambda: forward_loop(model))
+    for h in handles:
+        h.remove()
+    plain_s, _ = timed(device, lambda: forward_loop(model))
+    rows = [f"| forward, fake-quant weights | {fq_s:.3f} | {fq_s / copy_s:.2f} |",
+            f"| forward, a copy of each weight | {copy_s:.3f} | 1.00 |",
+            f"| forward, plain | {plain_s:.3f} | {plain_s / copy_s:.2f} |"]
+    found = _experts_param(model)
+    if found is not None:
+        rows += experts_fake_quant_rows(device, *found)  # the quantizer buffers are still there
+    strip_quantization(model)
+    return rows
+
+
+def experts_fake_quant_rows(device, module, pname) -> list[str]:
+    """One stacked-experts fake-quant ([E, rows, cin], per-expert global amax) against a copy,
+    and its kernel launches (CUDA profiler)."""
+    weight = getattr(module, pname).detach()
+    reps = 20
+    fq_s, _ = timed(device, lambda: [fake_quant_param(module, pname, weight) for _ in range(reps)])
+    copy_s, _ = timed(device, lambda: [weight.clone() for _ in range(reps)])
+    launches = "n/a"
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fake_quant_param(module, pname, weight)
+            sync(device)
+        launches = str(sum(1 for e in prof.events() if e.device_type.name == "CUDA"))
+    shape = "x".join(str(d) for d in weight.shape)
+    return [f"| one stacked fake-quant {shape} ({launches} GPU kernels) | {fq_s / reps * 1e3:.3f} ms | "
+            f"{fq_s / copy_s:.2f} |", f"| one copy {shape} | {copy_s / reps * 1e3:.3f} ms | 1.00 |"]
+
+
+def run_modelopt(args, device, forward_loop, impl: str) -> list[str]:
+    """ModelOpt 0.47's NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG, after a one-layer warm-up."""
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError:
+        return ["| modelopt | not importable | | | | |"]
+    cfg = getattr(mtq, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", None)
+    if cfg is None:
+        return [f"| modelopt | {getattr(mtq, '__version__', '?')}: no NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG | | | | |"]
+    small = build_model(argparse.Namespace(**{**vars(args), "layers": 1}), device)
+    set_experts_impl(small, impl)
+    warm_s, _ = timed(device, lambda: mtq.quantize(small, cfg, forward_loop))
+    del small
+    free(device)
+    model = build_model(args, device)
+    set_experts_impl(model, impl)
+    model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    reset_peak(device)
+    total, _ = timed(device, lambda: mtq.quantize(model, cfg, forward_loop))
+    row = f"| modelopt local_hessian | {impl} | {total:.2f} | {peak_gib(device):.1f} | {model_gib:.1f} | {warm_s:.2f} |"
+    print(row, flush=True)
+    del model
+    free(device)
+    return [row]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("head-dim", 128), ("vocab", 151936), ("samples", 128), ("seq", 512), ("batch", 8)):
@@ -65,12 +287,26 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--moe", action="store_true", help="the Qwen3-30B-A3B-shaped MoE model")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--experts-impl", default="default",
+                        help="comma-separated transformers experts implementations (MoE): default, eager, "
+                             "grouped_mm, batched_mm")
+    parser.add_argument("--breakdown", action="store_true", help="stage seconds split into dense and experts")
+    parser.add_argument("--breakdown-method", default="local_hessian+dss", choices=list(METHODS))
+    parser.add_argument("--qat", action="store_true", help="fake-quant forward against a copy of the weights")
+    parser.add_argument("--modelopt", action="store_true", help="ModelOpt's local-Hessian W4A4 beside ours")
+    parser.add_argument("--no-ours", action="store_true", help="skip our quantize() table (e.g. ModelOpt alone)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args()
     for name, default in (MOE_SHAPES if args.moe else DENSE_SHAPES).items():
         if getattr(args, name, None) is None:
             setattr(args, name, default)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    impls = args.experts_impl.split(",")
+    if impls != ["default"] and not args.moe:
+        parser.error("--experts-impl needs --moe")
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(args.vocab, (args.samples, args.seq), generator=gen).to(device)
@@ -80,51 +316,44 @@ def main() -> None:
             for start in range(0, args.samples, args.batch):
                 model(input_ids=tokens[start:start + args.batch], use_cache=False)
 
-    rows = []
-    plain_s = None
-    for name in args.methods.split(","):
-        # the first quantize() of a process compiles the Triton kernels (cached on disk after):
-        # a one-layer model of the same shapes takes that cost, timed on its own
-        small = build_model(argparse.Namespace(**{**vars(args), "layers": 1}), device)
-        t0 = time.perf_counter()
-        quantize(small, QuantConfig(**METHODS[name]), forward_loop, show_progress=False)
-        sync(device)
-        first_s = time.perf_counter() - t0
-        del small
-        model = build_model(args, device)
-        if plain_s is None:
-            forward_loop(model)  # warm-up (kernels, allocator)
-            sync(device)
-            t0 = time.perf_counter()
-            forward_loop(model)
-            sync(device)
-            plain_s = time.perf_counter() - t0
-        model_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        result = quantize(model, QuantConfig(**METHODS[name]), forward_loop, show_progress=False)
-        sync(device)
-        total = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items())
-        rows.append(f"| {name} | {total:.2f} | {stages} | {peak:.1f} | {model_gib:.1f} | "
-                    f"{len(result.inventory.slots)} | {len(result.dead)} | {first_s:.2f} |")
-        print(rows[-1], flush=True)
-        del model, result
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     kind = (f"Qwen3-MoE, {args.experts} experts top-{args.top_k}, moe_intermediate {args.moe_intermediate}, "
             if args.moe else "Qwen3 ")
-    text = (f"device: {name}; date: {datetime.date.today()}; torch {torch.__version__}; model: {kind}"
-            f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}; "
-            f"calibration {args.samples}x{args.seq} tokens in batches of {args.batch}; one plain calibration "
-            f"forward {plain_s:.2f} s\n\n"
-            "| method | quantize s | stages (s) | peak GPU GiB | model GiB | weights | dead | 1-layer first call s |\n"
-            "|---|---|---|---|---|---|---|---|\n"
-            + "\n".join(rows))
+    sections = []
+    plain_s = None
+    model = None
+    if not args.no_ours:
+        rows = []
+        for impl in impls:
+            if model is not None:
+                del model
+                free(device)
+            impl_rows, plain_s, model = run_ours(args, device, forward_loop, impl)
+            rows += impl_rows
+        sections.append("| method | experts impl | quantize s | / plain forward | stages (s) | peak GPU GiB | "
+                        "model GiB | weights | dead | 1-layer first call s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+                        + "\n".join(rows))
+        if args.breakdown:
+            rows = run_breakdown(args, device, model, forward_loop, plain_s)
+            sections.append(f"Stages by kind ({args.breakdown_method}, experts impl {impls[-1]}; observe = forward "
+                            "with that kind's observers less a plain forward):\n\n"
+                            "| kind | weights | observe s | observe / plain forward | reduce s | search s |\n"
+                            "|---|---|---|---|---|---|\n" + "\n".join(rows))
+        if args.qat:
+            rows = run_qat(args, device, model, forward_loop)
+            sections.append(f"QAT forward (method max, W4A4 weights fake-quantized per forward; {args.samples}x"
+                            f"{args.seq} tokens):\n\n| forward | s | / copy |\n|---|---|---|\n" + "\n".join(rows))
+        del model
+        free(device)
+    if args.modelopt:
+        rows = run_modelopt(args, device, forward_loop, impls[-1])
+        sections.append("| run | experts impl | quantize s | peak GPU GiB | model GiB | 1-layer warm-up s |\n"
+                        "|---|---|---|---|---|---|\n" + "\n".join(rows))
+    plain = f"; one plain calibration forward {plain_s:.2f} s" if plain_s is not None else ""
+    text = (f"device: {name}; date: {datetime.date.today()}; torch {torch.__version__}; transformers "
+            f"{transformers.__version__}; model: {kind}{args.layers} layers, hidden {args.hidden}, intermediate "
+            f"{args.intermediate}, vocab {args.vocab}; calibration {args.samples}x{args.seq} tokens in batches of "
+            f"{args.batch}{plain}\n\n" + "\n\n".join(sections))
     print(text)
     if args.out:
         with open(args.out, "w") as f:

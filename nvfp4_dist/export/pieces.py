@@ -31,6 +31,7 @@ from ..kernels.types import KernelImpl
 from ..layout.naming import PassThrough
 from ..layout.slots import WeightSlot
 from ..parallel.access import local_tensor, local_weight
+from ..parallel.hf_experts_fsdp import held_elsewhere
 from .formats import ExportFormat, build_tensors
 
 Tensors = dict[str, torch.Tensor]
@@ -192,6 +193,8 @@ def local_pieces(model: nn.Module, result: QuantResult, fmt: ExportFormat, w4a4:
             state = result.states.get(slot.name)
             if state is None:
                 continue  # a problem already
+            if held_elsewhere(slot):
+                continue  # an expert another rank holds whole (FSDP2 experts axis): it exports it
             pieces.append(_slot_piece(fmt, slot, state, w4a4, result, kernels))
             amax = state.global_amax.detach().float().cpu()
             parts.extend((part.name, slot.name, amax) for part in slot.parts())

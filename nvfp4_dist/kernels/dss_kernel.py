@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .tl_bf16x2 import FAST_Q_LIMIT, magnitude_and_sign, pair_chain, pairs_fit, scaled_thresholds
+from .hessian_kernel import stacked_view
 from .tl_nvfp4 import split3, weight_times_hessian
 
 BLK_R = 64  # rows per program (fixed: a row's reduction order follows the tile layout)
@@ -122,11 +123,19 @@ def _try_betas(betas_ptr, best, best_i, first_i, s, n_betas, wa, ws, wf, c0, hw2
 
 
 @triton.jit
-def _dss_search(w_ptr, h_ptr, s_ptr, v_ptr, betas_ptr, k_ptr, loss_ptr, beta_ptr, stride_row, rows, nb, n_betas,
-                beta_max, q_limit, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
+def _dss_search(w_ptr, h_ptr, s_ptr, v_ptr, betas_ptr, k_ptr, loss_ptr, beta_ptr, stride_row, stride_expert, rows,
+                nb, n_betas, beta_max, q_limit, BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr,
                 PTX: tl.constexpr):
-    """In place: (k, loss) hold the coupled optimum on entry, the DSS choice on exit."""
+    """In place: (k, loss) hold the coupled optimum on entry, the DSS choice on exit. Axis 2 of
+    the grid names the expert of stacked experts (its own weight, Hessians, scale, outputs)."""
     b = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)
+    w_ptr += e * stride_expert
+    h_ptr += e * nb * 256
+    s_ptr += e
+    k_ptr += e * rows * nb
+    loss_ptr += e * rows * nb
+    beta_ptr += e * rows * nb
     r = tl.program_id(0).to(tl.int64) * BLK_R + tl.arange(0, BLK_R)
     rmask = r < rows
     c = tl.arange(0, 16)
@@ -208,20 +217,24 @@ def launch_dss_search(w: torch.Tensor, hessian: torch.Tensor, global_scale: torc
     ``values`` the E4M3 values; ``betas`` the grid tried, in order (positive, on the CPU;
     ``search_dss`` leaves 1.0 out). bf16 weights whose quant scales can reach ``fast_q_limit``
     (at most :data:`.tl_bf16x2.FAST_Q_LIMIT`: global amaxes near the fp32 maximum) take the
-    full-range thresholds; the tests set 0 to run them on any weight.
+    full-range thresholds; the tests set 0 to run them on any weight. Stacked experts ``w [E,
+    rows, cin]`` take ``[E, cin // 16, 16, 16]`` Hessians, ``[E]`` global scales and ``(k, loss)``
+    of ``[E, rows, cin // 16]``: one launch, each expert's results the bits of its own call.
     """
-    rows, cin = w.shape
+    w, experts, stride_expert = stacked_view(w)
+    rows, cin = w.shape[-2:]
     nb = cin // 16
     grid = tuple(float(x) for x in betas.detach().float().cpu().reshape(-1).tolist())
-    if not (rows and nb and grid):
-        return torch.ones(rows, nb, dtype=torch.float32, device=w.device)
-    beta = torch.empty(rows, nb, dtype=torch.float32, device=w.device)  # every entry is written
+    if not (rows and nb and grid and experts):
+        return torch.ones(*w.shape[:-1], nb, dtype=torch.float32, device=w.device)
+    beta = torch.empty(*w.shape[:-1], nb, dtype=torch.float32, device=w.device)  # every entry is written
     # num_stages=1: the scalar beta loads stay plain loads (pipelined through shared memory they
     # cost a barrier per step: 4% on an H200)
-    _dss_search[(triton.cdiv(rows, blk_r), nb)](
+    _dss_search[(triton.cdiv(rows, blk_r), nb, experts)](
         w_ptr=w, h_ptr=hessian, s_ptr=global_scale, v_ptr=values, betas_ptr=_grid_on(w.device, grid),
         k_ptr=k, loss_ptr=loss, beta_ptr=beta,
-        stride_row=w.stride(0), rows=rows, nb=nb, n_betas=len(grid), beta_max=max(grid),
-        q_limit=min(fast_q_limit, FAST_Q_LIMIT.value),
-        BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda, num_warps=num_warps, num_stages=1)
+        stride_row=w.stride(-2), stride_expert=stride_expert, rows=rows, nb=nb, n_betas=len(grid),
+        beta_max=max(grid), q_limit=min(fast_q_limit, FAST_Q_LIMIT.value),
+        BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w) and w.stride(-2) % 2 == 0, PTX=w.is_cuda,
+        num_warps=num_warps, num_stages=1)
     return beta

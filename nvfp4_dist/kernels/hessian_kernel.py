@@ -88,9 +88,18 @@ def _pairs_loss(wa, ws, w, hw, h1, h2, h3, m1, m2, m3, m4, m5, m6, m7, d_q, S, B
 
 
 @triton.jit
-def _hessian_sweep(w_ptr, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, stride_row, rows, nb,
+def _hessian_sweep(w_ptr, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, stride_row, stride_expert, rows, nb,
                    BLK_R: tl.constexpr, BF16_DOT: tl.constexpr, PAIRS: tl.constexpr, PTX: tl.constexpr):
     b = tl.program_id(1)
+    # stacked experts: axis 2 names the expert, whose weight, Hessians, Schur floors, global
+    # scale and outputs start at its own offsets; its rows are tiled as in a call of its own
+    e = tl.program_id(2).to(tl.int64)
+    w_ptr += e * stride_expert
+    h_ptr += e * nb * 256
+    kappa_ptr += e * nb * 16
+    s_ptr += e
+    k_ptr += e * rows * nb
+    loss_ptr += e * rows * nb
     r, rmask, w, wa, ws, h1, h2, h3, hw = _tile(w_ptr, h_ptr, stride_row, rows, tl.program_id(0), b, BLK_R,
                                             BF16_DOT, PAIRS, PTX)
     a = tl.abs(w)
@@ -132,8 +141,16 @@ def _hessian_sweep(w_ptr, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, strid
     tl.store(loss_ptr + out, best, mask=rmask)
 
 
-def _grid(rows: int, nb: int, blk_r: int):
-    return (triton.cdiv(rows, blk_r), nb)
+def _grid(rows: int, nb: int, blk_r: int, experts: int = 1):
+    return (triton.cdiv(rows, blk_r), nb, experts)
+
+
+def stacked_view(w: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(w, experts, expert stride)`` of a weight ``[rows, cin]`` (one expert, stride 0) or of
+    stacked experts ``[E, rows, cin]`` (unit stride along cin), the layout every sweep takes."""
+    if w.dim() == 2:
+        return w, 1, 0
+    return w, w.shape[0], w.stride(0)
 
 
 def launch_hessian_sweep(w: torch.Tensor, hessian: torch.Tensor, kappa: torch.Tensor,
@@ -143,14 +160,19 @@ def launch_hessian_sweep(w: torch.Tensor, hessian: torch.Tensor, kappa: torch.Te
 
     ``hessian`` fp32 contiguous ``[cin // 16, 16, 16]``; ``kappa`` fp32 ``[cin // 16, 16]``
     (:func:`.windows.schur_floor`); ``global_scale`` fp32 ``[1]``; ``values`` the E4M3 values.
+    Stacked experts ``w [E, rows, cin]`` take ``[E, cin // 16, 16, 16]`` Hessians, ``[E, cin //
+    16, 16]`` floors and ``[E]`` global scales, and give ``[E, rows, cin // 16]``: one launch,
+    each expert's results the bits of its own call.
     """
-    rows, cin = w.shape
+    w, experts, stride_expert = stacked_view(w)
+    rows, cin = w.shape[-2:]
     nb = cin // 16
-    k = torch.empty(rows, nb, dtype=torch.int32, device=w.device)
-    loss = torch.empty(rows, nb, dtype=torch.float32, device=w.device)
-    if rows and nb:
-        _hessian_sweep[_grid(rows, nb, blk_r)](
+    k = torch.empty(*w.shape[:-1], nb, dtype=torch.int32, device=w.device)
+    loss = torch.empty(*w.shape[:-1], nb, dtype=torch.float32, device=w.device)
+    if rows and nb and experts:
+        _hessian_sweep[_grid(rows, nb, blk_r, experts)](
             w_ptr=w, h_ptr=hessian, kappa_ptr=kappa, s_ptr=global_scale, v_ptr=values, k_ptr=k, loss_ptr=loss,
-            stride_row=w.stride(0), rows=rows, nb=nb,
-            BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w), PTX=w.is_cuda, num_warps=num_warps)
+            stride_row=w.stride(-2), stride_expert=stride_expert, rows=rows, nb=nb,
+            BLK_R=blk_r, BF16_DOT=w.is_cuda, PAIRS=pairs_fit(w) and w.stride(-2) % 2 == 0, PTX=w.is_cuda,
+            num_warps=num_warps)
     return k, loss

@@ -14,11 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .hessian_kernel import stacked_view
 from .tl_nvfp4 import candidate_window, load_blocks_by_thread, mse_loss, start_candidate
 
 
 @triton.jit
-def _mse_sweep(w_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, stride_row, nb, n_blocks, BLK: tl.constexpr):
+def _mse_sweep(w_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, stride_row, stride_expert, nb, n_blocks, BLK: tl.constexpr):
+    # stacked experts: axis 1 names the expert (its weight, global scale and outputs)
+    e = tl.program_id(1).to(tl.int64)
+    w_ptr += e * stride_expert
+    s_ptr += e
+    k_ptr += e * n_blocks
+    loss_ptr += e * n_blocks
     n, mask, w = load_blocks_by_thread(w_ptr, stride_row, nb, n_blocks, BLK)
     a = tl.abs(w)
     S = tl.load(s_ptr)
@@ -55,20 +62,22 @@ def launch_mse_sweep(w: torch.Tensor, global_scale: torch.Tensor, values: torch.
 
     ``w`` has unit stride along cin (any row stride); ``global_scale``: fp32 ``[1]``;
     ``values``: the 126 E4M3 values (fp32) on ``w``'s device. ``blk`` / ``num_warps`` fix the
-    tile (tests, benchmarks).
+    tile (tests, benchmarks). Stacked experts ``w [E, rows, cin]`` with ``[E]`` global scales give
+    ``[E, rows, cin // 16]`` in one launch (bit-exact per block whatever the tiling).
     """
-    rows, cin = w.shape
+    w, experts, stride_expert = stacked_view(w)
+    rows, cin = w.shape[-2:]
     nb = cin // 16
     n_blocks = rows * nb
-    k = torch.empty(rows, nb, dtype=torch.int32, device=w.device)
-    loss = torch.empty(rows, nb, dtype=torch.float32, device=w.device)
-    if n_blocks == 0:
+    k = torch.empty(*w.shape[:-1], nb, dtype=torch.int32, device=w.device)
+    loss = torch.empty(*w.shape[:-1], nb, dtype=torch.float32, device=w.device)
+    if n_blocks == 0 or experts == 0:
         return k, loss
     if blk is None:
         blk = CUDA_BLK if w.is_cuda else min(INTERPRETER_BLK, triton.next_power_of_2(n_blocks))
     warps = num_warps or max(1, min(8, blk // 32))  # one block per thread
-    _mse_sweep[(triton.cdiv(n_blocks, blk),)](
+    _mse_sweep[(triton.cdiv(n_blocks, blk), experts)](
         w_ptr=w, s_ptr=global_scale, v_ptr=values, k_ptr=k, loss_ptr=loss,
-        stride_row=w.stride(0), nb=nb, n_blocks=n_blocks,
+        stride_row=w.stride(-2), stride_expert=stride_expert, nb=nb, n_blocks=n_blocks,
         BLK=blk, num_warps=warps, enable_fp_fusion=False)
     return k, loss

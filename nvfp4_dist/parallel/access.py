@@ -7,7 +7,8 @@
 * FSDP1 (``FullyShardedDataParallel``, flat parameters): no per-weight shard exists, so
   :func:`local_shards` falls back to ``summon_full_params(writeback=True)``: every rank sees the
   whole weights (a gather, documented as the FSDP1 cost) and writes reach the flat shards;
-* fused experts: the expert's slice of the 3-D parameter.
+* fused experts: the expert's slice of the 3-D parameter (FSDP2: of its local tensor, see
+  :func:`nvfp4_dist.parallel.hf_experts_fsdp.local_expert`).
 Writes into the yielded tensor land in the model (the context writes back where the tensor is a
 copy).
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..layout.slots import WeightSlot
 from .fsdp import is_fsdp1, reshard_all
+from .hf_experts_fsdp import local_expert
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -32,8 +34,9 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def local_weight(slot: WeightSlot) -> torch.Tensor:
     """The slot's local shard as a plain tensor view (no copy, no communication)."""
-    param = local_tensor(slot.parameter().data)
-    return param if slot.expert is None else param[slot.expert]
+    if slot.expert is not None:
+        return local_expert(slot.parameter().data, slot.expert)
+    return local_tensor(slot.parameter().data)
 
 
 def expose_local_shards(model: nn.Module) -> None:

@@ -13,12 +13,20 @@ Each expert and projection is one WeightSlot (``slot.expert = e`` slices the 3-D
 gate_up slot covers both halves of one expert, so gate and up share one global amax by
 construction; its export parts split the rows into the per-expert modules ``save_pretrained``
 writes. Transposed layouts (``is_transposed``, e.g. gpt-oss), transformers' own expert
-parallelism and DTensor-sharded experts (FSDP2) are refused with a LayoutError.
+parallelism and DTensor-sharded experts outside FSDP2 are refused with a LayoutError (FSDP2's
+are :mod:`nvfp4_dist.parallel.hf_experts_fsdp`'s, a subclass that sets each slot's layout).
 
 Observation does not touch the model's computation, whatever the implementation: a forward
 pre-hook on the experts module reads its inputs, takes each expert's routed rows (routing.routed_tokens)
 as the gate_up input, and recomputes the expert's intermediate activation from those rows with
 the expert's own weights and the module's own gate function as the down_proj input.
+
+All experts at once (:func:`_observe_stacked`): one stable sort groups the routed rows by expert,
+one grouped GEMM (bf16 on the GPU; one GEMM per expert elsewhere) recomputes every expert's
+activation, and each projection's statistics take one :class:`~nvfp4_dist.layout.stats.ExpertStats`
+update (one kernel launch for all block Hessians); the hook never waits for the device, the totals
+reach the store when the hook's handle is removed. Full-Hessian statistics (GPTQ) keep the
+expert-by-expert observer.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from torch import nn
 
 from ..errors import LayoutError
 from ..layout.slots import ExpertInfo, ExportPart, ShardLayout, WeightSlot
-from ..layout.stats import StatsStore
+from ..layout.stats import ExpertStats, StatsStore
 from .adapters import LayoutAdapter
 from .context import ParallelContext
 from .routing import routed_tokens
@@ -146,7 +154,7 @@ class HFExpertsAdapter(LayoutAdapter):
                               "([E, in, out]), which nvfp4_dist does not quantize yet; exclude it "
                               f"(exclude=['{name}']) to keep it in high precision")
         sharded = [p for p in _param_names(module) if hasattr(getattr(module, p), "device_mesh")]
-        if sharded:
+        if sharded and not self.accepts_dtensors:
             raise LayoutError(f"{name}: fused experts sharded as DTensors (FSDP2 or a tensor-parallel "
                               f"plan: {', '.join(sharded)}) are not supported; calibrate the experts "
                               "with the whole model on each rank (--backend hf) or as Megatron "
@@ -162,11 +170,17 @@ class HFExpertsAdapter(LayoutAdapter):
                 slot_name = f"{name}.{e}.{param}"
                 out.append(WeightSlot(
                     name=slot_name, module=module, param_name=param,
-                    layout=ShardLayout.whole((rows, cin)), fused_group=slot_name,
+                    layout=self.expert_layout(weight, e), fused_group=slot_name,
                     stats_key=f"{slot_name}.input", expert=e,
                     export_parts=_default_parts(name, param, e, rows, not module.is_concatenated),
                     moe=ExpertInfo(index=e, count=n_experts, family=f"{name}.{param}")))
         return out
+
+    accepts_dtensors = False  # subclass hook: FSDP2 experts (hf_experts_fsdp)
+
+    def expert_layout(self, weight: torch.Tensor, expert: int) -> ShardLayout:
+        """This rank's part of expert ``expert`` of the 3-D ``weight`` (subclass hook): whole."""
+        return ShardLayout.whole(weight.shape[1:])
 
     def with_export_names(self, model, slots):
         name = slots[0].moe.family.rpartition(".")[0]
@@ -182,15 +196,107 @@ class HFExpertsAdapter(LayoutAdapter):
                                                                  with_hessian, accum_dtype=torch.float64)
                   for s in slots}
         n_experts = getattr(module, first).shape[0]
+        every = all((p, e) in by_key for p in (first, down) for e in range(n_experts))
+        if every and not getattr(store, "full_hessian", False):
+            return _observe_stacked(module, by_key, n_experts, route_all)
 
-        def hook(mod, args, kwargs):
+        def hook(mod, args, kwargs):  # full Hessians (GPTQ), or a part of the experts: one by one
             hidden, top_k_index = _experts_inputs(args, kwargs)
             for e, rows in enumerate(routed_tokens(top_k_index, n_experts, route_all)):
                 x = hidden[rows]
-                by_key[(first, e)].update(x)
-                by_key[(down, e)].update(expert_activation(mod, e, x))
+                if (first, e) in by_key:
+                    by_key[(first, e)].update(x)
+                    by_key[(down, e)].update(expert_activation(mod, e, x))
 
         return [module.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+class _FlushingHandle:
+    """A hook handle whose ``remove()`` first writes the stacked statistics into the store."""
+
+    def __init__(self, handle, stats: list[ExpertStats]):
+        self.handle, self.stats = handle, stats
+
+    def remove(self) -> None:
+        for stats in self.stats:
+            stats.flush()
+        self.handle.remove()
+
+
+def _observe_stacked(module: nn.Module, by_key: dict, n_experts: int, route_all: bool) -> list:
+    """Observe all experts of ``module`` at once: per forward, the routed rows grouped by expert
+    with one sort, the down_proj inputs of all experts from one grouped GEMM (or one GEMM per
+    expert where there is none), and each projection's statistics in one
+    :class:`~nvfp4_dist.layout.stats.ExpertStats` update; no wait for the device until the
+    handle is removed."""
+    first, down = _param_names(module)
+    stacked = [ExpertStats([by_key[(p, e)] for e in range(n_experts)]) for p in (first, down)]
+
+    def hook(mod, args, kwargs):
+        hidden, top_k_index = _experts_inputs(args, kwargs)
+        with torch.no_grad():
+            rows, offsets, row_expert = grouped_rows(top_k_index, n_experts, route_all)
+            x = hidden.reshape(-1, hidden.shape[-1])[rows]
+            stacked[0].update(x, offsets, row_expert)
+            stacked[1].update(grouped_activations(mod, x, offsets, row_expert), offsets, row_expert)
+
+    return [_FlushingHandle(module.register_forward_pre_hook(hook, with_kwargs=True), stacked)]
+
+
+def grouped_rows(top_k_index: torch.Tensor, n_experts: int, route_all: bool = False):
+    """``(rows [N], offsets [E + 1], row_expert [N])``: the token rows every expert computes on
+    (:func:`.routing.routed_tokens`'s rows, ascending per expert), grouped by expert with one
+    stable sort, without waiting for the device. Indices outside ``[0, E)`` (expert-parallel
+    sentinels) sort last with ``row_expert = E``, outside every expert's range."""
+    tokens, k = top_k_index.shape
+    device = top_k_index.device
+    if route_all:
+        rows = torch.arange(tokens, device=device).repeat(n_experts)
+        row_expert = torch.arange(n_experts, device=device).repeat_interleave(tokens)
+        offsets = torch.arange(n_experts + 1, device=device) * tokens
+        return rows, offsets, row_expert
+    flat = top_k_index.reshape(-1).long()
+    flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return order // k, offsets, flat[order]
+
+
+def _grouped_mm():
+    """torch's grouped GEMM (what transformers' ``grouped_mm`` experts run), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@torch.no_grad()
+def grouped_activations(module: nn.Module, x: torch.Tensor, offsets: torch.Tensor,
+                        row_expert: torch.Tensor) -> torch.Tensor:
+    """:func:`expert_activation` of every expert's rows of ``x`` (grouped as ``offsets``) at once.
+
+    bf16 on a Hopper-class GPU: one grouped GEMM for all experts (torch's ``grouped_mm``, as
+    transformers' ``grouped_mm`` experts). Elsewhere one ``F.linear`` per expert, as
+    :func:`expert_activation`. Either way the values are the expert's GEMM rounded to the
+    model's dtype, which may differ from the model's own forward by the rounding of another
+    GEMM kernel (the former per-expert recomputation did too).
+    """
+    first = _param_names(module)[0]
+    weight = getattr(module, first)
+    bias = getattr(module, f"{first}_bias") if getattr(module, "has_bias", False) else None
+    x = x.to(weight.dtype)
+    grouped = _grouped_mm()
+    if (grouped is not None and x.is_cuda and weight.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+        h = grouped(x, weight.transpose(-2, -1), offs=offsets[1:].to(torch.int32))
+        if bias is not None:
+            h = h + bias[row_expert.clamp(max=weight.shape[0] - 1)]
+    else:
+        h = x.new_zeros(x.shape[0], weight.shape[1])
+        bounds = offsets.tolist()
+        for e in range(weight.shape[0]):
+            if bounds[e + 1] > bounds[e]:
+                h[bounds[e]:bounds[e + 1]] = F.linear(x[bounds[e]:bounds[e + 1]], weight[e],
+                                                      None if bias is None else bias[e])
+    return module._apply_gate(h) if module.has_gate else module.act_fn(h)
 
 
 def _experts_inputs(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,19 +25,35 @@ def _run_bench(monkeypatch, out: Path, *args: str) -> str:
     return out.read_text()
 
 
+def _rows(text: str, first: str) -> list[list[str]]:
+    return [line.split(" | ") for line in text.splitlines() if line.startswith(f"| {first}")]
+
+
 def test_bench_e2e_small_on_cpu(tmp_path, monkeypatch, capsys):
     text = _run_bench(monkeypatch, tmp_path / "e2e.md", "--methods", "max,local_hessian+dss")
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "quantize s" not in line]
-    assert [r.split(" | ")[0] for r in rows] == ["| max", "| local_hessian+dss"]
-    assert all(r.split(" | ")[5] == "14" for r in rows)  # 2 layers x 7 linears quantized
-    assert "observe" in rows[1] and "search" in rows[1]
+    rows = [line.split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and "quantize s" not in line and not line.startswith("|---")]
+    assert [r[0] for r in rows] == ["| max", "| local_hessian+dss"]
+    assert all(r[7] == "14" for r in rows)  # 2 layers x 7 linears quantized
+    assert "observe" in rows[1][4] and "search" in rows[1][4]
+
+
+MOE = ["--moe", "--experts", "4", "--top-k", "2", "--moe-intermediate", "32"]
 
 
 def test_bench_e2e_moe_small_on_cpu(tmp_path, monkeypatch):
-    text = _run_bench(monkeypatch, tmp_path / "e2e.md", "--moe", "--experts", "4", "--top-k", "2",
-                      "--moe-intermediate", "32", "--methods", "local_hessian")
-    rows = [line for line in text.splitlines() if line.startswith("| local_hessian")]
+    """Both experts implementations, the per-kind breakdown, the QAT forward and the ModelOpt
+    row (not importable here: the row says so)."""
+    text = _run_bench(monkeypatch, tmp_path / "e2e.md", *MOE, "--methods", "local_hessian",
+                      "--experts-impl", "eager,grouped_mm", "--breakdown", "--breakdown-method", "local_hessian",
+                      "--qat", "--modelopt")
+    rows = _rows(text, "local_hessian")
     # per layer q/k/v/o and, per expert, gate_up and down: (4 + 4 * 2) x 2 layers; routers kept
-    assert len(rows) == 1 and rows[0].split(" | ")[5] == "24"
+    assert [(r[1], r[7]) for r in rows] == [("eager", "24"), ("grouped_mm", "24")]
     assert "Qwen3-MoE, 4 experts top-2" in text
-
+    assert [(r[0], r[1]) for r in _rows(text, "dense") + _rows(text, "experts")] == [("| dense", "8"),
+                                                                                     ("| experts", "16")]
+    fq = _rows(text, "one stacked fake-quant 4x64x64")
+    assert len(fq) == 1 and "GPU kernels" in fq[0][0]
+    assert len(_rows(text, "forward, fake-quant weights")) == 1
+    assert len(_rows(text, "modelopt")) == 1
