@@ -3,9 +3,9 @@
     nvfp4-dist quantize --model {tiny-dense | tiny-moe | PATH} --method {max,mse,local_hessian,gptq} [--dss]
                         --format {modelopt,compressed-tensors} --out DIR [--calib-samples N]
                         [--seq-len L] [--seed S] [--dead-experts {weight_only,route_all}] [--overwrite]
-    torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] [--ep E] ...
+    torchrun --nproc-per-node N -m nvfp4_dist quantize --backend {hf,fsdp2,megatron} [--tp T] [--ep E] [--pp P] ...
                         [--replicas R] [--save-dist-ckpt DIR]
-    nvfp4-dist export --model {tiny-dense | tiny-moe | PATH} (--dist-ckpt DIR --backend megatron [--tp T] [--ep E]
+    nvfp4-dist export --model {tiny-dense | tiny-moe | PATH} (--dist-ckpt DIR --backend megatron [--tp T] [--ep E] [--pp P]
                       | --dcp DIR [--backend fsdp2]) --format ... --out DIR [the quantize run's --dss/--weight-only/...]
     nvfp4-dist inspect DIR
 
@@ -54,8 +54,12 @@ def _quant_options() -> argparse.ArgumentParser:
     repeat (a checkpoint saved with other settings is refused, naming the keys)."""
     o = argparse.ArgumentParser(add_help=False)
     o.add_argument("--method", choices=[m.value for m in Method], default=Method.LOCAL_HESSIAN.value,
-                   help="block-scale objective (max, mse, local_hessian) or gptq (MSE scales, then "
-                        "column-sequential error compensation under the full input Hessian)")
+                   help="block-scale objective (max, mse, local_hessian) or gptq (block scales by "
+                        "--gptq-scales, then column-sequential error compensation under the full input Hessian)")
+    o.add_argument("--gptq-scales", choices=["mse", "local_hessian"], default="local_hessian",
+                   help="objective of GPTQ's block scales (default local_hessian)")
+    o.add_argument("--gptq-sequential", action="store_true",
+                   help="GPTQ layer by layer, each layer calibrated on the outputs of the quantized earlier layers")
     o.add_argument("--dss", action="store_true", help="decoupled scale search (needs local_hessian)")
     o.add_argument("--dss-beta", nargs=3, type=float, metavar=("MIN", "MAX", "STEP"),
                    default=(0.5, 1.5, 0.05), help="DSS beta grid (default 0.5 1.5 0.05)")
@@ -92,6 +96,9 @@ def _run_options() -> argparse.ArgumentParser:
     o.add_argument("--tp", type=int, default=1, help="tensor-parallel size (--backend megatron)")
     o.add_argument("--ep", type=int, default=1,
                    help="expert-parallel size for MoE models (--backend megatron)")
+    o.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel size (--backend megatron): each of the P stages holds and "
+                        "calibrates layers / P decoder layers; ranks = tp * pp * data-parallel")
     o.add_argument("--replicas", type=int, default=1,
                    help="--backend fsdp2: HSDP with this many model replicas, each sharded over "
                         "world / replicas ranks (a (replicate, shard) mesh); default 1: plain FSDP2")
@@ -145,7 +152,8 @@ def _config_from_args(args) -> QuantConfig:
     kwargs = dict(method=args.method, dss=args.dss, dss_beta_min=args.dss_beta[0],
                   dss_beta_max=args.dss_beta[1], dss_beta_step=args.dss_beta[2],
                   quantize_inputs=not args.weight_only, include=tuple(args.include),
-                  kernels=args.kernels, dead_experts=args.dead_experts)
+                  kernels=args.kernels, dead_experts=args.dead_experts,
+                  gptq_scales=args.gptq_scales, gptq_sequential=args.gptq_sequential)
     if args.exclude is not None:
         kwargs["exclude"] = tuple(args.exclude)
     return QuantConfig(**kwargs)
@@ -165,13 +173,14 @@ def _check_out_dir(out: Path, overwrite: bool, model: str | None = None) -> None
 
 def _print_run(args, config: QuantConfig, run: RunSummary) -> None:
     result = run.result
-    print(result.table())
+    print(run.table)
     dss = " + DSS" if config.dss else ""
     split = f", data split over {run.data_ranks} ranks" if run.data_ranks > 1 else ""
     hsdp = f", {args.replicas} replicas" if args.replicas > 1 else ""
-    print(f"\n{args.backend} backend on {run.world_size} rank(s) (tp={args.tp}, ep={args.ep}{hsdp}{split}): "
+    pp = f", pp={args.pp}" if args.pp > 1 else ""
+    print(f"\n{args.backend} backend on {run.world_size} rank(s) (tp={args.tp}, ep={args.ep}{pp}{hsdp}{split}): "
           f"{len(result.slots)} weight shards quantized per rank ({config.method.value}{dss}), "
-          f"{len(result.ignored)} modules kept in high precision; calibration "
+          f"{len(run.ignore)} modules kept in high precision; calibration "
           f"{run.tokens[0]}x{run.tokens[1]} tokens; {run.seconds:.1f} s")
     print(f"{args.format} checkpoint written to {run.out}")
     if args.save_dist_ckpt is not None:
@@ -229,7 +238,8 @@ def cmd_export(args) -> int:
     if is_main_rank():
         checkpoint = args.dist_ckpt if args.dist_ckpt is not None else args.dcp
         print(f"{args.format} checkpoint of {checkpoint} ({len(run.result.slots)} weight shards per rank, "
-              f"{args.backend} layout on {run.world_size} rank(s), tp={args.tp}, ep={args.ep}) written to "
+              f"{args.backend} layout on {run.world_size} rank(s), tp={args.tp}, ep={args.ep}, pp={args.pp}) "
+              "written to "
               f"{run.out} in {run.seconds:.1f} s")
     return 0
 

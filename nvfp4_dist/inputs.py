@@ -13,6 +13,7 @@ patterns that match nothing are refused by discovery, before the calibration for
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch
 
 from .errors import ConfigError
 from .models.loading import check_hf_dir, config_vocab_size, read_calibration_text, tokenize_calibration
-from .models.tiny import EMBEDDED_MODELS
+from .launch import check_megatron_sizes, launched_world_size
+from .models.tiny import EMBEDDED_MODELS, embedded_config_dict
 from .runs import Layout, check_layout_options
 
 MAX_DSS_BETAS = 1000  # grid points of --dss-beta (the default grid has 21)
@@ -40,7 +42,8 @@ def _at_least_one(option: str, value: int) -> None:
 def check_numbers(args) -> None:
     """Every number of ``quantize`` / ``export`` in its range, named by its option."""
     for option, name in (("--batch-size", "batch_size"), ("--calib-samples", "calib_samples"),
-                         ("--seq-len", "seq_len"), ("--tp", "tp"), ("--ep", "ep"), ("--replicas", "replicas")):
+                         ("--seq-len", "seq_len"), ("--tp", "tp"), ("--ep", "ep"), ("--pp", "pp"),
+                         ("--replicas", "replicas")):
         if hasattr(args, name):  # export has no calibration numbers
             _at_least_one(option, getattr(args, name))
     if not 0 <= args.seed <= MAX_SEED:
@@ -142,10 +145,42 @@ def check_model_and_data(args) -> None:
     tokenize_calibration(path, config_vocab_size(path), args.calib_samples, args.seq_len, args.calib_file)
 
 
+def model_layers(model: str) -> int | None:
+    """Decoder layers of ``--model`` from its config alone (None when the config does not say)."""
+    if model in EMBEDDED_MODELS:
+        cfg = embedded_config_dict(model)
+    else:
+        path = Path(model).expanduser() / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # the model checks name the problem
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    layers = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
+    return layers if isinstance(layers, int) else None
+
+
+def check_megatron_layout(args) -> None:
+    """``--backend megatron`` sizes against the launch and the model, before any work: the
+    launcher's world size divisible by tp * pp (and ep * tp per stage), the model's decoder layers
+    by pp."""
+    if Layout(args.backend) is not Layout.MEGATRON:
+        return
+    check_megatron_sizes(launched_world_size(), args.tp, args.ep, args.pp)
+    layers = model_layers(args.model) if args.pp > 1 else None
+    if layers is not None and layers % args.pp:
+        raise ConfigError(f"--pp {args.pp}: the model's {layers} decoder layers do not split evenly "
+                          f"over {args.pp} pipeline stages; choose a --pp that divides {layers}")
+
+
 def check_quantize_args(args) -> None:
     """Every check of ``quantize``'s inputs, cheapest first (see the module docstring)."""
     check_numbers(args)
-    check_layout_options(args.backend, args.tp, args.ep, args.replicas)
+    check_layout_options(args.backend, args.tp, args.ep, args.replicas, args.pp)
+    if args.gptq_sequential and args.pp > 1:
+        raise ConfigError(f"--gptq-sequential is not supported with --pp {args.pp}: use one-shot GPTQ "
+                          "(drop --gptq-sequential) or --pp 1")
+    check_megatron_layout(args)
     if args.save_dist_ckpt is not None and Layout(args.backend) is not Layout.MEGATRON:
         raise ConfigError("--save-dist-ckpt writes a Megatron distributed checkpoint: it needs "
                           "--backend megatron (other backends: save model.state_dict() or use torch DCP)")
@@ -158,7 +193,8 @@ def check_quantize_args(args) -> None:
 def check_export_args(args) -> None:
     """Every check of ``export``'s inputs (a saved checkpoint to export), cheapest first."""
     check_numbers(args)
-    check_layout_options(args.backend, args.tp, args.ep, args.replicas)
+    check_layout_options(args.backend, args.tp, args.ep, args.replicas, args.pp)
+    check_megatron_layout(args)
     layout = Layout(args.backend)
     if (args.dist_ckpt is None) == (args.dcp is None):
         raise ConfigError("export needs exactly one checkpoint: --dist-ckpt DIR (Megatron) or --dcp DIR (torch DCP)")

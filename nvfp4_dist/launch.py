@@ -2,6 +2,7 @@
 
     info = init_distributed(timeout_s=600)          # gloo on CPU, NCCL with one GPU per rank
     ctx = init_megatron(tp=2)                       # Megatron parallel_state, TP=2, DP=rest
+    ctx = init_megatron(tp=2, pp=2)                 # ... and two pipeline stages
     model = shard_fsdp2(hf_model)                   # or: FSDP2 over all ranks
 
 Every collective runs under the process-group timeout given here (an explicit option, also
@@ -94,10 +95,11 @@ def init_distributed(transport: str | None = None, timeout_s: float = DEFAULT_TI
 
 
 def init_megatron(tp: int, timeout_s: float = DEFAULT_TIMEOUT_S, data_split: bool = True,
-                  ep: int = 1) -> ParallelContext:
-    """Initialise Megatron's ``parallel_state`` with tensor-parallel size ``tp`` (the remaining
-    ranks are data parallel) and expert-parallel size ``ep`` (MoE experts spread over ``ep``
-    ranks, carved out of the data-parallel ones) and return its context.
+                  ep: int = 1, pp: int = 1) -> ParallelContext:
+    """Initialise Megatron's ``parallel_state`` with tensor-parallel size ``tp``, pipeline size
+    ``pp`` (the remaining ranks are data parallel) and expert-parallel size ``ep`` (MoE experts
+    spread over ``ep`` ranks of a stage, carved out of its data-parallel ones) and return its
+    context.
 
     The RNG tracker is Megatron's inference tracker: calibration runs without dropout, and its
     training tracker would seed CUDA generators.
@@ -112,17 +114,29 @@ def init_megatron(tp: int, timeout_s: float = DEFAULT_TIMEOUT_S, data_split: boo
         raise ConfigError("init_megatron needs torch.distributed: call init_distributed() first "
                           "(a single process needs WORLD_SIZE=1 MASTER_ADDR/MASTER_PORT set and "
                           "init_distributed(transport='gloo'), or torchrun --nproc-per-node 1)")
-    if tp < 1 or world % tp:
-        raise ConfigError(f"--tp {tp} must divide the number of ranks ({world})")
-    if ep < 1 or world % ep:
-        raise ConfigError(f"--ep {ep} must divide the number of ranks ({world})")
+    check_megatron_sizes(world, tp, ep, pp)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                 pipeline_model_parallel_size=pp,
                                  distributed_timeout_minutes=timeout_s / 60.0,
                                  create_gloo_process_groups=False)
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     return megatron_context(data_split=data_split)
+
+
+def check_megatron_sizes(world: int, tp: int, ep: int = 1, pp: int = 1) -> None:
+    """Refuse, in one line naming the option, Megatron sizes that do not divide ``world`` ranks:
+    ``tp * pp`` must divide them (the rest is data parallel), and ``ep`` times the expert TP size
+    (Megatron's default: ``tp``) the ranks of a stage."""
+    for option, size in (("--tp", tp), ("--ep", ep), ("--pp", pp)):
+        if size < 1:
+            raise ConfigError(f"{option} {size} must be >= 1")
+    if world % (tp * pp):
+        raise ConfigError(f"--tp {tp} x --pp {pp} = {tp * pp} must divide the number of ranks ({world})")
+    if (world // pp) % (ep * tp):
+        raise ConfigError(f"--ep {ep} x --tp {tp} must divide the {world // pp} rank(s) of a pipeline "
+                          f"stage ({world} ranks / --pp {pp})")
 
 
 def shard_fsdp2(model: nn.Module, device: torch.device | None = None, replicas: int = 1) -> nn.Module:

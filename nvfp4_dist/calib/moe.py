@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layout.roles import GroupRole
 from ..layout.slots import WeightSlot
 from ..parallel.context import ParallelContext
 from ..parallel.reduce import gather_objects, reduce_max_by_key
@@ -71,6 +72,10 @@ def dead_input_amax(slots: list[WeightSlot], states: dict, ctx: ParallelContext)
         names = by_group[group_of[key]]
         family_max.update(zip(names, values[:-1]))
         model_max = torch.maximum(model_max.to(device), values[-1])
+    # Pipeline stages hold different layers: the model-wide maximum spans every stage.
+    stage_max = {"model": model_max.to(device).clone()}
+    reduce_max_by_key(stage_max, {"model": GroupRole.PP}, ctx)
+    model_max = stage_max["model"]
     if float(model_max) <= 0:
         model_max = torch.tensor(UNOBSERVED_INPUT_AMAX, device=device)
     out = {}

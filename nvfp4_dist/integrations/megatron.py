@@ -60,9 +60,15 @@ the new state (one set of entries) and ``export`` writes the new scales.
 Models are taken as Megatron passes them: a module or a list of model chunks, each possibly
 wrapped in Megatron's ``DistributedDataParallel`` and/or ``Float16Module`` (unwrapped with
 ``megatron.core.utils.unwrap_model``; quantize sees the inner ``GPTModel``, whose
-``sharded_state_dict`` the wrappers call). Not supported, refused with a :class:`ConfigError`:
-pipeline parallelism (several stages or virtual chunks: the observers and reductions know TP,
-EP and DP groups only), Megatron/torch FSDP wrappers, and ``gradient_accumulation_fusion`` (its
+``sharded_state_dict`` the wrappers call).
+
+Pipeline parallelism: every rank passes its stage's model chunk; ``calibrate`` runs Megatron's
+pipeline schedule, so each stage observes its own layers on the hidden states the previous stage
+sent, and reduces their statistics within the stage's TP/DP/EP groups; names (report, export)
+use global layer indices; ``export`` writes one checkpoint from all stages; the report logged on
+rank 0 lists every stage's layers. Not supported, refused with a
+:class:`~nvfp4_dist.errors.LayoutError` / :class:`ConfigError`: virtual pipeline stages (several
+model chunks per rank), Megatron/torch FSDP wrappers, and ``gradient_accumulation_fusion`` (its
 fused kernel writes the weight gradient into the parameter's ``main_grad`` directly, bypassing
 the straight-through image).
 """
@@ -88,6 +94,7 @@ from ..export.hf import export_checkpoint
 from ..export.formats import ExportFormat
 from ..parallel.context import ParallelContext
 from ..progress import is_main_rank, progress
+from ..runs import whole_table
 
 logger = logging.getLogger(__name__)
 
@@ -103,20 +110,14 @@ class _Chunks:
 def unwrap_chunks(model) -> _Chunks:
     """The single model chunk of ``model`` (a module or a list of chunks) and its inner module
     without Megatron's DDP / Float16Module wrappers; refuses what the hook does not support."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.transformer.module import Float16Module
     from megatron.core.utils import unwrap_model
 
+    from ..parallel.megatron import check_no_virtual_pipeline  # imports megatron.core (optional)
+
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else None
-    if len(chunks) != 1 or pp > 1 or (vpp is not None and vpp > 1):
-        raise ConfigError(
-            f"NVFP4Hook: pipeline parallelism is not supported (pipeline size {pp}, virtual pipeline "
-            f"size {vpp}, {len(chunks)} model chunk(s)): the calibration statistics are reduced over "
-            "tensor/expert/data-parallel groups only. Calibrate and export at pipeline size 1 (e.g. "
-            "restore the training checkpoint with --pipeline-model-parallel-size 1), then resume.")
+    check_no_virtual_pipeline(len(chunks))  # one chunk per pipeline stage
     inner = unwrap_model(chunks[0], (DistributedDataParallel, Float16Module))
     if unwrap_model(inner) is not inner:
         raise ConfigError(f"NVFP4Hook: the model is wrapped in {type(inner).__name__}; FSDP-sharded "
@@ -226,7 +227,7 @@ class NVFP4Hook:
                 m.train(training)
         self._result, self._model = result, chunks.inner
         if self.show_progress:
-            table = result.table()  # collective: every rank computes the report
+            table = whole_table(result)  # collective: every rank, every pipeline stage's rows
             if is_main_rank():
                 logger.info("NVFP4 calibration report:\n%s", table)
         return result

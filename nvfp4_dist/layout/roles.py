@@ -19,6 +19,7 @@ class GroupRole(str, enum.Enum):
     EP = "ep"  # expert parallel: the ranks a layer's experts are spread over
     EDP = "edp"  # expert data parallel: the replicas of one expert
     FSDP = "fsdp"  # the FSDP2 mesh dimension that shards a weight
+    PP = "pp"  # pipeline parallel: the ranks at one position of every pipeline stage
 
     def __str__(self) -> str:
         return self.value

@@ -17,8 +17,16 @@ Layout conversion (``hf_to_megatron``), per decoder layer ``i``:
 The reverse naming (Megatron module -> HF modules and rows) lives in
 :mod:`nvfp4_dist.parallel.megatron`, which the slots' ``export_parts`` use.
 
+Pipeline parallelism (``parallel_state`` initialised with a pipeline size P): each stage builds
+its slice of the decoder (Megatron's own split, ``layers / P`` per stage) and loads the converted
+tensors of the global layers it holds (:func:`stage_state`: a local ``decoder.layers.{j}`` is
+global layer ``layer_number - 1``); the first stage holds the embedding, the last the final
+norm and the output layer (with tied embeddings, Megatron's copy of the embedding rows).
+
 Calibration forwards go through :func:`megatron_forward_loop`, which passes explicit position
-ids and a causal mask (Megatron's default mask is allocated with ``device="cuda"``).
+ids and a causal mask (Megatron's default mask is allocated with ``device="cuda"``); under
+pipeline parallelism it runs Megatron's pipeline schedule (forward only), whose p2p sends carry
+the hidden states from stage to stage.
 """
 
 from __future__ import annotations
@@ -62,11 +70,13 @@ def _hf_text_config(hf_config, dense_mlp: bool = True):
 
 
 def megatron_config(hf_config, tp: int, sequence_parallel: bool = False,
-                    dtype: torch.dtype = torch.float32, qk_layernorm: bool = True, dense_mlp: bool = True):
+                    dtype: torch.dtype = torch.float32, qk_layernorm: bool = True, dense_mlp: bool = True,
+                    pp: int = 1):
     """A ``TransformerConfig`` equivalent to ``hf_config`` for a CPU- or GPU-resident model.
 
     Parameters are allocated on the CPU without Megatron's own init (the weights come from the
     HF model); fusions that need CUDA/Apex are off; dropout is 0 (calibration is inference).
+    ``pp``: pipeline stages (their p2p tensors have the parameters' dtype).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -77,6 +87,7 @@ def megatron_config(hf_config, tp: int, sequence_parallel: bool = False,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         normalization="RMSNorm", layernorm_epsilon=c["eps"], qk_layernorm=qk_layernorm,
         tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel and tp > 1,
+        pipeline_model_parallel_size=pp, pipeline_dtype=dtype,
         params_dtype=dtype, use_cpu_initialization=True, perform_initialization=False,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -186,14 +197,54 @@ def build_megatron_gpt(hf_model: nn.Module, sequence_parallel: bool = False,
     qk_norm = "model.layers.0.self_attn.q_norm.weight" in hf_state
     dtype = dtype or next(hf_model.parameters()).dtype
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    pp = ps.get_pipeline_model_parallel_world_size()
     c = _hf_text_config(hf_config)
-    config = megatron_config(hf_config, tp, sequence_parallel, dtype, qk_layernorm=qk_norm)
-    model = GPTModel(config, _layer_spec(qk_norm, c["layers"], config.sequence_parallel),
+    check_pipeline_split(c["layers"], pp)
+    config = megatron_config(hf_config, tp, sequence_parallel, dtype, qk_layernorm=qk_norm, pp=pp)
+    per_stage = c["layers"] // pp
+    model = GPTModel(config, _layer_spec(qk_norm, per_stage, config.sequence_parallel),
                      vocab_size=c["vocab"], max_sequence_length=c["max_pos"],
                      position_embedding_type="rope", rotary_base=c["rope_theta"],
-                     share_embeddings_and_output_weights=c["tied"])
-    load_converted_state(model, hf_to_megatron(hf_state, hf_config, rank, tp, qk_layernorm=qk_norm))
+                     share_embeddings_and_output_weights=c["tied"],
+                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    full = hf_to_megatron(hf_state, hf_config, rank, tp, qk_layernorm=qk_norm)
+    load_converted_state(model, stage_state(model, full))
     return model.to(device).eval()
+
+
+def check_pipeline_split(layers: int, pp: int) -> None:
+    """Refuse a pipeline size that does not split the decoder layers evenly over the stages."""
+    if pp < 1 or layers % pp:
+        raise ModelLoadError(f"the model's {layers} decoder layers cannot be split evenly over "
+                             f"pipeline size {pp}; choose a pipeline size that divides {layers}")
+
+
+def stage_state(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``full`` (a converted state dict of the whole model, global layer indices)
+    that this pipeline stage's ``model`` holds, under its local names: a local
+    ``decoder.layers.{j}`` is Megatron's global layer ``layer_number - 1``; embeddings on the first
+    stage, the final norm and output layer on the last one; a last stage's output layer with tied
+    embeddings (Megatron's copy of the first stage's embedding) gets the embedding rows. Without
+    pipeline parallelism this is ``full``."""
+    local_of = {}
+    layers = model.decoder.layers
+    for j, layer in enumerate(layers):
+        local_of[f"{LAYER_PREFIX}.{layer.layer_number - 1}."] = f"{LAYER_PREFIX}.{j}."
+    out = {}
+    for key, tensor in full.items():
+        if key.startswith(LAYER_PREFIX + "."):
+            head = ".".join(key.split(".")[:3]) + "."
+            if head in local_of:
+                out[local_of[head] + key[len(head):]] = tensor
+        elif key.startswith("embedding.") and getattr(model, "pre_process", True):
+            out[key] = tensor
+        elif not key.startswith("embedding.") and getattr(model, "post_process", True):
+            out[key] = tensor
+    tied_copy = (getattr(model, "share_embeddings_and_output_weights", False) and model.post_process
+                 and not model.pre_process)
+    if tied_copy:
+        out["output_layer.weight"] = full["embedding.word_embeddings.weight"]
+    return out
 
 
 def load_converted_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -219,16 +270,64 @@ def causal_mask(seq_len: int, device) -> torch.Tensor:
 
 
 def megatron_forward_loop(tokens: torch.Tensor, batch_size: int, show_progress: bool = False):
-    """A calibration loop feeding ``tokens [samples, seq_len]`` to a Megatron GPT in batches."""
+    """A calibration loop feeding ``tokens [samples, seq_len]`` to a Megatron GPT in batches
+    (under pipeline parallelism: microbatches through Megatron's pipeline schedule; every stage
+    of one pipeline must be given the same tokens)."""
 
     def forward_loop(model):
+        from megatron.core import parallel_state as ps
+
         device = next(model.parameters()).device
         seq_len = tokens.shape[1]
         mask = causal_mask(seq_len, device)
         positions = torch.arange(seq_len, device=device)[None]
-        for start in progress(range(0, tokens.shape[0], batch_size), desc="calibrate",
-                              enabled=show_progress):
+        starts = range(0, tokens.shape[0], batch_size)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            batches = [tokens[s:s + batch_size].to(device) for s in starts]
+            pipeline_forward(model, batches, positions, mask, show_progress)
+            return
+        for start in progress(starts, desc="calibrate", enabled=show_progress):
             ids = tokens[start:start + batch_size].to(device)
             model(ids, positions.expand(ids.shape[0], -1), attention_mask=mask)
 
     return forward_loop
+
+
+def pipeline_forward(model: nn.Module, batches: list[torch.Tensor], positions: torch.Tensor,
+                     mask: torch.Tensor, show_progress: bool = False) -> None:
+    """Run ``batches`` (token ids ``[b, s]``) through a pipeline stage's ``model`` with Megatron's
+    schedule (``get_forward_backward_func()``, forward only; every stage calls it). Microbatches
+    of one size share a schedule call (p2p buffers have one shape: a shorter last batch gets its
+    own call). The p2p dtype is the parameters' dtype of the moment (a float64 calibration
+    forward sends float64 hidden states)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    schedule = get_forward_backward_func()
+    config = model.config
+    saved_dtype = config.pipeline_dtype
+    config.pipeline_dtype = next(model.parameters()).dtype
+    ticks = iter(progress(range(len(batches)), desc="calibrate", enabled=show_progress))
+
+    def forward_step(data_iterator, chunk):
+        ids = next(data_iterator)
+        next(ticks, None)
+        output = chunk(ids, positions.expand(ids.shape[0], -1), attention_mask=mask)
+        return output, _ignore_output
+
+    try:
+        groups: dict[int, list[torch.Tensor]] = {}
+        for ids in batches:
+            groups.setdefault(ids.shape[0], []).append(ids)
+        for size, group in groups.items():
+            schedule(forward_step_func=forward_step, data_iterator=iter(group), model=[model],
+                     num_microbatches=len(group), seq_length=positions.shape[1], micro_batch_size=size,
+                     forward_only=True, collect_non_loss_data=True)
+    finally:
+        config.pipeline_dtype = saved_dtype
+        for _ in ticks:  # finish (and close) the progress bar
+            pass
+
+
+def _ignore_output(output, non_loss_data: bool = False):
+    """The schedule's loss function on the last stage: calibration keeps no output."""
+    return None

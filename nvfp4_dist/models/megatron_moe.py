@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .megatron_gpt import LAYER_PREFIX, hf_to_megatron, load_converted_state, megatron_config
+from .megatron_gpt import (LAYER_PREFIX, check_pipeline_split, hf_to_megatron, load_converted_state, megatron_config,
+                           stage_state)
 
 
 def check_router_usable() -> None:
@@ -56,9 +57,9 @@ def _moe_fields(hf_config) -> dict:
                 moe_ffn_hidden_size=hf_config.moe_intermediate_size)
 
 
-def megatron_moe_config(hf_config, tp: int, ep: int, dtype: torch.dtype = torch.float32):
+def megatron_moe_config(hf_config, tp: int, ep: int, dtype: torch.dtype = torch.float32, pp: int = 1):
     """The dense GPT config of :func:`megatron_config` with MoE layers as described above."""
-    base = megatron_config(hf_config, tp, dtype=dtype, dense_mlp=False)
+    base = megatron_config(hf_config, tp, dtype=dtype, dense_mlp=False, pp=pp)
     return dataclasses.replace(
         base, **_moe_fields(hf_config), expert_model_parallel_size=ep,
         moe_router_score_function="softmax", moe_router_pre_softmax=False,
@@ -92,8 +93,9 @@ def hf_to_megatron_moe(hf_state: dict[str, torch.Tensor], hf_config, tp_rank: in
 def build_megatron_moe_gpt(hf_model: nn.Module, dtype: torch.dtype | None = None,
                            device: str | torch.device = "cpu") -> nn.Module:
     """A Megatron-core ``GPTModel`` with SequentialMLP MoE layers (local spec) holding this rank's
-    experts of ``hf_model``; eval mode. Needs ``parallel_state`` initialised with the EP size
-    (:func:`nvfp4_dist.launch.init_megatron` with ``ep=``)."""
+    experts of ``hf_model`` (under pipeline parallelism: this stage's layers); eval mode. Needs
+    ``parallel_state`` initialised with the EP size (:func:`nvfp4_dist.launch.init_megatron` with
+    ``ep=``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -107,14 +109,18 @@ def build_megatron_moe_gpt(hf_model: nn.Module, dtype: torch.dtype | None = None
     qk_norm = "model.layers.0.self_attn.q_norm.weight" in hf_state
     dtype = dtype or next(hf_model.parameters()).dtype
     tp, ep = ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size()
-    config = megatron_moe_config(cfg, tp, ep, dtype)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    check_pipeline_split(cfg.num_hidden_layers, pp)
+    config = megatron_moe_config(cfg, tp, ep, dtype, pp=pp)
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
                                     qk_layernorm=qk_norm, normalization="RMSNorm")
     rope = getattr(cfg, "rope_parameters", None) or {}
     model = GPTModel(config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
                      position_embedding_type="rope",
                      rotary_base=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
-                     share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings))
-    load_converted_state(model, hf_to_megatron_moe(hf_state, cfg, ps.get_tensor_model_parallel_rank(), tp,
-                                                   ps.get_expert_model_parallel_rank(), ep))
+                     share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
+                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    full = hf_to_megatron_moe(hf_state, cfg, ps.get_tensor_model_parallel_rank(), tp,
+                              ps.get_expert_model_parallel_rank(), ep)
+    load_converted_state(model, stage_state(model, full))  # this pipeline stage's layers
     return model.to(device).eval()

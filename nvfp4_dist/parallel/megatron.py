@@ -18,10 +18,21 @@ Export naming (:class:`MegatronNaming`): a GPT decoder's modules map back to Hug
 Llama/Qwen-style names (``GPT_TO_HF``) so that a Megatron run exports an HF checkpoint; ``linear_qkv`` rows go to
 q_proj/k_proj/v_proj (interleaved per query group) and ``linear_fc1`` rows to gate_proj/up_proj
 (``[gate_r; up_r]`` per TP rank r). Helpers here are public for the MoE adapters.
+
+Pipeline parallelism: each stage holds a slice of the decoder and numbers its
+``decoder.layers.{i}`` from 0. Slot names, statistics keys and exported names use the GLOBAL
+layer index, read from Megatron itself: a ``TransformerLayer``'s ``layer_number`` is 1-based and
+already includes the stage's offset (:func:`global_name`). The process groups Megatron builds
+(TP, DP, EP, expert TP/DP) all lie inside one stage, so every reduce stays within the stage that
+holds the weights. The first stage holds the embedding, the last the final norm and the output
+layer; with tied embeddings the last stage's output layer is Megatron's copy of the embedding
+(kept equal by its embedding group) and is exported once, under the embedding's name.
+Virtual pipeline chunks (interleaved schedules) are refused (:func:`megatron_context`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -36,6 +47,7 @@ from ..layout.stats import InputStats, StatsStore
 from ..numerics.constants import BLOCK_SIZE
 from .adapters import LayoutAdapter
 from .context import ParallelContext
+from .reduce import gather_input_channels
 
 from megatron.core.tensor_parallel.layers import (  # noqa: E402
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
@@ -63,22 +75,53 @@ def megatron_context(data_split: bool = True) -> ParallelContext:
         raise LayoutError("megatron parallel_state is not initialised; call "
                           "megatron.core.parallel_state.initialize_model_parallel (or "
                           "nvfp4_dist.launch.init_megatron) before quantize()")
-    pp = ps.get_pipeline_model_parallel_world_size()
-    if pp > 1:
-        # Each stage numbers its decoder layers from 0: its statistics, states and export names
-        # would collide with the other stages'. Refused until stages map to global layer indices.
-        raise LayoutError(f"pipeline parallelism (pipeline size {pp}) is not supported yet: each stage "
-                          "would calibrate and export its layers under local indices. Calibrate, "
-                          "restore and export at pipeline size 1 (TP/EP/DP are supported), e.g. "
-                          "restore the training checkpoint with --pipeline-model-parallel-size 1")
+    check_no_virtual_pipeline()
+    # Pipeline stages: Megatron's TP/DP/EP/expert groups each lie inside one stage (checked by
+    # the PP tests), so the statistics of a stage's weights are reduced among its own ranks.
     groups = {GroupRole.TP: ps.get_tensor_model_parallel_group(),
               GroupRole.EP: ps.get_expert_model_parallel_group(check_initialized=False),
-              GroupRole.ETP: ps.get_expert_tensor_parallel_group(check_initialized=False)}
+              GroupRole.ETP: ps.get_expert_tensor_parallel_group(check_initialized=False),
+              # only for model-wide values (e.g. the fallback input amax of wholly dead experts)
+              GroupRole.PP: ps.get_pipeline_model_parallel_group()}
     if data_split:  # MoE experts: the replicas of one expert, whose statistics are summed
         groups[GroupRole.EDP] = ps.get_expert_data_parallel_group(check_initialized=False)
     groups = {k: g for k, g in groups.items() if g is not None}
     dp = ps.get_data_parallel_group() if data_split else None
     return ParallelContext(dp=dp, groups=groups)
+
+
+def check_no_virtual_pipeline(chunks: int = 1) -> None:
+    """Refuse virtual pipeline (interleaved) chunks, naming the limit: each rank would hold
+    several model chunks, which quantize(), the hook and the export take one at a time."""
+    from megatron.core import parallel_state as ps
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else None
+    if chunks > 1 or (vpp is not None and vpp > 1):
+        raise LayoutError(f"virtual pipeline parallelism ({chunks} model chunk(s), virtual pipeline size "
+                          f"{vpp}) is not supported: one model chunk per pipeline stage only; use "
+                          "pipeline parallelism without virtual stages (no "
+                          "virtual_pipeline_model_parallel_size / --num-layers-per-virtual-pipeline-stage)")
+
+
+_DECODER_LAYER = re.compile(r"(?P<head>(?:.*\.)?decoder\.layers\.)(?P<index>\d+)(?P<tail>(?:\..*)?)")
+
+
+def global_name(model: nn.Module, name: str) -> str:
+    """``name`` (a module or state key of ``model``) with its decoder layer index made global:
+    under pipeline parallelism a stage's ``decoder.layers.{i}`` is Megatron's layer
+    ``layer_number - 1`` (``layer_number``: 1-based, including the stage's offset). Names outside
+    a decoder layer, and layers without a ``layer_number``, are returned unchanged."""
+    match = _DECODER_LAYER.fullmatch(name)
+    if match is None:
+        return name
+    try:
+        layer = model.get_submodule(match["head"] + match["index"])
+    except AttributeError:
+        return name
+    number = getattr(layer, "layer_number", None)
+    if not isinstance(number, int):
+        return name
+    return f"{match['head']}{number - 1}{match['tail']}"
 
 
 def _ranks(group) -> list[int]:
@@ -189,12 +232,29 @@ def hf_module_names(model: nn.Module, names) -> list[str]:
     ``decoder.layers.N.mlp.router`` -> ``model.layers.N.mlp.gate``); unknown names are kept."""
     out = []
     for name in names:
-        parts = hf_export_parts(name, model.get_submodule(name))
+        module = model.get_submodule(name)
+        name = global_name(model, name)
+        parts = hf_export_parts(name, module)
         if parts:
             out += [p.name for p in parts]
             continue
         key = hf_state_key(name + ".weight")  # modules exported whole under their weight's HF name
         out.append(key[: -len(".weight")] if key.endswith(".weight") else name)
+    return out
+
+
+def with_global_names(model: nn.Module, slots: list[WeightSlot]) -> list[WeightSlot]:
+    """``slots`` named by their global decoder layer (:func:`global_name`), names, fused groups,
+    statistics keys and export parts alike; unchanged outside pipeline parallelism."""
+    out = []
+    for slot in slots:
+        name = global_name(model, slot.name)
+        if name == slot.name:
+            out.append(slot)
+            continue
+        out.append(dataclasses.replace(slot, name=name, fused_group=global_name(model, slot.fused_group),
+                                       stats_key=global_name(model, slot.stats_key),
+                                       export_parts=hf_export_parts(name, slot.module)))
     return out
 
 
@@ -217,6 +277,9 @@ class ColumnParallelAdapter(LayoutAdapter):
                            sequence_parallel=bool(module.sequence_parallel) and layout.is_sharded,
                            export_parts=hf_export_parts(name, module))]
 
+    def with_export_names(self, model, slots):
+        return with_global_names(model, slots)
+
 
 def observe_input_columns(module: nn.Module, stats: InputStats, start: int, stop: int):
     """Forward pre-hook feeding channels ``[start, stop)`` of ``module``'s input into ``stats``
@@ -224,6 +287,22 @@ def observe_input_columns(module: nn.Module, stats: InputStats, start: int, stop
 
     def hook(mod, args):
         stats.update(args[0][..., start:stop])
+
+    return module.register_forward_pre_hook(hook)
+
+
+def observe_whole_input(module: nn.Module, slot: WeightSlot, store: StatsStore):
+    """GPTQ of a row-parallel shard: a forward pre-hook feeding the layer's WHOLE input into full
+    statistics (the channels of every TP rank, gathered in rank order when the input is already
+    split), so that every rank accumulates the same full Hessian as TP=1; returns the handle."""
+    layout = slot.layout
+    stats = store.get_or_create(slot.stats_key, layout.global_shape[1], True)
+    stats.local_cols = (layout.offset[1], layout.offset[1] + layout.local_shape[1])
+    group = module.tp_group
+
+    def hook(mod, args):
+        x = args[0]
+        stats.update(gather_input_channels(x, group) if mod.input_is_parallel else x)
 
     return module.register_forward_pre_hook(hook)
 
@@ -240,11 +319,16 @@ class RowParallelAdapter(LayoutAdapter):
                            layout=row_layout(name, module, ctx), fused_group=name, stats_key=name,
                            export_parts=hf_export_parts(name, module))]
 
+    def with_export_names(self, model, slots):
+        return with_global_names(model, slots)
+
     def observe(self, module, slots, store: StatsStore, *, with_hessian: bool, route_all: bool = False):
-        if module.input_is_parallel or not slots[0].layout.is_sharded:
+        layout = slots[0].layout
+        if store.full_hessian and with_hessian and layout.is_sharded:
+            return [observe_whole_input(module, slots[0], store)]
+        if module.input_is_parallel or not layout.is_sharded:
             return super().observe(module, slots, store, with_hessian=with_hessian)
         # The module scatters a full-width input itself: keep this rank's channels only.
-        layout = slots[0].layout
         stats = store.get_or_create(slots[0].stats_key, layout.local_shape[1], with_hessian)
         start = layout.offset[1]
         return [observe_input_columns(module, stats, start, start + layout.local_shape[1])]
@@ -279,13 +363,25 @@ class MegatronNaming(ExportNaming):
     holds them (linears and vocabulary embeddings split over TP; norms replicated). An
     unquantized fused linear is exported per HF module; the ignore list gets HF names."""
 
-    def __init__(self, ctx: ParallelContext):
+    def __init__(self, ctx: ParallelContext, model: nn.Module | None = None):
         self.ctx = ctx
+        self.model = model
+
+    def _tied_output_layer(self, module) -> bool:
+        """``module`` is a last pipeline stage's output layer holding Megatron's copy of the
+        first stage's (tied) word embeddings: exported once, as the embedding."""
+        model = self.model
+        return (model is not None and module is getattr(model, "output_layer", None)
+                and bool(getattr(model, "share_embeddings_and_output_weights", False))
+                and not getattr(model, "pre_process", True))
 
     def passthrough(self, key, module, tensor):
         ctx = self.ctx
+        if self.model is not None:
+            key = global_name(self.model, key)
         module_name, _, leaf = key.rpartition(".")
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and leaf == "weight":
+        tied = self._tied_output_layer(module) and leaf == "weight"
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and leaf == "weight" and not tied:
             layout = (column_layout if isinstance(module, ColumnParallelLinear) else row_layout)(
                 module_name, module, ctx)
             parts = hf_export_parts(module_name, module) or (ExportPart(module_name, slice(None)),)
@@ -294,8 +390,10 @@ class MegatronNaming(ExportNaming):
                 return PassThrough(outputs)
             axis = layout.shard_axis
             return PassThrough(outputs, axis, layout.offset[axis], ctx.group(layout.shard_group))
+        if tied:  # vocabulary rows split over TP like the embedding's: the same piece, a replica
+            key = "embedding.word_embeddings.weight"
         outputs = ((hf_state_key(key), slice(None)),)
-        if isinstance(module, VocabParallelEmbedding):
+        if isinstance(module, VocabParallelEmbedding) or tied:
             rank, size = tp_rank_size(module)
             if size > 1:
                 return PassThrough(outputs, 0, rank * tensor.shape[0], ctx.group(tp_group_name(module)))

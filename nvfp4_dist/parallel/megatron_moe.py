@@ -23,6 +23,7 @@ refused for Megatron experts.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -33,7 +34,8 @@ from ..layout.roles import GroupRole
 from ..layout.slots import ExpertInfo, ExportPart, WeightSlot
 from .adapters import LayoutAdapter
 from .context import ParallelContext, group_size
-from .megatron import ColumnParallelLinear, RowParallelLinear, column_layout, glu_export_parts, row_layout, tp_rank_size
+from .megatron import (ColumnParallelLinear, RowParallelLinear, column_layout, global_name, glu_export_parts,
+                       row_layout, tp_rank_size)
 
 _LOCAL_EXPERT = re.compile(r"(?P<experts>.*)\.local_experts\.(?P<local>\d+)\.(?P<fc>linear_fc1|linear_fc2)")
 _GPT_EXPERTS = re.compile(r"(?:.*\.)?decoder\.layers\.(?P<layer>\d+)\.mlp\.experts")
@@ -87,6 +89,22 @@ class SequentialMLPExpertAdapter(LayoutAdapter):
                            moe=ExpertInfo(index=index, count=count, family=f"{experts}.{fc}",
                                           group=GroupRole.EP if ep_size > 1 else None,
                                           data_group=GroupRole.EDP))]
+
+    def with_export_names(self, model, slots):
+        """Slots named by their global decoder layer under pipeline parallelism (the expert
+        index is global already): name, statistics key, expert family and HF names."""
+        out = []
+        for slot in slots:
+            name = global_name(model, slot.name)
+            if name == slot.name:
+                out.append(slot)
+                continue
+            match = _LOCAL_EXPERT.fullmatch(name)
+            out.append(dataclasses.replace(
+                slot, name=name, fused_group=name, stats_key=name,
+                export_parts=expert_export_parts(match["experts"], slot.moe.index, match["fc"], slot.module),
+                moe=dataclasses.replace(slot.moe, family=f"{match['experts']}.{match['fc']}")))
+        return out
 
     def observe(self, module, slots, store, *, with_hessian: bool, route_all: bool = False):
         if route_all:

@@ -7,7 +7,8 @@ Adapters are matched in the order listed here, the first match wins:
 2. Megatron-core: :class:`~nvfp4_dist.parallel.megatron_moe.SequentialMLPExpertAdapter` (expert
    linears), then :class:`~nvfp4_dist.parallel.megatron.ColumnParallelAdapter` and
    :class:`~nvfp4_dist.parallel.megatron.RowParallelAdapter`;
-3. :class:`~nvfp4_dist.parallel.hf_experts.HFExpertsAdapter`: transformers' fused 3-D experts;
+3. :class:`~nvfp4_dist.parallel.hf_experts_fsdp.FSDPExpertsAdapter` (sharded by FSDP2), then
+   :class:`~nvfp4_dist.parallel.hf_experts.HFExpertsAdapter`: transformers' fused 3-D experts;
 4. :class:`~nvfp4_dist.parallel.adapters.LinearAdapter`: ``torch.nn.Linear``, plain or FSDP2.
 
 The Megatron adapters are listed when megatron-core's tensor-parallel layers are loaded: a model
@@ -27,6 +28,7 @@ from .adapters import LayoutAdapter, LinearAdapter
 from .context import ParallelContext, SINGLE_PROCESS
 from .fsdp import DTensorNaming, fsdp_context, fsdp_mesh
 from .hf_experts import HFExpertsAdapter
+from .hf_experts_fsdp import FSDPExpertsAdapter
 from .unsupported import UnsupportedFamilyAdapter
 
 _MEGATRON_LAYERS = "megatron.core.tensor_parallel.layers"
@@ -46,7 +48,7 @@ def adapters() -> tuple[LayoutAdapter, ...]:
         from .megatron_moe import SequentialMLPExpertAdapter
 
         found += [SequentialMLPExpertAdapter(), ColumnParallelAdapter(), RowParallelAdapter()]
-    return (*found, HFExpertsAdapter(), LinearAdapter())
+    return (*found, FSDPExpertsAdapter(), HFExpertsAdapter(), LinearAdapter())
 
 
 def find_adapter(module: nn.Module, candidates: tuple[LayoutAdapter, ...] | None = None) -> LayoutAdapter | None:
@@ -89,5 +91,5 @@ def export_naming(model: nn.Module, ctx: ParallelContext) -> ExportNaming:
         from .megatron import MegatronNaming, is_megatron_model
 
         if is_megatron_model(model):
-            return MegatronNaming(ctx)
+            return MegatronNaming(ctx, model)
     return DTensorNaming()

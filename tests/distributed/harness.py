@@ -1,10 +1,13 @@
 """Multi-process harness for the distributed tests: real torch.distributed, one process per rank.
 
-Backend: NCCL with one GPU per rank when CUDA has enough GPUs, gloo on the CPU when there is no
-CUDA at all; with CUDA but too few GPUs the test is skipped (NCCL cannot put two ranks on one
-GPU). On the CPU, workers come from a forkserver that imports torch, transformers and
-megatron-core once, so each test pays the import cost once instead of once per rank; with CUDA
-they are spawned (a forked child cannot use CUDA once its parent initialised it).
+Backend: pytest's ``--dist-backend`` option (tests/conftest.py passes it to :func:`choose_backend`).
+``gloo`` (the default): every rank on the CPU, on any machine; the workers are started with
+``CUDA_VISIBLE_DEVICES=""``, so on a GPU machine they run exactly as on CI. ``nccl``: one GPU
+per rank (``cuda:LOCAL_RANK``, chosen by ``init_distributed``), no patches; a test needing more
+ranks than there are GPUs is skipped (NCCL cannot put two ranks on one GPU). On the CPU, workers
+come from a forkserver that imports torch, transformers and megatron-core once, so each test pays
+the import cost once instead of once per rank; with NCCL they are spawned (a forked child cannot
+use CUDA once its parent initialised it).
 
 CPU-only obstacles of megatron-core are patched HERE, in the workers of a machine without CUDA,
 never in the library: see :func:`patch_megatron_for_cpu`.
@@ -12,6 +15,7 @@ never in the library: see :func:`patch_megatron_for_cpu`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -27,14 +31,42 @@ _PRELOAD = ["torch", "torch.distributed", "transformers", "nvfp4_dist", "nvfp4_d
             "megatron.core.models.gpt", "megatron.core.tensor_parallel"]
 
 
+BACKENDS = ("gloo", "nccl")
+_CHOSEN = {"backend": "gloo"}  # set from pytest's --dist-backend by tests/conftest.py
+
+
+def choose_backend(backend: str) -> None:
+    """The transport of every test's ranks: "gloo" (CPU workers) or "nccl" (a GPU per rank)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--dist-backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    _CHOSEN["backend"] = backend
+
+
 def backend_for(world_size: int) -> str:
-    """"nccl" with >= world_size GPUs, "gloo" without CUDA; skips otherwise."""
-    if not torch.cuda.is_available():
+    """"gloo" (default), or with ``--dist-backend nccl`` "nccl" when there are >= world_size
+    GPUs; skips otherwise."""
+    if _CHOSEN["backend"] == "gloo":
         return "gloo"
-    if torch.cuda.device_count() >= world_size:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus >= world_size:
         return "nccl"
-    pytest.skip(f"needs {world_size} GPUs for NCCL (have {torch.cuda.device_count()}); "
-                "runs on gloo on a machine without CUDA")
+    pytest.skip(f"--dist-backend nccl: needs {world_size} GPUs (have {gpus}); the default "
+                "--dist-backend gloo runs it on the CPU")
+
+
+@contextlib.contextmanager
+def cpu_only_children():
+    """Processes started inside see no GPU (``CUDA_VISIBLE_DEVICES=""``), so gloo ranks on a GPU
+    machine choose the CPU as on CI (the parent's own CUDA is initialised already: unaffected)."""
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
 
 
 def patch_megatron_for_cpu() -> None:
@@ -47,6 +79,37 @@ def patch_megatron_for_cpu() -> None:
     """
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+def patch_megatron_pipeline_for_cpu() -> None:
+    """Let megatron-core's pipeline schedule (and a last stage's tied embedding copy) run without
+    CUDA, on gloo: test workers of CPU-only machines only, never the library. What 0.16 needs:
+
+    * ``schedules.py`` allocates its token counter with ``torch.zeros(..., device="cuda")`` (every
+      schedule): the schedule module's ``torch`` gets a ``zeros`` that puts it on the CPU;
+    * ``p2p_communication.py`` calls ``torch.cuda.synchronize()`` after each batched
+      isend/irecv (``batch_p2p_sync``): a no-op here (gloo's requests are waited on before);
+    * ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied embedding weight with
+      ``weight.data.cuda()`` before all-reducing it over the embedding group (first and last
+      stage): ``Tensor.cuda`` returns the tensor itself.
+    The p2p buffers themselves are allocated on ``torch.cuda.current_device()``, which
+    :func:`patch_megatron_for_cpu` answers with the CPU; gloo carries the sends and receives.
+    """
+    if torch.cuda.is_available():
+        return
+    from megatron.core.pipeline_parallel import schedules
+
+    class _CpuTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*args, device=None, **kwargs):
+            return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    schedules.torch = _CpuTorch()
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 def _free_port() -> int:
@@ -109,8 +172,9 @@ def _run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0, may_die: tu
     procs = [ctx.Process(target=_entry, args=(r, fn, world_size, port, out_dir, args), daemon=True)
              for r in range(world_size)]
     try:
-        for p in procs:
-            p.start()
+        with cpu_only_children() if backend == "gloo" else contextlib.nullcontext():
+            for p in procs:
+                p.start()
         deadline = time.monotonic() + timeout_s
         while any(p.is_alive() for p in procs):
             if time.monotonic() > deadline:

@@ -44,25 +44,37 @@ def test_refused_with_the_alternative_then_kept_when_excluded(family, fix):
     assert [s.name for s in result.slots] == ["dense"] and "block" in result.ignored
 
 
-def _pipeline_worker() -> str:
+def _virtual_pipeline_worker() -> list[str]:
     from megatron.core import parallel_state as ps
 
     from nvfp4_dist.launch import init_distributed
-    from nvfp4_dist.parallel.megatron import megatron_context
+    from nvfp4_dist.parallel.megatron import check_no_virtual_pipeline, megatron_context
 
     init_distributed(timeout_s=60)
     ps.initialize_model_parallel(pipeline_model_parallel_size=2, create_gloo_process_groups=False)
+    megatron_context()  # plain pipeline parallelism: accepted
+    messages = []
+    try:
+        check_no_virtual_pipeline(chunks=2)  # a model given as a list of two chunks
+    except LayoutError as exc:
+        messages.append(str(exc))
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                                 create_gloo_process_groups=False)
     try:
         megatron_context()
     except LayoutError as exc:
-        return str(exc)
-    return ""
+        messages.append(str(exc))
+    return messages
 
 
 @pytest.mark.distributed
-def test_pipeline_parallelism_is_refused_by_name():
-    """PP=2 (real megatron-core, gloo): refused before any work, naming the limit, instead of
-    every stage calibrating and exporting its layers under local indices."""
+def test_virtual_pipeline_chunks_are_refused_by_name():
+    """PP=2 (real megatron-core, gloo) is accepted; virtual pipeline chunks (a list of model
+    chunks, or virtual_pipeline_model_parallel_size set) are refused in one line naming the limit."""
     pytest.importorskip("megatron.core")
-    for message in run_ranks(_pipeline_worker, 2):
-        assert message.startswith("pipeline parallelism (pipeline size 2) is not supported yet")
+    for messages in run_ranks(_virtual_pipeline_worker, 2):
+        assert len(messages) == 2
+        assert messages[0].startswith("virtual pipeline parallelism (2 model chunk(s)")
+        assert messages[1].startswith("virtual pipeline parallelism (1 model chunk(s), virtual pipeline size 2)")
+        assert all("one model chunk per pipeline stage" in m and "\n" not in m for m in messages)
