@@ -81,6 +81,25 @@ def patch_megatron_for_cpu() -> None:
         torch.cuda.current_device = lambda: torch.device("cpu")
 
 
+def patch_megatron_schedule_for_cpu() -> None:
+    """megatron-core's schedules allocate their token counter with ``device="cuda"``: on a machine
+    without CUDA the schedule module gets a ``torch`` whose ``zeros`` puts it on the CPU (test
+    workers only, never the library)."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.pipeline_parallel import schedules
+
+    class _CpuTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*args, device=None, **kwargs):
+            return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    schedules.torch = _CpuTorch()
+
+
 def patch_megatron_pipeline_for_cpu() -> None:
     """Let megatron-core's pipeline schedule (and a last stage's tied embedding copy) run without
     CUDA, on gloo: test workers of CPU-only machines only, never the library. What 0.16 needs:
@@ -97,17 +116,7 @@ def patch_megatron_pipeline_for_cpu() -> None:
     """
     if torch.cuda.is_available():
         return
-    from megatron.core.pipeline_parallel import schedules
-
-    class _CpuTorch:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def zeros(*args, device=None, **kwargs):
-            return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
-
-    schedules.torch = _CpuTorch()
+    patch_megatron_schedule_for_cpu()
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 

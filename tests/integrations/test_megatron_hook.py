@@ -36,31 +36,12 @@ pytest.importorskip("megatron.core")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 
-from harness import run_ranks  # noqa: E402
+from harness import patch_megatron_schedule_for_cpu as _patch_schedule_for_cpu, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
 SEQ, MBS, CALIB_MB = 16, 2, 4
 GRAD_CHECKED = "decoder.layers.0.mlp.linear_fc2"
-
-
-def _patch_schedule_for_cpu() -> None:
-    """megatron-core 0.16's no-pipelining schedule allocates its token counter with
-    ``device="cuda"``; on a machine without CUDA the test worker's schedule gets a ``torch`` whose
-    ``zeros`` puts that counter on the CPU (test workers only, never the library)."""
-    if torch.cuda.is_available():
-        return
-    from megatron.core.pipeline_parallel import schedules
-
-    class _CpuTorch:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def zeros(*args, device=None, **kwargs):
-            return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
-
-    schedules.torch = _CpuTorch()
 
 
 def _batches(tokens: torch.Tensor) -> list[dict]:
