@@ -26,7 +26,6 @@ from torch import nn
 from ..config import DeadExpertPolicy, QuantConfig
 from ..errors import CalibrationError, LayoutError
 from ..kernels.dispatch import fake_quant_weight, search_block_scales
-from ..kernels.gptq import gptq_quantize
 from ..kernels.reference import beta_grid
 from ..kernels.types import Method
 from ..layout.roles import GroupRole
@@ -40,6 +39,7 @@ from ..parallel.reduce import ErrorRelay, reduce_report_sums, reduce_stats, redu
 from ..progress import progress
 from .batched import search_stacked
 from .discover import Inventory
+from .gptq_search import FactorCache, all_dead, gptq_one
 from .moe import ExpertSummary, dead_input_amax, summarize_experts
 from .report import LayerReport, error_sums
 from .state import SlotState
@@ -200,37 +200,6 @@ def check_gptq_layouts(inventory: Inventory, config: QuantConfig, ctx: ParallelC
             "size 1 (or FSDP2 row sharding), exclude these layers, or use method='local_hessian'.")
 
 
-def _gptq_one(slot: WeightSlot, w: torch.Tensor, g: torch.Tensor, inputs: InputStats, config: QuantConfig,
-              ctx: ParallelContext, relay: ErrorRelay):
-    """GPTQ of one local shard: writes W' into ``w`` (the parameter's local rows) and returns
-    ``(block_amax, method, dead input channels)``.
-
-    A row-parallel shard (input channels split over TP) runs in rank order: rank r first applies
-    the scaled errors of ranks 0 .. r-1 (received through ``relay``, in column order, the order one
-    process applies them), sweeps its own columns, and sends its scaled errors to the later ranks.
-    Every update to a column is then the one-process update in the one-process order: bit for
-    bit the TP=1 result.
-    """
-    hessian = inputs.full_hessian()
-    layout = slot.layout
-    cin = layout.global_shape[1]
-    if hessian.shape != (cin, cin):
-        raise LayoutError(f"{slot.name}: GPTQ needs the whole [{cin}, {cin}] input Hessian but its observer "
-                          f"gave {tuple(hessian.shape)}; exclude this layer or use method='local_hessian'")
-    split = layout.shard_axis == 1 and layout.is_sharded
-    group = ctx.group(layout.shard_group) if split else None
-    offset = layout.offset[1] if split else 0
-    earlier = relay.incoming(tuple(w.shape), group, w.device) if split and offset else ()
-    result = gptq_quantize(w, hessian, g, scales=config.gptq_scales, timing=config.gptq_scale_timing.value,
-                           damp=config.gptq_damp, kernels=config.kernels, offset=offset, earlier=earlier,
-                           keep_errors=split and offset + w.shape[1] < cin)
-    if result.errors is not None:
-        relay.send(result.errors, group)
-    with torch.no_grad():
-        w.copy_(result.weight)
-    return result.block_amax, Method.GPTQ, result.dead
-
-
 def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
            show_progress: bool = True, ctx: ParallelContext = SINGLE_PROCESS) -> dict[str, SlotState]:
     """Block scales of every slot's local shard (inside ``local_shards(model)``).
@@ -249,6 +218,7 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
     betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
     states: dict[str, SlotState] = {}
     stacked = search_stacked(inventory.slots, stats, config, betas)  # fused experts, per projection
+    factors = FactorCache([s for s in inventory.slots if s.name not in stacked], stats.inputs, config)
     for slot in progress(inventory.slots, desc="search", enabled=show_progress):
         if slot.name in stacked:
             states[slot.name] = stacked[slot.name]
@@ -259,13 +229,14 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
         method = config.method
         if method in (Method.LOCAL_HESSIAN, Method.GPTQ) and hessian is None:
             method = Method.MSE  # weight-only objective for weights no token reached
-        if method is Method.GPTQ and not bool(inputs.hessian_sum.diagonal().any()):
+        w = local_weight(slot).detach()
+        factor = factors.get(slot, inputs, w.device) if method is Method.GPTQ else None
+        if factor is not None and all_dead(factor):
             method, hessian = Method.MSE, None  # every input channel dead: nothing to compensate
         g = stats.global_amax[slot.fused_group]
-        w = local_weight(slot).detach()
         empty = 0
         if w.numel() and method is Method.GPTQ:
-            block_amax, method, _ = _gptq_one(slot, w, g, inputs, config, ctx, relay)
+            block_amax, method, _ = gptq_one(slot, w, g, factor, config, ctx, relay)
             beta, empty = None, int(empty_hessian_blocks(hessian).sum())
         elif w.numel():
             block_amax, beta, method, empty = _search_one(w, g, method, hessian, betas, config)
@@ -276,6 +247,7 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
             global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
             input_amax=inputs.amax.clone() if (config.quantize_inputs and inputs is not None) else None,
             tokens=tokens, dead=stats.observed and tokens == 0, empty_blocks=empty)
+        factors.done(slot)
     relay.finish()
     return states
 

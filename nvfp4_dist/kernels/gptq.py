@@ -39,18 +39,20 @@ so TP=1, 2, 4 ... agree bit for bit; the ranks run one after another on a weight
 waits for rank r-1's errors), pipelined over the weights by the caller.
 
 Memory of a rank at its peak (cin: the weight's input channels; rows x c: its local shard):
-  * statistics: one full ``[cin, cin]`` float64 Hessian per statistics key (q/k/v share one,
+  * statistics: one full ``[cin, cin]`` float64 Hessian sum per statistics key (q/k/v share one,
     gate/up share one; one per expert and projection; a row-parallel rank holds the WHOLE
-    ``cin x cin``, not its share). One-shot mode keeps every key's full Hessian until quantize()
-    returns (``QuantResult.statistics``); the sequential mode (``gptq_sequential``) holds one
-    layer group's at a time and keeps only their 16x16 diagonal blocks afterwards;
-  * per weight, during its GPTQ: the normalised Hessian (a float64 ``[cin, cin]`` copy) and,
-    while it is factorised, at most two more ``[cin, cin]`` float64 temporaries (dropped before
-    the sweep); then U's columns of the shard, ``[cin, c]`` fp32 (``[cin, cin]`` for a whole
-    weight); the working copy, Q and (row-parallel) the outgoing errors, ``[rows, c]`` fp32 each;
-    a ``[rows, 128]`` fp32 lazy-update buffer; on rank r of a row-parallel group the incoming
-    errors, r buffers ``[rows, c]`` fp32 (and its previous weight's outgoing errors until the
-    later ranks have received them);
+    ``cin x cin``, not its share) until the key's factor is taken (:class:`GPTQFactor`, once per
+    key, the sum reduced to its diagonal 16x16 blocks on the way); the sequential mode
+    (``gptq_sequential``) observes one layer group at a time, so one layer's sums at most;
+  * per key, while it is factorised: the normalised Hessian, float64, factorised in place
+    (:func:`gptq_factor` with ``consume``; cuSOLVER's Cholesky inverse takes one working copy:
+    two ``[cin, cin]`` float64 matrices at most), then U's columns of the key's shards, ``[cin, c]``
+    fp32, kept until the key's last weight is done;
+  * per weight, during its GPTQ: the working copy and (row-parallel) the outgoing errors,
+    ``[rows, c]`` fp32 each (Q only when asked for: ``keep_quant``); a ``[rows, 128]`` fp32
+    lazy-update buffer; on rank r of a row-parallel group the incoming errors, r buffers
+    ``[rows, c]`` fp32 (and its previous weight's outgoing errors until the later ranks have
+    received them);
   * the weight shard itself, updated in place; never the whole weight of a sharded layer.
 
 Output: ``W'`` (the pre-quantization values, in ``w.dtype``) with ``fake_quant(W', block_amax,
@@ -93,27 +95,93 @@ def block_hessians(full: torch.Tensor) -> torch.Tensor:
     return full.reshape(nb, BLOCK_SIZE, nb, BLOCK_SIZE).diagonal(dim1=0, dim2=2).permute(2, 0, 1).float()
 
 
-def inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, dead)``: the upper Cholesky factor of the damped ``H^-1`` (float64) and the bool mask
-    of dead input channels (``H_jj == 0``, given a unit diagonal first, as GPTQ does)."""
-    h = hessian.to(torch.float64).clone()
+def _factor_in_place(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Overwrite the float64 Hessian ``h`` (column-major, see :func:`gptq_factor`) with the upper
+    Cholesky factor of its damped inverse; returns the dead-channel mask.
+
+    Dead channels (``H_jj == 0``) get a unit diagonal first, then ``damp * mean(diag)`` is added
+    to the whole diagonal (the mean taken after the unit entries, as GPTQ does)."""
     diag = h.diagonal()
     dead = diag == 0
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * diag.mean())
-    lower, info = torch.linalg.cholesky_ex(h)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    # in place: ``h`` has the column-major layout LAPACK/cuSOLVER write, so no copy is made
+    torch.linalg.cholesky_ex(h, out=(h, info))
     if int(info) != 0:
         raise CalibrationError(
             f"GPTQ: the damped Hessian ({h.shape[0]} input channels) is not positive definite "
             f"(damp={damp}); raise gptq_damp (e.g. 0.1)")
-    del h  # at most two [cin, cin] float64 temporaries at a time (module docstring: memory)
-    inverse = torch.cholesky_inverse(lower)
-    del lower
-    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    torch.cholesky_inverse(h, out=h)  # (CUDA takes one working copy of the factor here)
+    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
     if int(info) != 0:
         raise CalibrationError(f"GPTQ: the inverse Hessian lost positive definiteness in float64 "
                                f"(damp={damp}); raise gptq_damp (e.g. 0.1)")
-    return upper, dead
+    return dead
+
+
+def column_major_f64(n: int, device=None) -> torch.Tensor:
+    """An empty float64 ``[n, n]`` laid out column-major (the layout LAPACK/cuSOLVER factorise
+    in place)."""
+    return torch.empty_strided((n, n), (1, n), dtype=torch.float64, device=device)
+
+
+def _column_major_copy(hessian: torch.Tensor, device=None) -> torch.Tensor:
+    """A float64 copy of ``hessian`` (the same matrix), laid out column-major."""
+    out = column_major_f64(hessian.shape[0], device=hessian.device if device is None else device)
+    out.copy_(hessian)
+    return out
+
+
+def inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of the damped ``H^-1`` (float64) and the bool mask
+    of dead input channels (``H_jj == 0``, given a unit diagonal first, as GPTQ does)."""
+    h = _column_major_copy(hessian)
+    dead = _factor_in_place(h, damp)
+    return h.contiguous(), dead  # row-major, as the sweep reads it
+
+
+@dataclass(frozen=True)
+class GPTQFactor:
+    """What GPTQ needs of one statistics key's Hessian, computed once for all the weights that
+    share it (q/k/v, gate/up): ``upper`` the columns ``[start, start + width)`` of U (fp32,
+    row-major: the sweep reads rows of U), ``dead`` the bool mask of dead input channels (all
+    ``cin``), ``blocks`` the diagonal 16x16 blocks of H on those columns (fp32, for the
+    local-Hessian scale search)."""
+
+    upper: torch.Tensor = field(repr=False)
+    dead: torch.Tensor = field(repr=False)
+    blocks: torch.Tensor = field(repr=False)
+    start: int = 0
+
+    @property
+    def columns(self) -> tuple[int, int]:
+        return self.start, self.start + self.upper.shape[1]
+
+
+def gptq_factor(hessian: torch.Tensor, damp: float, *, columns: tuple[int, int] | None = None,
+                consume: bool = False, device=None) -> GPTQFactor:
+    """The :class:`GPTQFactor` of the normalised full Hessian ``hessian [cin, cin]``, for the
+    shards whose input channels are ``columns`` (default: all).
+
+    Memory: ``consume=True`` takes a float64 ``hessian`` laid out column-major
+    (:func:`column_major_f64`) and factorises it in place, so the factorisation holds the one ``[cin, cin]``
+    float64 matrix (plus cuSOLVER's working copy while the inverse is formed) instead of four;
+    the fp32 columns of U are taken at the end. Without ``consume`` a copy is factorised.
+    """
+    cin = hessian.shape[0]
+    start, stop = columns or (0, cin)
+    if start % BLOCK_SIZE or stop % BLOCK_SIZE or not 0 <= start < stop <= cin:
+        raise ValueError(f"GPTQ factor columns {columns} must be whole 16-column blocks of {cin}")
+    blocks = block_hessians(hessian)[start // BLOCK_SIZE:stop // BLOCK_SIZE].to(device).contiguous()
+    column_major = hessian.dtype == torch.float64 and hessian.mT.is_contiguous()
+    h = hessian.to(device) if (consume and column_major) else _column_major_copy(hessian, device)
+    del hessian  # consumed: the caller's reference is the only other one
+    dead = _factor_in_place(h, damp)
+    upper = torch.empty(cin, stop - start, dtype=torch.float32, device=h.device)
+    upper.copy_(h[:, start:stop])
+    del h
+    return GPTQFactor(upper=upper, dead=dead, blocks=blocks, start=start)
 
 
 def _scales(w: torch.Tensor, g: torch.Tensor, objective: Method, hessian, kernels) -> torch.Tensor:
@@ -137,43 +205,49 @@ def _apply_earlier(work: torch.Tensor, earlier, u_cols: torch.Tensor, offset: in
         raise ValueError(f"GPTQ: earlier errors cover columns [0, {expected}), expected [0, {offset})")
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, global_amax: torch.Tensor,
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | GPTQFactor, global_amax: torch.Tensor,
                   scales: Method = Method.MSE, timing: str = "group", damp: float = 0.01,
                   kernels: KernelImpl = KernelImpl.AUTO, *, offset: int = 0, earlier=(),
-                  keep_errors: bool = False) -> GPTQResult:
+                  keep_errors: bool = False, keep_quant: bool = True) -> GPTQResult:
     """GPTQ of ``w [rows, c]``, the input channels ``[offset, offset + c)`` of a weight whose
     full Hessian is ``hessian [cin, cin]`` (see the module docstring); ``timing`` is ``"before"``
-    or ``"group"``.
+    or ``"group"``. ``hessian`` may instead be the key's :class:`GPTQFactor` (``damp`` is then
+    the factor's), computed once for every weight sharing the Hessian.
 
     A shard that does not start at column 0 (row-parallel, ``offset > 0``) first takes the scaled
     errors of every earlier column from ``earlier``: an iterable of ``(start, err [rows, width])``
     in column order covering ``[0, offset)`` (consumed lazily, so the chunks may still be
     arriving). ``keep_errors``: return this shard's own scaled errors (``GPTQResult.errors``), for
-    the shards after it.
+    the shards after it. ``keep_quant=False``: no ``[rows, c]`` copy of Q is kept
+    (``GPTQResult.quant`` is None; Q is ``fake_quant(W', block_amax, g)``).
     """
     rows, c = w.shape
-    cin = hessian.shape[0]
-    if c % BLOCK_SIZE or offset % BLOCK_SIZE or hessian.shape != (cin, cin) or offset + c > cin:
+    factor = hessian if isinstance(hessian, GPTQFactor) else None
+    cin = factor.dead.shape[0] if factor is not None else hessian.shape[0]
+    if (c % BLOCK_SIZE or offset % BLOCK_SIZE or offset + c > cin
+            or (factor is None and hessian.shape != (cin, cin))):
+        shape = "factor" if factor is not None else f"H {tuple(hessian.shape)}"
         raise ValueError(f"GPTQ needs whole 16-column blocks and a [cin, cin] Hessian covering the shard "
-                         f"(w {tuple(w.shape)} at column {offset}, H {tuple(hessian.shape)})")
+                         f"(w {tuple(w.shape)} at column {offset}, {shape})")
     timing = getattr(timing, "value", timing)
     if timing not in ("before", "group"):
         raise ValueError(f"timing must be 'before' or 'group', got {timing!r}")
     dtype, device = w.dtype, w.device
     g = global_amax.to(device=device, dtype=torch.float32)
-    upper, dead = inverse_factor(hessian.to(device), damp)
+    if factor is None:
+        factor = gptq_factor(hessian, damp, device=device)
     # This shard's columns of U, every row (rows < offset carry the earlier columns' updates);
-    # the float64 factor is dropped as soon as its fp32 columns are taken. The factor comes
-    # column-major from LAPACK; the sweep reads rows of U, so they are laid out row-major here
-    # once (else every block's step and update would copy its rows of U first).
-    u = upper[:, offset:offset + c].to(torch.float32, memory_format=torch.contiguous_format)
-    del upper
-    dead = dead[offset:offset + c]
+    # row-major (the factor's layout), so the steps read contiguous rows of U.
+    if not factor.start <= offset <= offset + c <= factor.columns[1]:
+        raise ValueError(f"GPTQ factor covers columns {factor.columns}, not the shard's [{offset}, {offset + c})")
+    u = factor.upper[:, offset - factor.start:offset - factor.start + c].to(device)
+    dead = factor.dead[offset:offset + c].to(device)
     work = w.detach().float().clone()
     work[:, dead] = 0.0
     bh = None
     if scales is Method.LOCAL_HESSIAN:
-        bh = block_hessians(hessian.to(device))[offset // BLOCK_SIZE:(offset + c) // BLOCK_SIZE].contiguous()
+        first = (offset - factor.start) // BLOCK_SIZE
+        bh = factor.blocks[first:first + c // BLOCK_SIZE].to(device)
     nb = c // BLOCK_SIZE
     if timing == "before":  # scales of the weight before any update, earlier shards' included
         block_amax = _scales(work.to(dtype), g, scales, bh, kernels).float()
@@ -181,7 +255,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, global_amax: torch.Ten
         block_amax = torch.empty(rows, nb, dtype=torch.float32, device=device)
     if offset:
         _apply_earlier(work, earlier, u, offset, kernels)
-    quant = torch.empty(rows, c, dtype=torch.float32, device=device)
+    # Q per block: all of it, or one [rows, 16] scratch every step overwrites
+    quant = torch.empty(rows, c if keep_quant else BLOCK_SIZE, dtype=torch.float32, device=device)
     errors = torch.empty(rows, c, dtype=torch.float32, device=device) if keep_errors else None
     own = u[offset:offset + c]  # [c, c]: this shard's rows and columns of U
     search = scales if timing == "group" else None
@@ -200,7 +275,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, global_amax: torch.Ten
         if c1 == s1 and s1 < c:
             far = (work[:, s1:], pending[:, :s1 - s0], own[s0:s1, s1:])
         steps.append((work[:, c0:s1], own[c0:c1, c0:s1], block_amax[:, b], None if bh is None else bh[b],
-                      None if floors is None else floors[b], quant[:, c0:c1], pending[:, c0 - s0:c1 - s0],
+                      None if floors is None else floors[b], quant[:, c0:c1] if keep_quant else quant, pending[:, c0 - s0:c1 - s0],
                       None if errors is None else errors[:, c0:c1], far))
     for cols, u_rows, amax, h, floor, q, err, kept, far in steps:
         # one launch on the GPU: search (timing "group"), sweep, in-span update
@@ -209,5 +284,5 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, global_amax: torch.Ten
             kept.copy_(err)
         if far is not None:  # the span is done: its errors, in block order, to every column after it
             propagate(*far, kernels)
-    return GPTQResult(weight=work.to(dtype), quant=quant, block_amax=block_amax, dead=int(dead.sum()),
-                      errors=errors)
+    return GPTQResult(weight=work.to(dtype), quant=quant if keep_quant else None, block_amax=block_amax,
+                      dead=int(dead.sum()), errors=errors)

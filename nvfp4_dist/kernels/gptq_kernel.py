@@ -87,7 +87,7 @@ def _sweep_block(block_ptr, u_ptr, scale_ptr, s_ptr, quant_ptr, err_ptr, rows, s
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
     quant = tl.zeros([ROWS, 16], dtype=tl.float32)
     err = tl.zeros([ROWS, 16], dtype=tl.float32)
-    for k in tl.static_range(16):
+    for k in range(16):  # a loop, not unrolled (one copy to compile; see _block_step)
         here = col[None, :] == k
         # column k: an integer sum of its bits and 15 zeros (exact, -0.0 kept)
         x = tl.sum(tl.where(here, tile.to(tl.int32, bitcast=True), 0), axis=1).to(tl.float32, bitcast=True)
@@ -99,9 +99,8 @@ def _sweep_block(block_ptr, u_ptr, scale_ptr, s_ptr, quant_ptr, err_ptr, rows, s
         e = tl.math.div_rn(x - q, tl.load(u_ptr + k * stride_u + k))
         quant = tl.where(here, q[:, None], quant)
         err = tl.where(here, e[:, None], err)
-        if k < 15:
-            u = tl.load(u_ptr + k * stride_u + col)  # row k of the block's U (columns > k used)
-            tile = tl.where(col[None, :] > k, tile - e[:, None] * u[None, :], tile)
+        u = tl.load(u_ptr + k * stride_u + col)  # row k of the block's U (columns > k used)
+        tile = tl.where(col[None, :] > k, tile - e[:, None] * u[None, :], tile)
     tl.store(src, tile, mask=rmask[:, None])
     out = r.to(tl.int64)[:, None] * 16 + col[None, :]
     tl.store(quant_ptr + out, quant, mask=rmask[:, None])
@@ -201,7 +200,9 @@ def _block_step(cols_ptr, u_ptr, bamax_ptr, g_ptr, ratio_ptr, v_ptr, h_ptr, kapp
         rest = tl.load(rest_src, mask=rmask2, other=0.0)
     quant = tl.zeros([ROWS, 16], dtype=tl.float32)
     err = tl.zeros([ROWS, 16], dtype=tl.float32)
-    for k in tl.static_range(16):
+    # a loop, not unrolled: one copy of the step to compile (the column is selected by masks; at
+    # k = 15 no column is later, so the in-block update changes nothing)
+    for k in range(16):
         here = col[None, :] == k
         x = tl.sum(tl.where(here, tile.to(tl.int32, bitcast=True), 0), axis=1).to(tl.float32, bitcast=True)
         x = _round_to(x, DTYPE)
@@ -211,9 +212,8 @@ def _block_step(cols_ptr, u_ptr, bamax_ptr, g_ptr, ratio_ptr, v_ptr, h_ptr, kapp
         e = tl.math.div_rn(x - q, tl.load(u_ptr + k * stride_u + k))
         quant = tl.where(here, q[:, None], quant)
         err = tl.where(here, e[:, None], err)
-        if k < 15:
-            u = tl.load(u_ptr + k * stride_u + col)
-            tile = tl.where(col[None, :] > k, tile - e[:, None] * u[None, :], tile)
+        u = tl.load(u_ptr + k * stride_u + col)
+        tile = tl.where(col[None, :] > k, tile - e[:, None] * u[None, :], tile)
         if REST > 0:  # the rest of the span takes e_k now: per element, propagate's order
             ur = tl.load(u_ptr + k * stride_u + 16 + rc, mask=cmask, other=0.0)
             rest = rest - e[:, None] * ur[None, :]
@@ -281,6 +281,10 @@ def launch_sweep_block(block: torch.Tensor, u_block: torch.Tensor, scale: torch.
 # 4096-row weight; the interpreter takes them in one program.
 STEP_ROWS_HESSIAN = 64
 STEP_ROWS = 32
+# The rest of the span a step updates, as a tile width: one width for every block of a 128-column
+# span (at most 112 columns after the block; masked), so the GPU compiles one step per search and
+# dtype instead of one per power of two. The interpreter takes the exact width (it pays per value).
+STEP_REST = 128
 SEARCH_CODES = {None: 0, "mse": 1, "local_hessian": 2}
 
 
@@ -304,6 +308,10 @@ def launch_block_step(cols: torch.Tensor, u_rows: torch.Tensor, block_amax: torc
         tile = STEP_ROWS
     else:
         tile = min(INTERPRETER_ELEMS // max(16, _pow2(width)), _pow2(rows))
+    if cols.is_cuda:
+        rest = max(STEP_REST, _pow2(n_rest))
+    else:
+        rest = _pow2(n_rest) if n_rest > 0 else 0
     dummy = g  # pointer arguments the chosen path never reads
     _block_step[(triton.cdiv(rows, tile),)](
         cols_ptr=cols, u_ptr=u_rows, bamax_ptr=block_amax, g_ptr=g, ratio_ptr=ratios, v_ptr=values,
@@ -311,7 +319,7 @@ def launch_block_step(cols: torch.Tensor, u_rows: torch.Tensor, block_amax: torc
         quant_ptr=quant, err_ptr=err, rows=rows, n_rest=n_rest, stride_cols=cols.stride(0),
         stride_u=u_rows.stride(0), stride_bamax=block_amax.stride(0), stride_quant=quant.stride(0),
         stride_err=err.stride(0), DTYPE=_DTYPE_CODES[dtype], SEARCH=code, BF16_DOT=cols.is_cuda, ROWS=tile,
-        REST=_pow2(n_rest) if n_rest > 0 else 0, num_warps=4, enable_fp_fusion=False)
+        REST=rest, num_warps=4, enable_fp_fusion=False)
 
 
 def launch_propagate(rest: torch.Tensor, err: torch.Tensor, u_rows: torch.Tensor) -> None:

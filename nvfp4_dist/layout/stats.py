@@ -25,8 +25,9 @@ holds the full ``[cin, cin]`` Hessian with its cross terms; ``local_cols`` names
 channels, and :meth:`InputStats.hessian` returns the diagonal blocks of those channels only (what
 the block-scale searches and the report of the local shard read).
 
-:meth:`InputStats.blocks_only` drops a full Hessian down to its (local) diagonal blocks once GPTQ
-has used it: the sequential mode keeps one layer group's full Hessians at a time.
+:meth:`InputStats.take_full_hessian` hands GPTQ the normalised full matrix (column-major, for an
+in-place factorisation) and reduces the statistics to their (local) diagonal blocks at once, as
+:meth:`InputStats.blocks_only` does for a copy: the float64 sum is freed before the factorisation.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from ..numerics.constants import BLOCK_SIZE
 
 # Tokens per chunk when forming x_b x_b^T, bounding the temporary to ~chunk * cin floats.
 _TOKEN_CHUNK = 4096
+# Columns per step when a full Hessian is normalised (a [cin, 1024] float64 temporary at most).
+_NORMALISE_COLUMNS = 1024
 
 
 @dataclass
@@ -81,7 +84,7 @@ class InputStats:
         for start in range(0, x.shape[0], _TOKEN_CHUNK):
             xb = x[start:start + _TOKEN_CHUNK].float().to(self.accum_dtype)
             if self.full:
-                self.hessian_sum += xb.T @ xb
+                self.hessian_sum.addmm_(xb.T, xb)  # in place: no [cin, cin] product temporary
                 continue
             xb = xb.reshape(-1, self.cin // BLOCK_SIZE, BLOCK_SIZE)
             # [nb, n, 16]^T @ [nb, n, 16] -> [nb, 16, 16]
@@ -106,6 +109,28 @@ class InputStats:
         tokens = torch.tensor(float(self.tokens), dtype=self.hessian_sum.dtype, device=self.hessian_sum.device)
         # rounded to fp32 once (see the module docstring), float64 for the Cholesky factorisations
         return (self.hessian_sum / tokens).float().to(torch.float64)
+
+    def take_full_hessian(self) -> torch.Tensor | None:
+        """:meth:`full_hessian`, laid out column-major (what GPTQ factorises in place), with these
+        statistics reduced to their (local) diagonal blocks on the way, as :meth:`blocks_only`:
+        the float64 ``[cin, cin]`` sum is freed before the caller factorises, so the two never
+        live together. None (and nothing changed) without full statistics or tokens."""
+        if not self.full or self.hessian_sum is None or self.tokens == 0:
+            return None
+        total = self.hessian_sum
+        tokens = torch.tensor(float(self.tokens), dtype=total.dtype, device=total.device)
+        out = torch.empty_strided(total.shape, (1, total.shape[0]), dtype=torch.float64, device=total.device)
+        # the same values as full_hessian(), a slice of columns at a time (small temporaries)
+        for start in range(0, total.shape[1], _NORMALISE_COLUMNS):
+            part = slice(start, start + _NORMALISE_COLUMNS)
+            out[:, part] = (total[:, part] / tokens).float()
+        self._drop_full()
+        return out
+
+    def _drop_full(self) -> None:
+        """Become :meth:`blocks_only`'s statistics in place (the store keeps this object)."""
+        reduced = self.blocks_only()
+        self.cin, self.hessian_sum, self.full, self.local_cols = reduced.cin, reduced.hessian_sum, False, None
 
     def _local_blocks(self) -> torch.Tensor:
         """The diagonal 16x16 blocks of the full sum on this rank's channels ``[nb, 16, 16]``."""

@@ -13,10 +13,11 @@ from small_model import small_hf_model, small_tokens
 
 from nvfp4_dist import QuantConfig, quantize
 from nvfp4_dist.calib import stages
-from nvfp4_dist.calib.discover import Inventory
+from nvfp4_dist.calib.discover import Inventory, discover
 from nvfp4_dist.calib.pipeline import layer_groups
 from nvfp4_dist.cli import build_parser
 from nvfp4_dist.errors import ConfigError, LayoutError
+from nvfp4_dist.kernels.gptq import block_hessians
 from nvfp4_dist.kernels.types import Method
 from nvfp4_dist.layout.roles import GroupRole
 from nvfp4_dist.layout.slots import ShardLayout, WeightSlot
@@ -26,6 +27,15 @@ from nvfp4_dist.parallel.context import SINGLE_PROCESS
 
 def _loop(tokens):
     return lambda model: [model(tokens[i:i + 4]) for i in range(0, tokens.shape[0], 4)]
+
+
+def _full_hessians(model, config, loop) -> dict[str, torch.Tensor]:
+    """slot name -> the normalised full input Hessian GPTQ uses (one-shot: the unquantized
+    model's), observed on ``model`` (left unchanged): quantize() keeps only the 16x16 diagonal
+    blocks once a key's factor is taken."""
+    inventory = discover(model, config, SINGLE_PROCESS)
+    store = stages.observe(model, inventory, config, loop)
+    return {s.name: store[s.stats_key].full_hessian() for s in inventory.slots}
 
 
 def _out_err(w, q, h):
@@ -59,20 +69,23 @@ def small_run():
     model = small_hf_model()
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     tokens = small_tokens()
+    hessians = _full_hessians(small_hf_model(), QuantConfig(method="gptq"), _loop(tokens))
     result = quantize(model, QuantConfig(method="gptq"), _loop(tokens), ctx=SINGLE_PROCESS, show_progress=False)
-    return model, original, result, tokens
+    return model, original, result, tokens, hessians
 
 
 def test_weights_hold_gptq_result_and_state_reproduces_q(small_run):
-    model, original, result, tokens = small_run
+    model, original, result, tokens, hessians = small_run
     for slot in result.slots:
         state = result.states[slot.name]
         assert state.method is Method.GPTQ
         w = slot.module.weight.detach()
         assert not torch.equal(w, original[slot.name + ".weight"]), slot.name  # W' was written
         assert torch.equal(slot.module.weight_nvfp4_block_amax, state.block_amax)
-        h = result.statistics.of(slot).full_hessian()
+        h = hessians[slot.name]
         assert h.shape == (w.shape[1], w.shape[1])
+        # what the run keeps: the diagonal blocks of that Hessian
+        assert torch.equal(result.statistics.of(slot).hessian(), block_hessians(h))
         q = nvfp4.fake_quant(w, state.block_amax, state.global_amax)
         # GPTQ lowers the layer output error against the original weight vs RTN of the same weight
         w0 = original[slot.name + ".weight"]
@@ -87,11 +100,13 @@ def test_weights_hold_gptq_result_and_state_reproduces_q(small_run):
 
 
 def test_fused_siblings_share_the_full_hessian(small_run):
-    _, _, result, _ = small_run
+    _, _, result, _, hessians = small_run
     keys = {s.name: s.stats_key for s in result.slots}
     q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
-    assert keys[q] == keys[k]
-    assert result.statistics.inputs[keys[q]].full
+    assert keys[q] == keys[k] and torch.equal(hessians[q], hessians[k])
+    # factorised once for both, the full sum then dropped: the statistics keep the 16x16 blocks
+    kept = result.statistics.inputs[keys[q]]
+    assert not kept.full and kept.hessian_sum.shape == (hessians[q].shape[0] // 16, 16, 16)
 
 
 def test_sequential_layer_by_layer():
@@ -160,15 +175,14 @@ def test_tiny_dense_quality():
     include = ("model.layers.0.mlp.up_proj",)
     errors, logit_errors = {}, {}
     original = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    hessians = None
+    config = QuantConfig(method="gptq", include=include, quantize_inputs=False)
+    hessians = _full_hessians(copy.deepcopy(reference), config, _loop(tokens))
     for method in ("gptq", "mse"):
         model = copy.deepcopy(reference)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = quantize(model, QuantConfig(method=method, include=include, quantize_inputs=False),
                          _loop(tokens), ctx=SINGLE_PROCESS, show_progress=False)
-        if method == "gptq":
-            hessians = {s.name: r.statistics.of(s).full_hessian() for s in r.slots}
         errors[method] = sum(
             _out_err(original[s.name + ".weight"],
                      nvfp4.fake_quant(s.module.weight.detach(), r.states[s.name].block_amax,

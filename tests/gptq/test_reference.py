@@ -10,7 +10,7 @@ import torch
 
 from nvfp4_dist.errors import CalibrationError
 from nvfp4_dist.kernels.dispatch import search_block_scales
-from nvfp4_dist.kernels.gptq import block_hessians, gptq_quantize, inverse_factor
+from nvfp4_dist.kernels.gptq import block_hessians, gptq_factor, gptq_quantize, inverse_factor
 from nvfp4_dist.kernels.gptq_ops import propagate, sweep_block
 from nvfp4_dist.kernels.types import KernelImpl, Method
 from nvfp4_dist.layout.stats import InputStats, StatsStore
@@ -205,3 +205,33 @@ def test_fused_block_steps_equal_the_plain_loop(timing, scales, dtype):
     assert torch.equal(r.weight.view(torch.uint8), weight.view(torch.uint8))
     assert torch.equal(r.quant.view(torch.int32), quant.view(torch.int32))
     assert torch.equal(r.block_amax, amax)
+
+
+def test_factor_shared_by_weights_and_consumed_in_place():
+    """One factorisation serves every weight of a key: GPTQ with the key's GPTQFactor (taken from
+    the statistics, in place) equals GPTQ with the Hessian bit for bit, also without keeping Q
+    and for a column shard of the factor; taking the Hessian leaves the statistics their 16x16
+    diagonal blocks (the same per-block Hessians as before)."""
+    w, _, x = _problem(rows=16, cin=64, dead=(5,))
+    stats = InputStats(cin=64, with_hessian=True, full=True)
+    stats.update(x.float())
+    h = stats.full_hessian()
+    blocks = stats.hessian()
+    taken = stats.take_full_hessian()
+    assert taken.mT.is_contiguous() and torch.equal(taken, h)  # column-major, the same matrix
+    assert not stats.full and stats.full_hessian() is None and torch.equal(stats.hessian(), blocks)
+    factor = gptq_factor(taken, 0.01, consume=True)
+    g = w.abs().amax()
+    for scales in (Method.MSE, Method.LOCAL_HESSIAN):
+        ref = gptq_quantize(w, h, g, scales, "group", 0.01)
+        got = gptq_quantize(w, factor, g, scales, "group", keep_quant=False)
+        assert got.quant is None and got.dead == ref.dead == 1
+        assert torch.equal(got.weight, ref.weight) and torch.equal(got.block_amax, ref.block_amax)
+    # the factor of a shard's columns [32, 64): the second half of the row-parallel sweep
+    half = gptq_factor(h, 0.01, columns=(32, 64))
+    errors = gptq_quantize(w[:, :32], h, g, Method.MSE, "group", 0.01, keep_errors=True).errors
+    a = gptq_quantize(w[:, 32:], h, g, Method.MSE, "group", 0.01, offset=32, earlier=[(0, errors)])
+    b = gptq_quantize(w[:, 32:], half, g, Method.MSE, "group", offset=32, earlier=[(0, errors)])
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.block_amax, b.block_amax)
+    with pytest.raises(ValueError, match="factor covers columns"):
+        gptq_quantize(w[:, :32], half, g, Method.MSE, "group")
