@@ -21,9 +21,11 @@ picks fewer). Extra modes, each its own table:
 * ``--breakdown``: quantize()'s stages run by hand, observe / reduce / search split into dense
   linears and fused experts (observe: the forward with only that kind's observers, less a plain
   forward);
-* ``--qat``: the fake-quant forward (W4A4 weights fake-quantized in every forward, what QAT runs)
-  against the same forward with a plain copy of each weight in its place, and the kernel launches
-  of one stacked-experts fake-quant;
+* ``--qat``: the fake-quant forward (W4A4: weights and inputs fake-quantized in every forward,
+  what QAT runs) against the same forward with a plain copy of each weight in its place, the same
+  with the fused experts' W4A4 forward as the per-expert loop (the reference) instead of all
+  experts at once, one experts module's W4A4 forward both ways against its own unquantized
+  forward, and the kernel launches of one stacked-experts fake-quant;
 * ``--modelopt``: ModelOpt's ``NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG`` on a fresh model of the same
   shapes, after a one-layer warm-up that builds its CUDA extension (needs ``nvidia-modelopt``
   importable; see benchmarks/bench_gptq.py for installing it on the GPU machine); ``--no-ours``
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import time
 
@@ -49,6 +52,7 @@ from nvfp4_dist.calib import stages
 from nvfp4_dist.calib.apply import fake_quant_param, remove_fake_quant
 from nvfp4_dist.calib.discover import Inventory, discover
 from nvfp4_dist.calib.state import SUFFIXES, buffer_name
+from nvfp4_dist.parallel.hf_experts_w4a4 import experts_forward_w4a4, experts_forward_w4a4_loop
 from nvfp4_dist.parallel.access import local_shards
 from nvfp4_dist.parallel.context import SINGLE_PROCESS
 
@@ -76,6 +80,20 @@ def build_model(args, device: torch.device) -> torch.nn.Module:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
+
+
+def calibration_loop(args, device: torch.device):
+    """``forward_loop(model)`` over ``args.samples x args.seq`` random tokens (seed 1), in batches
+    of ``args.batch``: the calibration data of every benchmark built on this model."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(args.vocab, (args.samples, args.seq), generator=gen).to(device)
+
+    def forward_loop(model):
+        with torch.no_grad():
+            for start in range(0, args.samples, args.batch):
+                model(input_ids=tokens[start:start + args.batch], use_cache=False)
+
+    return forward_loop
 
 
 def sync(device: torch.device) -> None:
@@ -197,8 +215,25 @@ def _experts_param(model):
 def run_qat(args, device, model, forward_loop) -> list[str]:
     """Forward seconds with fake-quant weights against a plain copy of each weight in their place."""
     quantize(model, QuantConfig(method="max"), forward_loop, show_progress=False)
+    w4a4 = [m for m in model.modules()
+            if isinstance(m.forward, functools.partial) and m.forward.func is experts_forward_w4a4]
+    seen = []  # the first experts module's inputs (args, kwargs) in the first batch
+    hooks = [m.register_forward_pre_hook(lambda _m, a, kw: seen.append((a, kw)) if not seen else None,
+                                         with_kwargs=True) for m in w4a4[:1]]
     forward_loop(model)
+    for hook in hooks:
+        hook.remove()
     fq_s, _ = timed(device, lambda: forward_loop(model))
+    loop_s, module_rows = None, []
+    if w4a4:
+        grouped = {m: m.forward for m in w4a4}
+        for m in w4a4:  # the same quantization, expert by expert
+            m.forward = functools.partial(experts_forward_w4a4_loop, *m.forward.args)
+        forward_loop(model)
+        loop_s, _ = timed(device, lambda: forward_loop(model))
+        for m, forward in grouped.items():
+            m.forward = forward
+        module_rows = experts_w4a4_rows(device, w4a4[0], *seen[0])
     hooked = [m for m in model.modules() if hasattr(m, "_nvfp4_fake_quant_handles")]
     params = {m: [n for n, _ in m.named_parameters(recurse=False) if hasattr(m, buffer_name(n, "block_amax"))]
               for m in hooked}
@@ -224,14 +259,59 @@ def run_qat(args, device, model, forward_loop) -> list[str]:
     for h in handles:
         h.remove()
     plain_s, _ = timed(device, lambda: forward_loop(model))
-    rows = [f"| forward, fake-quant weights | {fq_s:.3f} | {fq_s / copy_s:.2f} |",
-            f"| forward, a copy of each weight | {copy_s:.3f} | 1.00 |",
-            f"| forward, plain | {plain_s:.3f} | {plain_s / copy_s:.2f} |"]
+    rows = [f"| forward, fake-quant weights and inputs (W4A4{', experts all at once' if w4a4 else ''}) | "
+            f"{fq_s:.3f} | {fq_s / copy_s:.2f} |"]
+    if loop_s is not None:
+        rows.append(f"| forward, the same with the W4A4 experts as the per-expert loop | "
+                    f"{loop_s:.3f} | {loop_s / copy_s:.2f} |")
+    rows += [f"| forward, a copy of each weight | {copy_s:.3f} | 1.00 |",
+             f"| forward, plain | {plain_s:.3f} | {plain_s / copy_s:.2f} |"] + module_rows
     found = _experts_param(model)
     if found is not None:
         rows += experts_fake_quant_rows(device, *found)  # the quantizer buffers are still there
     strip_quantization(model)
     return rows
+
+
+def _gpu_kernels(device, fn) -> str:
+    """Number of GPU kernels ``fn()`` launches (CUDA profiler), "n/a" off the GPU."""
+    if device.type != "cuda":
+        return "n/a"
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return str(sum(1 for e in prof.events() if e.device_type.name == "CUDA"))
+
+
+def experts_w4a4_rows(device, module, args, kwargs) -> list[str]:
+    """One experts module's W4A4 forward on its inputs of one calibration batch: all experts at
+    once (the installed forward) and the per-expert loop, through the module's hooks (the
+    weights' fake-quant included), against the module's own class forward with its unquantized
+    weights (transformers' experts implementation); also both W4A4 forwards called without the
+    module's hooks (inputs fake-quantized, the weights unquantized: the part the two differ in)."""
+    reps = 10 if device.type == "cuda" else 2  # the CPU's weight fake-quant is the torch reference
+    grouped = module.forward
+    loop = functools.partial(experts_forward_w4a4_loop, *grouped.args)
+    cells = []
+    with torch.no_grad():
+        for name, forward, hooked in (
+                ("W4A4, all experts at once", grouped, True), ("W4A4, per-expert loop", loop, True),
+                ("inputs' fake-quant only, all experts at once", grouped, False),
+                ("inputs' fake-quant only, per-expert loop", loop, False),
+                ("unquantized weights, transformers' forward", functools.partial(type(module).forward, module),
+                 False)):
+            module.forward = forward if hooked else grouped
+
+            def call(forward=forward, hooked=hooked):  # without hooks: the parameters themselves
+                return module(*args, **kwargs) if hooked else forward(*args, **kwargs)
+            call()
+            seconds, _ = timed(device, lambda: [call() for _ in range(reps)])
+            cells.append((name, seconds / reps, _gpu_kernels(device, call)))
+    module.forward = grouped
+    tokens = (args[0] if args else kwargs["hidden_states"]).shape[0]
+    return [f"| one experts module's forward ({tokens} tokens), {name} ({kernels} GPU kernels) | "
+            f"{s * 1e3:.3f} ms | {s / cells[-1][1]:.2f} (/ unquantized) |" for name, s, kernels in cells]
 
 
 def experts_fake_quant_rows(device, module, pname) -> list[str]:
@@ -241,13 +321,7 @@ def experts_fake_quant_rows(device, module, pname) -> list[str]:
     reps = 20
     fq_s, _ = timed(device, lambda: [fake_quant_param(module, pname, weight) for _ in range(reps)])
     copy_s, _ = timed(device, lambda: [weight.clone() for _ in range(reps)])
-    launches = "n/a"
-    if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fake_quant_param(module, pname, weight)
-            sync(device)
-        launches = str(sum(1 for e in prof.events() if e.device_type.name == "CUDA"))
+    launches = _gpu_kernels(device, lambda: fake_quant_param(module, pname, weight))
     shape = "x".join(str(d) for d in weight.shape)
     return [f"| one stacked fake-quant {shape} ({launches} GPU kernels) | {fq_s / reps * 1e3:.3f} ms | "
             f"{fq_s / copy_s:.2f} |", f"| one copy {shape} | {copy_s / reps * 1e3:.3f} ms | 1.00 |"]
@@ -308,14 +382,7 @@ def main() -> None:
     if impls != ["default"] and not args.moe:
         parser.error("--experts-impl needs --moe")
     device = torch.device(args.device)
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(args.vocab, (args.samples, args.seq), generator=gen).to(device)
-
-    def forward_loop(model):
-        with torch.no_grad():
-            for start in range(0, args.samples, args.batch):
-                model(input_ids=tokens[start:start + args.batch], use_cache=False)
-
+    forward_loop = calibration_loop(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     kind = (f"Qwen3-MoE, {args.experts} experts top-{args.top_k}, moe_intermediate {args.moe_intermediate}, "
             if args.moe else "Qwen3 ")
@@ -341,7 +408,7 @@ def main() -> None:
                             "|---|---|---|---|---|---|\n" + "\n".join(rows))
         if args.qat:
             rows = run_qat(args, device, model, forward_loop)
-            sections.append(f"QAT forward (method max, W4A4 weights fake-quantized per forward; {args.samples}x"
+            sections.append(f"QAT forward (method max, W4A4: weights and inputs fake-quantized per forward; {args.samples}x"
                             f"{args.seq} tokens):\n\n| forward | s | / copy |\n|---|---|---|\n" + "\n".join(rows))
         del model
         free(device)

@@ -32,7 +32,7 @@ from ..parallel.fsdp import state_for_weight
 from ..parallel.hf_experts import is_fused_experts
 from ..parallel.hf_experts_w4a4 import experts_forward_w4a4, first_projection
 from .checkpoint import register_checkpoint_state
-from .state import SlotState, attach_state, buffer_name, has_state, read_state
+from .state import SlotState, attach_states, buffer_name, has_state, read_state
 
 _HANDLES_ATTR = "_nvfp4_fake_quant_handles"
 _FORWARD_ATTR = "_nvfp4_w4a4_forward"  # set where the fake-quant replaced the forward
@@ -60,10 +60,10 @@ def fake_quant_param(module: nn.Module, param_name: str, weight: torch.Tensor,
 
 
 def fake_quant_activation(x: torch.Tensor, input_amax: torch.Tensor,
-                          kernels: KernelImpl = KernelImpl.AUTO) -> torch.Tensor:
+                          kernels: KernelImpl = KernelImpl.AUTO, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W4A4 input image of ``x [..., K]`` (straight-through under autograd: the gradient
-    reaching x is the gradient of the image)."""
-    fq = fake_quant_input(x.detach(), input_amax, kernels=kernels)
+    reaching x is the gradient of the image); ``row_scale``: per-row indices into ``input_amax``."""
+    fq = fake_quant_input(x.detach(), input_amax, kernels=kernels, row_scale=row_scale)
     if torch.is_grad_enabled() and x.requires_grad:
         return x + (fq - x).detach()
     return fq
@@ -135,11 +135,15 @@ def _experts_w4a4(module: nn.Module, params: list[str]) -> bool:
             and all(hasattr(module, buffer_name(p, "input_amax")) for p in params))
 
 
-def _expert_input(module: nn.Module, x: torch.Tensor, expert: int, param: str,
+def _expert_input(module: nn.Module, x: torch.Tensor, expert, param: str,
                   kernels: KernelImpl = KernelImpl.AUTO) -> torch.Tensor:
-    """W4A4 image of fused expert ``expert``'s input to ``param`` (its own static input scale)."""
+    """W4A4 image of fused experts' input rows ``x`` to ``param``, each under its expert's own
+    static input scale: ``expert`` one index (all rows its), or a tensor of one per row."""
     # FSDP2: a DTensor replicated on every rank (hf_experts_fsdp): its local tensor, no collective
-    return fake_quant_activation(x, local_tensor(getattr(module, buffer_name(param, "input_amax")))[expert], kernels)
+    input_amax = local_tensor(getattr(module, buffer_name(param, "input_amax")))
+    if isinstance(expert, torch.Tensor):  # all experts' rows in one launch
+        return fake_quant_activation(x, input_amax, kernels, row_scale=expert)
+    return fake_quant_activation(x, input_amax[expert], kernels)
 
 
 def remove_fake_quant(module: nn.Module) -> None:
@@ -166,7 +170,6 @@ def apply_states(model: nn.Module, inventory, states: dict[str, SlotState], conf
 def install_states(inventory, states: dict[str, SlotState], config: QuantConfig) -> None:
     """The slots' states as buffers on their modules, which then compute with fake-quant weights
     (apply without the checkpoint hooks: GPTQ's sequential mode, layer group by layer group)."""
-    for slot in inventory.slots:
-        attach_state(slot, states[slot.name])
+    attach_states(inventory.slots, states)  # fused experts: a projection at a time
     for module, _adapter, slots in inventory.modules.values():
         install_fake_quant(module, sorted({s.param_name for s in slots}), kernels=config.kernels)

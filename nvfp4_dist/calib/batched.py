@@ -3,13 +3,21 @@ experts of one MoE projection (same shape, same method) in a few launches instea
 per expert.
 
 Per projection (the slots of one 3-D parameter, every expert present, unsharded, plain tensor):
-the stacked weight ``[E, rows, cin]`` itself (no copy when every expert takes the same
-objective), the experts' global amaxes ``[E]`` and normalised Hessians ``[E, cin/16, 16, 16]``
-go to :func:`~nvfp4_dist.kernels.dispatch.search_block_scales_stacked`, whose results are each
-expert's own search bit for bit. The per-expert rules of :func:`.stages.search` hold expert by
-expert: an expert no token reached, or whose every Hessian block is empty, takes the weight-only
-MSE objective; the empty blocks of the others take the MSE choice (beta 1.0 under DSS).
+the stacked weight ``[E, rows, cin]`` itself (views of it: never copied), the experts' global
+amaxes ``[E]`` and normalised Hessians ``[E, cin/16, 16, 16]`` go to
+:func:`~nvfp4_dist.kernels.dispatch.search_block_scales_stacked`, whose results are each expert's
+own search bit for bit. The per-expert rules of :func:`.stages.search` hold expert by expert: an
+expert no token reached, or whose every Hessian block is empty, takes the weight-only MSE
+objective; the empty blocks of the others take the MSE choice (beta 1.0 under DSS).
 Anything else (GPTQ, sharded or partial expert sets) is left to the per-slot search.
+
+Cost per projection, whatever E (12,288 expert slots in a 48-layer, 128-expert model):
+- memory: the results ``block_amax`` (and DSS ``beta``) ``[E, rows, cin/16]`` fp32, allocated
+  once; each slot's state holds views of them (and of the stacked ``[E]`` global and input
+  amaxes), no per-slot copy. The searches run over chunks of experts whose temporaries stay
+  within :data:`TEMP_BUDGET` and write into the results.
+- work: a fixed number of torch operations per chunk, one host sync for the empty-block counts
+  (one ``tolist``) and one for the token divisor; nothing per expert but Python bookkeeping.
 """
 
 from __future__ import annotations
@@ -23,11 +31,32 @@ from ..kernels.dispatch import search_block_scales_stacked
 from ..kernels.types import Method
 from ..layout.slots import WeightSlot
 from ..numerics import nvfp4
+from ..numerics.constants import BLOCK_SIZE
 from .state import SlotState
 
 # A block column whose Hessian trace is below this fraction of the weight's largest one carries
 # no signal (the rule of stages.empty_hessian_blocks, applied to every expert at once).
 _EMPTY_HESSIAN_RATIO = 1e-12
+
+# Temporaries of the stacked search are bounded by taking the experts of a projection in chunks:
+# at most about this many bytes beside the results (the weight itself is never copied).
+TEMP_BUDGET = 256 << 20
+
+# Bytes of temporaries per weight block of one chunk's search: the sweep's candidates (int32) and
+# losses (fp32), the ScaleChoice's int64 candidates, table lookup and block amax (fp32), DSS's
+# beta (fp32). The chunk's MSE pass runs after the Hessian pass's results are dropped.
+_SEARCH_BYTES_PER_BLOCK = 4 + 4 + 8 + 4 + 4 + 4
+
+
+def expert_chunks(n_experts: int, bytes_per_expert: int, budget: int = TEMP_BUDGET) -> list[tuple[int, int]]:
+    """``[(start, stop)]``: the experts in even chunks whose temporaries stay within ``budget``
+    (at least one expert per chunk)."""
+    if n_experts == 0:
+        return []
+    per = max(1, budget // max(1, bytes_per_expert))
+    count = -(-n_experts // per)
+    size = -(-n_experts // count)
+    return [(start, min(start + size, n_experts)) for start in range(0, n_experts, size)]
 
 
 def stacked_groups(slots) -> list[list[WeightSlot]]:
@@ -58,85 +87,119 @@ def _hessians(inputs, needs_hessian: bool) -> tuple[torch.Tensor | None, list[bo
         return None, has
     if any(s is not None and s.full for s in inputs):  # full (GPTQ) statistics: their own blocks
         blocks = [s.hessian() if h else None for s, h in zip(inputs, has)]
-        ref = next(b for b in blocks if b is not None)
-        return torch.stack([b if b is not None else torch.zeros_like(ref) for b in blocks]), has
+        zero = torch.zeros_like(next(b for b in blocks if b is not None))
+        return torch.stack([b if b is not None else zero for b in blocks]), has
     ref = next(s.hessian_sum for s, h in zip(inputs, has) if h)
-    sums = torch.stack([s.hessian_sum if h else torch.zeros_like(ref) for s, h in zip(inputs, has)])
+    zero = None if all(has) else torch.zeros_like(ref)  # one tensor for every expert without statistics
+    sums = torch.stack([s.hessian_sum if h else zero for s, h in zip(inputs, has)])
     tokens = torch.tensor([float(s.tokens) if h else 1.0 for s, h in zip(inputs, has)],
                           dtype=sums.dtype, device=sums.device)
     # a tensor divisor, element by element: the bits of each expert's own division
     return (sums / tokens[:, None, None, None]).float(), has
 
 
-def _search_group(slots: list[WeightSlot], stats, config: QuantConfig, betas) -> dict[str, SlotState]:
+def _stacked_amax(values: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Copies of the 0-d tensors ``values`` (None stays None) as views of one stacked tensor:
+    two operations instead of one clone per expert."""
+    present = [v for v in values if v is not None]
+    if not present or any(v.shape != present[0].shape for v in present):
+        return [None if v is None else v.clone() for v in values]
+    views = iter(torch.stack(present).unbind(0))
+    return [None if v is None else next(views) for v in values]
+
+
+def _search_chunks(w, g, hessian, empty, live: list[bool], needs_mse: list[bool], betas, config: QuantConfig,
+                   budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(block_amax, beta or None)`` ``[E, rows, nb]`` fp32 of every expert: the Hessian search
+    (DSS with ``betas``) of the chunks holding a live expert, the MSE search of those holding an
+    expert that needs it, the MSE choice taken where ``empty [E, nb]`` (every block of an expert
+    that is not live). Experts without a usable Hessian are swept with their zero Hessian along
+    with the chunk's live ones (per block, as a live expert's empty blocks are) and overwritten."""
+    n, rows, nb = w.shape[0], w.shape[1], w.shape[2] // BLOCK_SIZE
+    block_amax = torch.empty(n, rows, nb, dtype=torch.float32, device=w.device)
+    beta = (torch.empty_like(block_amax) if betas is not None and hessian is not None and any(live) else None)
+    for a, b in expert_chunks(n, rows * nb * _SEARCH_BYTES_PER_BLOCK, budget):
+        out = block_amax[a:b]
+        any_live, any_mse = any(live[a:b]), any(needs_mse[a:b])
+        if any_live:
+            choice = search_block_scales_stacked(w[a:b], g[a:b], Method.LOCAL_HESSIAN, hessian=hessian[a:b],
+                                                 dss_betas=betas, kernels=config.kernels)
+            out.copy_(choice.block_amax)
+            if beta is not None:
+                beta[a:b].copy_(choice.dss_beta)
+            del choice
+        elif beta is not None:
+            beta[a:b].fill_(1.0)  # neutral: no expert of this chunk has a DSS state
+        if any_mse:
+            mse_amax = search_block_scales_stacked(w[a:b], g[a:b], Method.MSE, kernels=config.kernels).block_amax
+            if any_live:  # the empty block columns (all of them for the chunk's other experts)
+                mask = empty[a:b, None, :]
+                torch.where(mask, mse_amax, out, out=out)
+                if beta is not None:
+                    beta[a:b].masked_fill_(mask, 1.0)
+            else:
+                out.copy_(mse_amax)
+            del mse_amax
+    return block_amax, beta
+
+
+def _max_chunks(w, budget: int) -> torch.Tensor:
+    """Block amaxes ``[E, rows, nb]`` fp32 of every expert (``|w|`` of one chunk at a time)."""
+    n, rows, cin = w.shape
+    block_amax = torch.empty(n, rows, cin // BLOCK_SIZE, dtype=torch.float32, device=w.device)
+    for a, b in expert_chunks(n, rows * cin * w.element_size() + rows * (cin // BLOCK_SIZE) * 8, budget):
+        block_amax[a:b] = nvfp4.block_amax(w[a:b])
+    return block_amax
+
+
+def _search_group(slots: list[WeightSlot], stats, config: QuantConfig, betas, budget: int) -> dict[str, SlotState]:
     w = slots[0].parameter().detach()
-    n = len(slots)
+    n, nb = w.shape[0], w.shape[-1] // BLOCK_SIZE
     inputs = [stats.of(s) for s in slots]
-    g = torch.stack([stats.global_amax[s.fused_group].reshape(()) for s in slots]).to(w.device)
+    g = torch.stack([stats.global_amax[s.fused_group] for s in slots]).reshape(n).to(w.device)
     method = config.method
     hessian, has = _hessians(inputs, config.needs_hessian and method is Method.LOCAL_HESSIAN)
-    empty_count = [0] * n
+    empty_count, empty = [0] * n, None
     if method is Method.LOCAL_HESSIAN and hessian is not None:
         hessian = hessian.to(w.device)
         trace = hessian.diagonal(dim1=-2, dim2=-1).sum(-1)
-        empty = trace <= trace.amax(dim=-1, keepdim=True) * _EMPTY_HESSIAN_RATIO  # [E, nb]
-        counts = empty.sum(-1).tolist()
-        nb = empty.shape[1]
+        # [E, nb]; every block of an expert without statistics (a zero Hessian) counts as empty
+        empty = trace <= trace.amax(dim=-1, keepdim=True) * _EMPTY_HESSIAN_RATIO
+        counts = empty.sum(-1).tolist()  # the one wait for the device of this projection
         empty_count = [int(c) if h else 0 for c, h in zip(counts, has)]
-        hessian_live = [h and c < nb for c, h in zip(counts, has)]
-    else:
-        empty, hessian_live = None, [False] * n
-    methods = [Method.LOCAL_HESSIAN if live else (Method.MSE if method is not Method.MAX else Method.MAX)
-               for live in hessian_live]
+    live = [h and c < nb for c, h in zip(empty_count, has)]
+    methods = [Method.LOCAL_HESSIAN if lv else (Method.MSE if method is not Method.MAX else Method.MAX)
+               for lv in live]
     beta = None
     if method is Method.MAX:
-        block_amax = nvfp4.block_amax(w)
+        block_amax = _max_chunks(w, budget)
     else:
-        live = [e for e in range(n) if hessian_live[e]]
         # weight-only MSE: the experts without a usable Hessian, and those with empty blocks
-        mse = [e for e in range(n) if not hessian_live[e] or empty_count[e]]
-        block_amax = torch.empty(*w.shape[:-1], w.shape[-1] // 16, dtype=torch.float32, device=w.device)
-        if live:
-            idx = torch.tensor(live, device=w.device)
-            full = len(live) == n
-            choice = search_block_scales_stacked(w if full else w[idx], g if full else g[idx], Method.LOCAL_HESSIAN,
-                                                 hessian=hessian if full else hessian[idx], dss_betas=betas,
-                                                 kernels=config.kernels)
-            block_amax[idx] = choice.block_amax
-            if choice.dss_beta is not None:
-                beta = torch.ones_like(block_amax)
-                beta[idx] = choice.dss_beta
-        if mse:
-            idx = torch.tensor(mse, device=w.device)
-            choice = search_block_scales_stacked(w if len(mse) == n else w[idx], g if len(mse) == n else g[idx],
-                                                 Method.MSE, kernels=config.kernels)
-            mse_amax = choice.block_amax
-            for j, e in enumerate(mse):
-                if hessian_live[e]:  # only its empty block columns
-                    mask = empty[e].to(w.device)
-                    block_amax[e] = torch.where(mask, mse_amax[j], block_amax[e])
-                    if beta is not None:
-                        beta[e] = torch.where(mask, torch.ones_like(beta[e]), beta[e])
-                else:
-                    block_amax[e] = mse_amax[j]
+        needs_mse = [not lv or c > 0 for lv, c in zip(live, empty_count)]
+        block_amax, beta = _search_chunks(w, g, hessian, empty, live, needs_mse, betas, config, budget)
+    # the states: views of the stacked results (one unbind each), no per-expert operation
+    g_views, amax_views = g.unbind(0), block_amax.unbind(0)
+    beta_views = beta.unbind(0) if beta is not None else [None] * n
+    input_amax = (_stacked_amax([inp.amax if inp is not None else None for inp in inputs])
+                  if config.quantize_inputs else [None] * n)
     states = {}
     for e, slot in enumerate(slots):
-        inp = inputs[e]
-        tokens = inp.tokens if inp is not None else 0
+        tokens = inputs[e].tokens if inputs[e] is not None else 0
         states[slot.name] = SlotState(
-            global_amax=g[e].clone(), block_amax=block_amax[e], method=methods[e],
-            dss_beta=beta[e] if (beta is not None and hessian_live[e]) else None,
-            input_amax=inp.amax.clone() if (config.quantize_inputs and inp is not None) else None,
+            global_amax=g_views[e], block_amax=amax_views[e], method=methods[e],
+            dss_beta=beta_views[e] if live[e] else None, input_amax=input_amax[e],
             tokens=tokens, dead=stats.observed and tokens == 0, empty_blocks=empty_count[e])
     return states
 
 
-def search_stacked(slots, stats, config: QuantConfig, betas: torch.Tensor | None) -> dict[str, SlotState]:
+def search_stacked(slots, stats, config: QuantConfig, betas: torch.Tensor | None,
+                   budget: int = TEMP_BUDGET) -> dict[str, SlotState]:
     """States of the fused-expert slots a stacked search takes (see the module docstring), by
-    slot name; the other slots are not in the result. GPTQ takes none."""
+    slot name; the other slots are not in the result. GPTQ takes none. ``budget``: bytes of
+    temporaries per chunk of experts (:data:`TEMP_BUDGET`)."""
     if config.method is Method.GPTQ:
         return {}
     states: dict[str, SlotState] = {}
     for group in stacked_groups(slots):
-        states.update(_search_group(group, stats, config, betas))
+        states.update(_search_group(group, stats, config, betas, budget))
     return states

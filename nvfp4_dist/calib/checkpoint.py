@@ -65,7 +65,7 @@ from ..errors import ExportError, LayoutError
 from ..layout.slots import WeightSlot
 from ..numerics.constants import BLOCK_SIZE
 from ..parallel.access import local_shards, local_weight
-from .state import SUFFIXES, attach_buffer, buffer_name, read_state
+from .state import SUFFIXES, attach_buffer, buffer_name, has_state
 
 STATE_KEY = re.compile(r"^(?P<param>.+)_nvfp4_(?P<suffix>" + "|".join(SUFFIXES) + r")$")
 PER_TENSOR = ("global_amax", "input_amax")  # 0-d per weight; the rest are per 16-channel block
@@ -98,8 +98,10 @@ def _complete_state(model: nn.Module, slots: list[WeightSlot], config: QuantConf
         return
     with local_shards(model):
         for slot in slots:
-            state = read_state(slot.module, slot.param_name, slot.expert)
-            if "dss_beta" not in state and "block_amax" in state:
+            # the buffers' presence, not their values (no per-expert slicing of a 3-D state): once
+            # a fused expert's beta buffer exists, its other experts hold the fill 1.0 or their own
+            if not hasattr(slot.module, buffer_name(slot.param_name, "dss_beta")) and has_state(
+                    slot.module, slot.param_name):
                 w = local_weight(slot)
                 ones = torch.ones(w.shape[0], w.shape[1] // BLOCK_SIZE, dtype=torch.float32, device=w.device)
                 attach_buffer(slot, "dss_beta", ones)

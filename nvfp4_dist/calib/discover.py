@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import LayoutError
-from ..layout.slots import WeightSlot
+from ..layout.slots import WeightSlot, expert_stacks
 from ..numerics.constants import BLOCK_SIZE
 from ..parallel.adapters import LayoutAdapter
 from ..parallel.context import ParallelContext
@@ -124,13 +124,42 @@ def discover(model: nn.Module, config: QuantConfig, ctx: ParallelContext) -> Inv
     return Inventory(tuple(slots), modules, tuple(ignored), reasons)
 
 
+def expert_finite(param: torch.Tensor) -> torch.Tensor:
+    """bool ``[E]``: whether each expert of a 3-D ``param`` is free of NaN/Inf, from one min/max
+    reduction over the whole parameter (NaN propagates through both, Inf reaches one of them;
+    no temporary the size of the weight)."""
+    low, high = torch.aminmax(param.detach().reshape(param.shape[0], -1), dim=1)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def validate_weights(slots, local_weight) -> None:
-    """Raise once, naming every slot whose local weight holds NaN or Inf."""
-    bad = []
-    for slot in slots:
+    """Raise once, naming every slot whose local weight holds NaN or Inf.
+
+    Fused experts are checked a 3-D parameter at a time, every other weight on its own; the
+    verdicts reach the host together (one wait for the device), the counts only for the named."""
+    stacks, rest = expert_stacks(slots)
+    # device -> (the slot whose weight each verdict judges, or None for an expert of no slot;
+    # the verdict tensors): one ``tolist`` per device
+    by_device: dict[torch.device, tuple[list, list]] = {}
+    for param, members in stacks:
+        if param.numel():
+            judged, verdicts = by_device.setdefault(param.device, ([], []))
+            of_expert = {s.expert: s for s in members}
+            judged += [of_expert.get(e) for e in range(param.shape[0])]
+            verdicts.append(expert_finite(param))
+    for slot in rest:
         w = local_weight(slot)
-        if w.numel() and not torch.isfinite(w).all():
-            n = int((~torch.isfinite(w)).sum())
+        if w.numel():
+            judged, verdicts = by_device.setdefault(w.device, ([], []))
+            judged.append(slot)
+            verdicts.append(torch.isfinite(w).all().reshape(1))
+    failed = set()
+    for judged, verdicts in by_device.values():
+        failed.update(s.name for s, ok in zip(judged, torch.cat(verdicts).tolist()) if s is not None and not ok)
+    bad = []
+    for slot in slots:  # in slot order, as the message always listed them
+        if slot.name in failed:
+            n = int((~torch.isfinite(local_weight(slot))).sum())
             bad.append(f"{slot.name}: {n} non-finite values")
     if bad:
         raise LayoutError("weights hold NaN/Inf, which NVFP4 cannot represent:\n  " + "\n  ".join(bad)

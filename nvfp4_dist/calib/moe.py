@@ -67,10 +67,11 @@ def dead_input_amax(slots: list[WeightSlot], states: dict, ctx: ParallelContext)
         stacked[key] = torch.stack([*values, model_max.to(device)])
         group_of[key] = group
     reduce_max_by_key(stacked, group_of, ctx)
-    family_max = {}
+    family_max, family_positive = {}, {}
     for key, values in stacked.items():
         names = by_group[group_of[key]]
-        family_max.update(zip(names, values[:-1]))
+        family_max.update(zip(names, values[:-1].unbind(0)))
+        family_positive.update(zip(names, (v > 0 for v in values[:-1].tolist())))  # one wait per group
         model_max = torch.maximum(model_max.to(device), values[-1])
     # Pipeline stages hold different layers: the model-wide maximum spans every stage.
     stage_max = {"model": model_max.to(device).clone()}
@@ -82,8 +83,8 @@ def dead_input_amax(slots: list[WeightSlot], states: dict, ctx: ParallelContext)
     for slot in slots:
         if not states[slot.name].dead:
             continue
-        value = family_max.get(slot.moe.family) if slot.moe is not None else None
-        out[slot.name] = value.clone() if value is not None and float(value) > 0 else model_max.clone()
+        family = slot.moe.family if slot.moe is not None else None
+        out[slot.name] = (family_max[family] if family_positive.get(family) else model_max).clone()
     return out
 
 

@@ -29,7 +29,7 @@ from ..kernels.dispatch import fake_quant_weight, search_block_scales
 from ..kernels.reference import beta_grid
 from ..kernels.types import Method
 from ..layout.roles import GroupRole
-from ..layout.slots import WeightSlot
+from ..layout.slots import WeightSlot, expert_stacks
 from ..layout.stats import InputStats, StatsStore
 from ..numerics import nvfp4
 from ..numerics.constants import E4M3_MAX, E4M3_MIN_SCALE
@@ -84,20 +84,37 @@ def reduce(inventory: Inventory, store: StatsStore, observed: bool, ctx: Paralle
     if observed:
         reduce_stats(store, list(inventory.slots), ctx, device)
         check_finite(inventory, store)
-    local_amax = {}
-    for slot in inventory.slots:
-        w = local_weight(slot)
-        local_amax[slot.name] = (w.detach().abs().amax().float() if w.numel()
-                                 else torch.zeros((), dtype=torch.float32, device=w.device))
-    weight_amax = reduce_weight_amax(list(inventory.slots), local_amax, ctx)
+    weight_amax = reduce_weight_amax(list(inventory.slots), local_weight_amax(inventory.slots), ctx)
     members: dict[str, list[torch.Tensor]] = {}
     for slot in inventory.slots:
         members.setdefault(slot.fused_group, []).append(weight_amax[slot.name])
-    # q/k/v and gate/up share one global amax: the MAX over the members' whole-weight amaxes
-    global_amax = {group: torch.stack(values).amax() for group, values in sorted(members.items())}
+    # q/k/v and gate/up share one global amax: the MAX over the members' whole-weight amaxes (a
+    # group of one, e.g. each fused expert: its own amax, the same value and no operation)
+    global_amax = {group: values[0] if len(values) == 1 else torch.stack(values).amax()
+                   for group, values in sorted(members.items())}
     statistics = Statistics(store, global_amax, weight_amax, observed)
     check_shared_scales(inventory, statistics)
     return statistics
+
+
+def local_weight_amax(slots) -> dict[str, torch.Tensor]:
+    """slot name -> max |w| of this rank's shard (fp32 0-d; 0 for an empty shard). Fused experts:
+    one min/max reduction per 3-D parameter, ``max(|min|, |max|)`` per expert (the same value:
+    taking the absolute value is exact), whose ``[E]`` result the experts' values are views of."""
+    stacks, rest = expert_stacks(slots)
+    out = {}
+    for param, members in stacks:
+        if not param.numel():
+            rest += members
+            continue
+        low, high = torch.aminmax(param.detach().reshape(param.shape[0], -1), dim=1)
+        amax = torch.maximum(low.abs(), high.abs()).float().unbind(0)
+        out.update((slot.name, amax[slot.expert]) for slot in members)
+    for slot in rest:
+        w = local_weight(slot)
+        out[slot.name] = (w.detach().abs().amax().float() if w.numel()
+                          else torch.zeros((), dtype=torch.float32, device=w.device))
+    return {slot.name: out[slot.name] for slot in slots}
 
 
 # A weight whose own amax is this far below its fused group's: even its largest block's FP8
@@ -109,11 +126,20 @@ _SHARED_SCALE_FLOOR = E4M3_MIN_SCALE / E4M3_MAX
 def check_shared_scales(inventory: Inventory, statistics: Statistics) -> None:
     """Refuse, naming them, weights that their fused group's global scale would zero (a huge
     value in a sibling, e.g. one 1e30 in k_proj next to q_proj and v_proj)."""
-    bad = []
+    sizes: dict[str, int] = {}
     for slot in inventory.slots:
-        a, g = statistics.weight_amax[slot.name], statistics.global_amax[slot.fused_group]
-        if 0 < float(a) < float(g) * _SHARED_SCALE_FLOOR:
-            bad.append(f"{slot.name} (amax {float(a):.3g}; group {slot.fused_group} amax {float(g):.3g})")
+        sizes[slot.fused_group] = sizes.get(slot.fused_group, 0) + 1
+    # a weight alone in its group (each fused expert) has g = a: never below a fraction of it
+    shared = [slot for slot in inventory.slots if sizes[slot.fused_group] > 1]
+    if not shared:
+        return
+    device = statistics.weight_amax[shared[0].name].device
+    values = torch.stack([t.to(device) for t in [statistics.weight_amax[s.name] for s in shared]
+                          + [statistics.global_amax[s.fused_group] for s in shared]]).tolist()  # one wait
+    bad = []
+    for slot, a, g in zip(shared, values[:len(shared)], values[len(shared):]):
+        if 0 < a < g * _SHARED_SCALE_FLOOR:
+            bad.append(f"{slot.name} (amax {a:.3g}; group {slot.fused_group} amax {g:.3g})")
     if bad:
         raise CalibrationError(
             "these weights share a global scale with a sibling whose values are so large that they "
@@ -125,11 +151,9 @@ def check_shared_scales(inventory: Inventory, statistics: Statistics) -> None:
 def check_finite(inventory: Inventory, store: StatsStore) -> None:
     """Raise once, naming every weight whose reduced input statistics hold NaN/Inf (after the
     reduce, every rank of a group holds the same values, so every rank raises together)."""
-    bad_keys = set()
-    for key, inputs in store.items():
-        values = [inputs.amax] + ([inputs.hessian_sum] if inputs.hessian_sum is not None else [])
-        if not all(bool(torch.isfinite(v).all()) for v in values):
-            bad_keys.add(key)
+    keys = list(store)
+    tensors = [[store[k].amax] + ([store[k].hessian_sum] if store[k].hessian_sum is not None else []) for k in keys]
+    bad_keys = {key for key, ok in zip(keys, all_finite(tensors)) if not ok}
     if bad_keys:
         names = sorted(s.name for s in inventory.slots if s.stats_key in bad_keys)
         listed = ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
@@ -138,6 +162,37 @@ def check_finite(inventory: Inventory, store: StatsStore) -> None:
             "Fix: look for huge or non-finite weights upstream of these layers (nvfp4-dist inspect of "
             "the source, or torch.isfinite on the model's parameters), or calibrate in float32 "
             "(--dtype float32).")
+
+
+def all_finite(groups: list[list[torch.Tensor]]) -> list[bool]:
+    """Whether every tensor of each group is free of NaN/Inf, with one wait for the device.
+
+    Tensors that are views of one stacked tensor (the fused experts' statistics, see
+    :class:`~nvfp4_dist.layout.stats.ExpertStats`) are judged by one check of that tensor; only
+    when it fails are its views checked one by one, to name them."""
+    tensors = [t for group in groups for t in group]
+    bases: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        base = t._base if t._base is not None else t
+        bases.setdefault(id(base), base)
+    order = list(bases)
+    verdict = dict(zip(order, _finite_flags([bases[i] for i in order])))
+    failed = [t for t in tensors if not verdict[id(t._base if t._base is not None else t)]]
+    bad = {id(t) for t, ok in zip(failed, _finite_flags(failed)) if not ok}
+    return [not any(id(t) in bad for t in group) for group in groups]
+
+
+def _finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
+    """``torch.isfinite(t).all()`` of each tensor, one ``tolist`` per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out = [True] * len(tensors)
+    for indices in by_device.values():
+        flags = torch.stack([torch.isfinite(tensors[i]).all() for i in indices]).tolist()
+        for i, ok in zip(indices, flags):
+            out[i] = ok
+    return out
 
 
 # A block column whose Hessian trace is below this fraction of the weight's largest one carries

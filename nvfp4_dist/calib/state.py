@@ -16,7 +16,7 @@ import torch
 from ..kernels.types import Method
 from ..parallel.fsdp import is_dtensor, state_like
 from ..parallel.hf_experts_fsdp import attach_expert_state, expert_state
-from ..layout.slots import WeightSlot
+from ..layout.slots import WeightSlot, expert_stacks
 
 SUFFIXES = ("global_amax", "block_amax", "dss_beta", "input_amax")
 
@@ -47,6 +47,75 @@ def attach_state(slot: WeightSlot, state: SlotState) -> None:
     for suffix, value in values.items():
         if value is not None:
             attach_buffer(slot, suffix, value)
+
+
+def attach_states(slots, states: dict) -> None:
+    """:func:`attach_state` of every slot (``states``: slot name -> SlotState), the fused experts
+    of a plain 3-D parameter a projection at a time: each ``[E, ...]`` buffer from one stack of
+    the experts' values, or, where the values are the consecutive slices of one stacked tensor
+    (the stacked search's block state), that tensor itself, shared like a dense slot's. The
+    buffers hold what one :func:`attach_buffer` per expert writes."""
+    stacks, rest = expert_stacks(slots)
+    for param, members in stacks:
+        if len({s.expert for s in members}) != len(members) or not param.shape[0]:
+            rest += members
+            continue
+        for suffix in SUFFIXES:
+            values = {s.expert: getattr(states[s.name], suffix) for s in members}
+            _attach_stacked(members[0], suffix, {e: v for e, v in values.items() if v is not None},
+                            param.shape[0])
+    for slot in rest:
+        attach_state(slot, states[slot.name])
+
+
+def _stacked_base(values: dict[int, torch.Tensor], n_experts: int) -> torch.Tensor | None:
+    """The fp32 ``[E, ...]`` tensor whose slice ``e`` is ``values[e]`` for every expert, when the
+    values are exactly its slices (no copy needed), else None."""
+    if len(values) != n_experts:
+        return None
+    base = next(iter(values.values()))._base
+    if base is None or base.dtype != torch.float32 or base.shape != (n_experts, *values[0].shape):
+        return None
+    for e, v in values.items():
+        if (v._base is not base or v.stride() != base.stride()[1:]
+                or v.storage_offset() != base.storage_offset() + e * base.stride(0)):
+            return None
+    return base
+
+
+def _attach_stacked(slot: WeightSlot, suffix: str, values: dict[int, torch.Tensor], n_experts: int) -> None:
+    """One buffer of a projection's experts: ``values`` (expert -> its tensor) written as
+    :func:`attach_buffer` writes each (an expert without a value keeps the buffer's entry: the
+    neutral fill in a new buffer)."""
+    if not values:
+        return
+    values = dict(sorted(values.items()))
+    module, name = slot.module, buffer_name(slot.param_name, suffix)
+    first = next(iter(values.values()))
+    buf = getattr(module, name, None)
+    fresh = buf is None or buf.shape[1:] != first.shape
+    every = list(values) == list(range(n_experts))
+    with torch.no_grad():
+        base = _stacked_base(values, n_experts) if every else None
+        if base is not None and base.device == first.device:
+            if fresh:
+                module.register_buffer(name, base, persistent=True)
+            elif buf is not base:
+                buf.copy_(base)
+            return
+        device = first.device if fresh else buf.device
+        stacked = torch.stack([v.to(device, torch.float32) for v in values.values()])
+        if fresh and every:
+            module.register_buffer(name, stacked, persistent=True)
+            return
+        if fresh:
+            fill = 1.0 if suffix == "dss_beta" else 0.0
+            buf = torch.full((n_experts, *first.shape), fill, dtype=torch.float32, device=device)
+            module.register_buffer(name, buf, persistent=True)
+        if every:
+            buf.copy_(stacked)
+        else:
+            buf[torch.tensor(list(values), device=device)] = stacked
 
 
 def attach_buffer(slot: WeightSlot, suffix: str, value: torch.Tensor) -> None:

@@ -107,14 +107,18 @@ def fake_quant_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
 
 
 def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor,
-                     kernels: KernelImpl = KernelImpl.AUTO) -> torch.Tensor:
+                     kernels: KernelImpl = KernelImpl.AUTO, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W4A4 activation quantize-dequantize of ``x [..., K]`` as served, in ``x.dtype``: dynamic
     per-16 FP8 block scales under the static global input scale of ``input_amax`` (fp32, one
-    value); semantics in :func:`nvfp4_dist.numerics.nvfp4.fake_quant_input`. fp64 inputs (a
+    value; or ``[E]`` with ``row_scale``, x's rows' indices into it: fused experts, one launch
+    for all); semantics in :func:`nvfp4_dist.numerics.nvfp4.fake_quant_input`. fp64 inputs (a
     float64 calibration forward) take the reference."""
     if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _use_triton(x, kernels):
-        return _triton_module().fake_quant_input(x, input_amax)
-    return nvfp4.fake_quant_input(x, input_amax.to(device=x.device, dtype=torch.float32).reshape(()))
+        return _triton_module().fake_quant_input(x, input_amax, row_scale)
+    amax = input_amax.to(device=x.device, dtype=torch.float32)
+    if row_scale is None:
+        return nvfp4.fake_quant_input(x, amax.reshape(()))
+    return nvfp4.fake_quant_input(x, amax.reshape(-1), row_scale.to(x.device))
 
 
 def _stacked_module():

@@ -222,16 +222,22 @@ def gptq_propagate(rest: torch.Tensor, err: torch.Tensor, u_rows: torch.Tensor) 
         rest.copy_(target)
 
 
-def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
+def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor,
+                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W4A4 activation fake-quant of ``x [..., K]`` (any strides; fp32/bf16/fp16) in ``x.dtype``,
-    bit-exact with :func:`nvfp4_dist.numerics.nvfp4.fake_quant_input` (no autograd graph)."""
+    bit-exact with :func:`nvfp4_dist.numerics.nvfp4.fake_quant_input` (no autograd graph), one
+    launch; ``row_scale [...]`` (x's rows) indexes per-row scales in ``input_amax [E]``."""
     x = x.detach()
     if x.dim() < 1 or x.shape[-1] % 16:
         raise ValueError(f"input shape {tuple(x.shape)}: the last dimension must be a multiple of 16")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"input dtype {x.dtype} is not one of fp32/bf16/fp16")
     x2 = _unit_stride(x.reshape(-1, x.shape[-1]))
-    amax = _fp32(input_amax, x.device).reshape(1)
+    amax = _fp32(input_amax, x.device).reshape(-1 if row_scale is not None else 1)
+    if row_scale is not None:
+        if row_scale.shape != x.shape[:-1]:
+            raise ValueError(f"row_scale shape {tuple(row_scale.shape)} does not match the rows of {tuple(x.shape)}")
+        row_scale = row_scale.detach().to(x.device).reshape(-1).contiguous()
     with _on_device(x2):
-        out = act_quant_kernel.launch_fake_quant_input(x2, amax)
+        out = act_quant_kernel.launch_fake_quant_input(x2, amax, row_scale)
     return out.reshape(x.shape)

@@ -135,3 +135,29 @@ class WeightSlot:
 
     def parts(self) -> tuple[ExportPart, ...]:
         return self.export_parts or (ExportPart(self.name, slice(0, self.layout.global_shape[0])),)
+
+
+def expert_stacks(slots) -> tuple[list[tuple[torch.Tensor, list[WeightSlot]]], list[WeightSlot]]:
+    """``(stacks, rest)``: the fused-expert slots that read whole slices of one plain 3-D
+    parameter, grouped by parameter (``(param.data [E, rows, cin], its slots in the given
+    order)``, in order of first appearance), and every other slot in the given order.
+
+    What a stage computes per expert (finiteness, amax) it then computes once per 3-D parameter
+    and indexes by ``slot.expert``: a few tensor operations per projection instead of per
+    expert. A DTensor parameter (FSDP2) or a slot holding part of its expert stays in ``rest``.
+    """
+    stacks: dict[tuple[int, str], tuple[torch.Tensor, list[WeightSlot]]] = {}
+    rest = []
+    for slot in slots:
+        if slot.expert is not None and not slot.layout.is_sharded:
+            key = (id(slot.module), slot.param_name)
+            if key not in stacks:
+                param = slot.parameter()
+                if param.dim() != 3 or hasattr(param, "device_mesh"):
+                    rest.append(slot)
+                    continue
+                stacks[key] = (param.data, [])
+            stacks[key][1].append(slot)
+        else:
+            rest.append(slot)
+    return list(stacks.values()), rest

@@ -188,7 +188,8 @@ def dynamic_scale_fp8(block_amax_: torch.Tensor, input_amax: torch.Tensor) -> to
     return ratio.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
+def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor,
+                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """NVFP4 W4A4 activation quantize-dequantize of ``x [..., K]`` as served, in ``x.dtype``.
 
     Dynamic per-16-element block scales along the last dimension (per token) under the
@@ -209,7 +210,15 @@ def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
     ``fl(2688 / input_amax)``, which can differ from ``fl(1 / S_in)`` by an ulp): their codes and
     scales can differ from these only for values within an ulp or two of a rounding boundary.
     Values beyond the calibrated range saturate: a block scale stops at 448, a code at 6.
+
+    ``row_scale`` (integer, shape ``x.shape[:-1]``, values in ``[0, E)``): one static scale per
+    row instead of one in all, row ``i`` quantized under ``input_amax[row_scale[i]]`` of
+    ``input_amax [E]`` (fused experts: every expert's rows in one call, each under its expert's
+    input scale). Every operation above is elementwise given the row's scale, so the result is
+    bit for bit that of calling this function on each expert's rows with its own scale.
     """
+    if row_scale is not None:  # [..., 1]: broadcast over the row's blocks
+        input_amax = input_amax.reshape(-1)[row_scale.long()].unsqueeze(-1)
     xb = blocks(x)
     amax = xb.abs().amax(dim=-1).float()
     v = dynamic_scale_fp8(amax, input_amax).float()
@@ -217,6 +226,6 @@ def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor) -> torch.Tensor:
     d = v * s
     code = e2m1_code_magnitude(xb.abs(), d.unsqueeze(-1))
     grid = _table(E2M1_VALUES, x.device)
-    out = (grid[code.long()] * v.unsqueeze(-1)) * s
+    out = (grid[code.long()] * v.unsqueeze(-1)) * s.unsqueeze(-1)
     out = torch.where(torch.signbit(xb), -out, out)  # x's sign, -0.0 included
     return out.reshape(x.shape).to(x.dtype)

@@ -74,14 +74,6 @@ def _default_parts(name: str, param: str, expert: int, rows: int, interleaved: b
     return tuple(ExportPart(f"{name}.{expert}.{n}", slice(i * half, (i + 1) * half)) for i, n in enumerate(names))
 
 
-def _rows(values: torch.Tensor):
-    """A slice when ``values`` are consecutive ascending rows, else the int64 index tensor."""
-    start = int(values[0])
-    if torch.equal(values, torch.arange(start, start + values.numel(), dtype=values.dtype)):
-        return slice(start, start + values.numel())
-    return values.clone()
-
-
 def saved_expert_names(model: nn.Module, name: str, module: nn.Module) -> dict | None:
     """(param, expert) -> ExportParts exactly as ``model.save_pretrained`` names the experts'
     weights, or None when transformers saves the fused parameters unchanged.
@@ -106,32 +98,66 @@ def saved_expert_names(model: nn.Module, name: str, module: nn.Module) -> dict |
     saved = revert_weight_conversion(model, dict(probes))
     if any(key in saved for key in probes):
         return None
-    found: dict[tuple[str, int], list[ExportPart]] = {}
-    for key, tensor in saved.items():
+    keys = list(saved)
+    for key in keys:
+        tensor = saved[key]
         # Each saved tensor holds probe rows of width 1: [rows, 1], or [rows] where a release's
         # save conversion drops the unit dimension (transformers 5.17 does); either way its
         # values, in order, number the rows it took.
-        if not key.endswith(".weight") or tensor.dim() not in (1, 2) or tensor.numel() != tensor.shape[0]:
+        if (not key.endswith(".weight") or tensor.dim() not in (1, 2) or tensor.numel() != tensor.shape[0]
+                or not tensor.numel()):
             raise LayoutError(f"{name}: transformers saves this experts module as {key} "
                               f"{tuple(tensor.shape)}, a layout nvfp4_dist cannot map to per-expert "
                               f"weights; exclude the module (exclude=['{name}'])")
-        values = tensor.reshape(-1).long()
-        param, start, rows = next(r for r in reversed(ranges) if int(values[0]) >= r[1])
-        local = values - start
-        experts = torch.unique(local // rows)
-        if experts.numel() != 1 or int(local.min()) < 0:
+    # Every saved tensor at once (a few operations per module, not per expert): its rows,
+    # key after key, and per key the range of experts and rows it touches.
+    sizes = [saved[key].numel() for key in keys]
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    values = torch.cat([saved[key].reshape(-1) for key in keys]).long()
+    firsts = values[bounds[:-1]].tolist()
+    owner = [next(r for r in reversed(ranges) if first >= r[1]) for first in firsts]
+    seg = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(sizes))
+    local = values - torch.tensor([r[1] for r in owner])[seg]
+    experts = local // torch.tensor([r[2] for r in owner])[seg]
+    # a step other than +1 inside a key: its rows are no single ascending run
+    broken = ((local[1:] - local[:-1]) != 1) & (seg[1:] == seg[:-1])
+    lo_e, hi_e, lo, jumps = (torch.full((len(keys),), fill, dtype=torch.int64).scatter_reduce(
+        0, index, src, reduce, include_self=False) for fill, index, src, reduce in (
+        (0, seg, experts, "amin"), (0, seg, experts, "amax"), (0, seg, local, "amin"),
+        (0, seg[1:], broken.long(), "amax")))
+    found: dict[tuple[str, int], list[ExportPart]] = {}
+    for i, (key, (e_min, e_max, low, jump)) in enumerate(zip(keys, torch.stack([lo_e, hi_e, lo, jumps], 1).tolist())):
+        if e_min != e_max or low < 0:
             raise LayoutError(f"{name}: saved tensor {key} mixes experts or parameters; "
                               f"exclude the module (exclude=['{name}'])")
-        found.setdefault((param, int(experts)), []).append(
-            ExportPart(key.removesuffix(".weight"), _rows(local % rows)))
+        param, _, rows = owner[i]
+        start = firsts[i] - owner[i][1] - e_min * rows
+        part_rows = (slice(start, start + sizes[i]) if not jump
+                     else local[bounds[i]:bounds[i + 1]] % rows)  # interleaved: the row indices
+        found.setdefault((param, e_min), []).append(ExportPart(key.removesuffix(".weight"), part_rows))
     for param, start, rows in ranges:
         for e in range(getattr(module, param).shape[0]):
-            covered = torch.cat([_as_index(p.rows) for p in found.get((param, e), [])] or [torch.empty(0)])
-            if not torch.equal(torch.sort(covered.long()).values, torch.arange(rows)):
+            if not _covers_once(found.get((param, e), []), rows):
                 raise LayoutError(f"{name}: transformers' saved names do not cover every row of "
                                   f"expert {e}'s {param} exactly once; exclude the module "
                                   f"(exclude=['{name}'])")
     return {k: tuple(sorted(v, key=lambda part: _first_row(part.rows))) for k, v in found.items()}
+
+
+def _covers_once(parts: list[ExportPart], rows: int) -> bool:
+    """Whether ``parts`` take every row ``0 .. rows-1`` exactly once (slices: by their bounds,
+    no tensor operation; index tensors: sorted against ``arange``)."""
+    if all(isinstance(p.rows, slice) for p in parts):
+        end = 0
+        for part in sorted(parts, key=lambda p: p.rows.start):
+            if part.rows.start != end:
+                return False
+            end = part.rows.stop
+        return end == rows
+    covered = torch.cat([_as_index(p.rows) for p in parts] or [torch.empty(0)])
+    return torch.equal(torch.sort(covered.long()).values, torch.arange(rows))
 
 
 def _as_index(rows) -> torch.Tensor:
@@ -255,17 +281,36 @@ def grouped_rows(top_k_index: torch.Tensor, n_experts: int, route_all: bool = Fa
         row_expert = torch.arange(n_experts, device=device).repeat_interleave(tokens)
         offsets = torch.arange(n_experts + 1, device=device) * tokens
         return rows, offsets, row_expert
+    choices, offsets, row_expert = grouped_choices(top_k_index, n_experts)
+    return choices // k, offsets, row_expert
+
+
+def grouped_choices(top_k_index: torch.Tensor, n_experts: int):
+    """``(choices [T * k], offsets [E + 1], row_expert [T * k])``: the flat positions
+    ``token * k + slot`` of ``top_k_index [T, k]`` grouped by expert with one stable sort (so
+    ascending per expert, the order of ``(top_k_index == e).nonzero()``), without waiting for the
+    device; indices outside ``[0, E)`` sort last with ``row_expert = E``."""
     flat = top_k_index.reshape(-1).long()
     flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
     order = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return order // k, offsets, flat[order]
+    return order, offsets, flat[order]
 
 
 def _grouped_mm():
     """torch's grouped GEMM (what transformers' ``grouped_mm`` experts run), or None."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_gemm(x: torch.Tensor, weight: torch.Tensor):
+    """torch's grouped GEMM where it runs ``x`` against the experts' ``weight`` (bf16 on a
+    Hopper-class GPU), else None (then one GEMM per expert)."""
+    grouped = _grouped_mm()
+    if (grouped is not None and x.is_cuda and weight.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+        return grouped
+    return None
 
 
 @torch.no_grad()
@@ -283,9 +328,8 @@ def grouped_activations(module: nn.Module, x: torch.Tensor, offsets: torch.Tenso
     weight = getattr(module, first)
     bias = getattr(module, f"{first}_bias") if getattr(module, "has_bias", False) else None
     x = x.to(weight.dtype)
-    grouped = _grouped_mm()
-    if (grouped is not None and x.is_cuda and weight.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
+    grouped = grouped_gemm(x, weight)
+    if grouped is not None:
         h = grouped(x, weight.transpose(-2, -1), offs=offsets[1:].to(torch.int32))
         if bias is not None:
             h = h + bias[row_expert.clamp(max=weight.shape[0] - 1)]

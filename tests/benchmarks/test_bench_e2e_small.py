@@ -57,3 +57,9 @@ def test_bench_e2e_moe_small_on_cpu(tmp_path, monkeypatch):
     assert len(fq) == 1 and "GPU kernels" in fq[0][0]
     assert len(_rows(text, "forward, fake-quant weights")) == 1
     assert len(_rows(text, "modelopt")) == 1
+    # the W4A4 experts forward: all experts at once (installed), the per-expert loop, unquantized
+    assert len(_rows(text, "forward, the same with the W4A4 experts as the per-expert loop")) == 1
+    module_rows = _rows(text, "one experts module's forward")
+    assert [r[0].split("), ")[1].split(" (")[0] for r in module_rows] == [
+        "W4A4, all experts at once", "W4A4, per-expert loop", "inputs' fake-quant only, all experts at once",
+        "inputs' fake-quant only, per-expert loop", "unquantized weights, transformers' forward"]

@@ -98,3 +98,31 @@ def test_per_token_blocks_and_channel_slices():
     for lo, hi in ((0, 128), (128, 256), (64, 192)):
         assert torch.equal(_bits(nvfp4.fake_quant_input(x[..., lo:hi], amax)), _bits(whole[..., lo:hi]))
     assert torch.equal(_bits(nvfp4.fake_quant_input(x[1:2], amax)), _bits(whole[1:2]))  # per token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_per_row_scales_equal_one_call_per_expert(dtype, device):
+    """Fused experts' rows in one launch, row r under ``input_amax[row_scale[r]]``: bit for bit
+    the per-expert calls with each expert's own scale, grouped or not. Experts 1 and 4 have no
+    rows; expert 2's amax is 0 (a dead expert's clamped scale: every block saturates), expert 3's
+    the unobserved default 1.0, expert 5's far above the data (tiny ratios, zero block scales)."""
+    amax = torch.tensor([3.5, 9.0, 0.0, 1.0, 2.0, 1e4])
+    counts = [40, 0, 7, 33, 0, 17]
+    row_scale = torch.repeat_interleave(torch.arange(6), torch.tensor(counts))
+    x = _activations((row_scale.numel(), 272), dtype, seed=5, amax=3.5)
+    want = torch.cat([nvfp4.fake_quant_input(x[row_scale == e], amax[e]) for e in range(6)])
+    got_ref = nvfp4.fake_quant_input(x, amax, row_scale)
+    assert torch.equal(_bits(got_ref), _bits(want))
+    for idx in (row_scale, row_scale.int()):  # int64 (sort indices) or int32
+        got = triton_ops.fake_quant_input(x.to(device), amax.to(device), idx.to(device))
+        assert got.dtype == dtype and torch.equal(_bits(got), _bits(want))
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(6))  # rows in any order
+    got = dispatch.fake_quant_input(x[perm].to(device), amax.to(device), kernels="triton",
+                                    row_scale=row_scale[perm].to(device))
+    assert torch.equal(_bits(got), _bits(want[perm]))
+    ref = dispatch.fake_quant_input(x[perm], amax, kernels="torch", row_scale=row_scale[perm])
+    assert torch.equal(_bits(ref), _bits(want[perm]))
+    # leading dimensions: row_scale has x's shape without the last dimension
+    got = triton_ops.fake_quant_input(x[:96].reshape(8, 12, 272).to(device), amax.to(device),
+                                      row_scale[:96].reshape(8, 12).to(device))
+    assert torch.equal(_bits(got.reshape(96, 272)), _bits(want[:96]))

@@ -2,11 +2,13 @@
 per-expert observer (float64 sums to float64 rounding, counts and amax exactly) and the same
 states as the per-slot search, bit for bit."""
 
+import functools
+
 import pytest
 import torch
 
 import nvfp4_dist as nd
-from nvfp4_dist.calib import stages
+from nvfp4_dist.calib import batched, stages
 from nvfp4_dist.calib.discover import discover
 from nvfp4_dist.layout.stats import StatsStore
 from nvfp4_dist.parallel.context import SINGLE_PROCESS
@@ -79,18 +81,53 @@ def test_stacked_search_equals_the_per_slot_search(method, dss, monkeypatch):
     store = stages.observe(model, inv, config, forward_loop(tokens()))
     stats = stages.reduce(inv, store, True, SINGLE_PROCESS, torch.device("cpu"))
     stacked = stages.search(inv, stats, config, show_progress=False)
+    # experts in chunks: one per chunk, and two per gate_up chunk (dead expert 3 beside live 2)
+    chunked = []
+    for budget in (1, 2 * 64 * 4 * batched._SEARCH_BYTES_PER_BLOCK):
+        monkeypatch.setattr(stages, "search_stacked", functools.partial(batched.search_stacked, budget=budget))
+        chunked.append(stages.search(inv, stats, config, show_progress=False))
     monkeypatch.setattr(stages, "search_stacked", lambda *a, **k: {})
     per_slot = stages.search(inv, stats, config, show_progress=False)
     assert list(stacked) == list(per_slot) == [s.name for s in inv.slots]
-    for name, want in per_slot.items():
-        got = stacked[name]
-        assert (got.method, got.tokens, got.dead, got.empty_blocks) == (
-            want.method, want.tokens, want.dead, want.empty_blocks), name
-        for field in ("global_amax", "block_amax", "dss_beta", "input_amax"):
-            a, b = getattr(got, field), getattr(want, field)
-            assert (a is None) == (b is None), (name, field)
-            if a is not None:
-                assert torch.equal(a, b), (name, field)
+    for states in (stacked, *chunked):
+        for name, want in per_slot.items():
+            got = states[name]
+            assert (got.method, got.tokens, got.dead, got.empty_blocks) == (
+                want.method, want.tokens, want.dead, want.empty_blocks), name
+            for field in ("global_amax", "block_amax", "dss_beta", "input_amax"):
+                a, b = getattr(got, field), getattr(want, field)
+                assert (a is None) == (b is None), (name, field)
+                if a is not None:
+                    assert a.shape == b.shape and torch.equal(a, b), (name, field)
+    # the experts' states are views of one stacked tensor per projection (nothing held twice)
+    for field in ("global_amax", "block_amax", "dss_beta", "input_amax"):
+        values = [getattr(stacked[f"model.layers.1.mlp.experts.{e}.gate_up_proj"], field) for e in range(4)]
+        if values[0] is not None:
+            assert len({v.untyped_storage().data_ptr() for v in values if v is not None}) == 1, field
     assert stacked["model.layers.0.mlp.experts.3.down_proj"].dead
     if method == "local_hessian":
         assert stacked["model.layers.1.mlp.experts.2.down_proj"].empty_blocks == 1  # of 2
+
+
+def test_quantize_keeps_each_stacked_result_once():
+    """The experts' quantizer buffers hold each expert's state (beta 1.0 in a dead expert's), and
+    those of a projection whose experts all have one are the stacked search results themselves:
+    no second copy of the block amaxes and betas."""
+    model = small_moe(dead={0: (3,)})
+    result = nd.quantize(model, nd.QuantConfig(method="local_hessian", dss=True), forward_loop(tokens()),
+                         show_progress=False)
+    for layer in (0, 1):
+        experts = model.model.layers[layer].mlp.experts
+        for pname in ("gate_up_proj", "down_proj"):
+            for suffix in ("global_amax", "block_amax", "dss_beta"):
+                buf = getattr(experts, f"{pname}_nvfp4_{suffix}")
+                for e in range(4):
+                    state = getattr(result.states[f"model.layers.{layer}.mlp.experts.{e}.{pname}"], suffix)
+                    if state is None:  # the dead expert under DSS: the neutral beta
+                        assert (layer, e, suffix) == (0, 3, "dss_beta")
+                        assert torch.equal(buf[e], torch.ones_like(buf[e]))
+                        continue
+                    assert torch.equal(buf[e], state), (layer, pname, suffix, e)
+                    if layer == 1:  # every expert live: the buffer is the stacked result
+                        assert state.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), (
+                            pname, suffix, e)
