@@ -131,3 +131,27 @@ def test_per_expert_hessians_equal_an_independent_loop(model_type, impl, route_a
         assert torch.allclose(stats.amax.double(), amax.double(), rtol=1e-6, atol=0), key
     dead_tokens = store["model.layers.0.mlp.experts.3.gate_up_proj.input"].tokens
     assert dead_tokens == (ids.numel() if route_all else 0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_saved_names_are_asked_once_per_kind_of_module(model_type, monkeypatch):
+    """transformers is asked for the first two experts modules of a kind (the second checks the
+    derivation by layer index); the others' names follow, equal to what it would answer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nvfp4_dist.parallel import hf_experts
+    from moe_testutil import SMALL
+
+    extra = (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64)
+             if model_type == "qwen3_moe" else dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**SMALL, "num_hidden_layers": 4},
+                                                                  **extra))
+    modules = [(n, m) for n, m in model.named_modules() if hf_experts.is_fused_experts(m)]
+    truth = {n: saved_expert_names(model, n, m) for n, m in modules}
+    asked = []
+    real = hf_experts.saved_expert_names
+    monkeypatch.setattr(hf_experts, "saved_expert_names", lambda *a: asked.append(a[1]) or real(*a))
+    for n, m in modules:
+        assert hf_experts._same_parts(hf_experts.saved_expert_names_by_layer(model, n, m), truth[n]), n
+    assert asked == [modules[0][0], modules[1][0]]
+    assert "layers.3." in truth[modules[3][0]][("down_proj", 0)][0].name
