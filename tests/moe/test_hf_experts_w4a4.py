@@ -143,7 +143,9 @@ def test_grouped_forward_on_the_gpu_at_qwen3_30b_a3b_shapes():
             got = experts_forward_w4a4(experts, quant, hidden, top_k, weights)
             torch.cuda.synchronize()
     launches = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
-    assert launches < 60, launches  # the loop launches > 10 per expert
+    # fewer than one launch per expert (59 on an H200 with torch 2.11; the loop launches > 10 per
+    # expert): a bound on the design, not on one torch release's kernel count
+    assert launches < 128, launches
     assert torch.isfinite(got).all()
     assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm()
     h = hidden.clone().requires_grad_()
