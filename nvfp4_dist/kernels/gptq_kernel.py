@@ -40,10 +40,11 @@ from .tl_nvfp4 import (
     e2m1_pick,
     global_scale,
     hessian_loss,
-    mse_loss,
+    mse_search,
     scale_value,
     split3,
     start_candidate,
+    take_better,
     weight_times_hessian,
 )
 
@@ -64,6 +65,30 @@ def _round_to(x, DTYPE: tl.constexpr):
     if DTYPE == 2:
         return x.to(tl.float16).to(tl.float32)  # both backends round fp32 -> fp16 to nearest even
     return x
+
+
+@triton.jit
+def _sweep_column(tile, quant, err, k, d, q1, q2, q3, q4, q5, q6, q7, u_ptr, stride_u, DTYPE: tl.constexpr):
+    """Column ``k`` of a ``[ROWS, 16]`` block tile: rounded to the weight's dtype (stored back in
+    the tile), quantized with decode scale ``d`` and the code values ``q1..q7``, its scaled error
+    ``e = (x - q) / U_kk``; the later columns of the tile take ``-e * U_kj`` (at k = 15 none is
+    later, so that update changes nothing). Returns ``(tile, quant, err, e)`` with column k of
+    ``quant`` / ``err`` set."""
+    col = tl.arange(0, 16)
+    here = col[None, :] == k
+    # column k: an integer sum of its bits and 15 zeros (exact, -0.0 kept)
+    x = tl.sum(tl.where(here, tile.to(tl.int32, bitcast=True), 0), axis=1).to(tl.float32, bitcast=True)
+    x = _round_to(x, DTYPE)
+    tile = tl.where(here, x[:, None], tile)
+    q = e2m1_pick(tl.abs(x), d, q1, q2, q3, q4, q5, q6, q7)
+    # the sign as a bit: a zero code of a negative x gives -0.0, as the reference's negation
+    q = (q.to(tl.int32, bitcast=True) | tl.where(x < 0, SIGN_BIT, 0)).to(tl.float32, bitcast=True)
+    e = tl.math.div_rn(x - q, tl.load(u_ptr + k * stride_u + k))
+    quant = tl.where(here, q[:, None], quant)
+    err = tl.where(here, e[:, None], err)
+    u = tl.load(u_ptr + k * stride_u + col)  # row k of the block's U (columns > k used)
+    tile = tl.where(col[None, :] > k, tile - e[:, None] * u[None, :], tile)
+    return tile, quant, err, e
 
 
 @triton.jit
@@ -88,43 +113,12 @@ def _sweep_block(block_ptr, u_ptr, scale_ptr, s_ptr, quant_ptr, err_ptr, rows, s
     quant = tl.zeros([ROWS, 16], dtype=tl.float32)
     err = tl.zeros([ROWS, 16], dtype=tl.float32)
     for k in range(16):  # a loop, not unrolled (one copy to compile; see _block_step)
-        here = col[None, :] == k
-        # column k: an integer sum of its bits and 15 zeros (exact, -0.0 kept)
-        x = tl.sum(tl.where(here, tile.to(tl.int32, bitcast=True), 0), axis=1).to(tl.float32, bitcast=True)
-        x = _round_to(x, DTYPE)
-        tile = tl.where(here, x[:, None], tile)
-        q = e2m1_pick(tl.abs(x), d, q1, q2, q3, q4, q5, q6, q7)
-        # the sign as a bit: a zero code of a negative x gives -0.0, as the reference's negation
-        q = (q.to(tl.int32, bitcast=True) | tl.where(x < 0, SIGN_BIT, 0)).to(tl.float32, bitcast=True)
-        e = tl.math.div_rn(x - q, tl.load(u_ptr + k * stride_u + k))
-        quant = tl.where(here, q[:, None], quant)
-        err = tl.where(here, e[:, None], err)
-        u = tl.load(u_ptr + k * stride_u + col)  # row k of the block's U (columns > k used)
-        tile = tl.where(col[None, :] > k, tile - e[:, None] * u[None, :], tile)
+        tile, quant, err, e = _sweep_column(tile, quant, err, k, d, q1, q2, q3, q4, q5, q6, q7, u_ptr, stride_u,
+                                            DTYPE)
     tl.store(src, tile, mask=rmask[:, None])
     out = r.to(tl.int64)[:, None] * 16 + col[None, :]
     tl.store(quant_ptr + out, quant, mask=rmask[:, None])
     tl.store(err_ptr + out, err, mask=rmask[:, None])
-
-
-@triton.jit
-def _mse_search(w, rmask, v_ptr, S):
-    """The candidate of each row's block ``w [ROWS, 16]``: :func:`.mse_kernel._mse_sweep`'s steps
-    (every loss in tree16 order, so the layout of the tile does not change a bit)."""
-    a = tl.abs(w)
-    amax = tl.max(a, axis=1)
-    k0 = start_candidate(v_ptr, amax, S)
-    best = mse_loss(v_ptr, a, k0, S)
-    best_k = k0
-    k_lo, k_hi = candidate_window(v_ptr, a, amax, k0, best, 0.0, S, False)
-    width = tl.max(tl.where(rmask, k_hi - k_lo + 1, 0))
-    for i in range(width):
-        k = k_lo + i
-        loss = mse_loss(v_ptr, a, tl.minimum(k, 125), S)
-        better = (k <= k_hi) & (k != k0) & ((loss < best) | ((loss == best) & (k < best_k)))
-        best = tl.where(better, loss, best)
-        best_k = tl.where(better, k, best_k)
-    return best_k
 
 
 @triton.jit
@@ -152,12 +146,8 @@ def _hessian_search(w, rmask, v_ptr, h_ptr, kappa_ptr, S, BF16_DOT: tl.constexpr
         vb = tl.load(v_ptr + tl.minimum(kb, 125))
         loss_a = hessian_loss(w, a, hw, h1, h2, h3, va, va * S, S, BF16_DOT)
         loss_b = hessian_loss(w, a, hw, h1, h2, h3, vb, vb * S, S, BF16_DOT)
-        better = (ka <= k_hi) & (ka != k0) & ((loss_a < best) | ((loss_a == best) & (ka < best_k)))
-        best = tl.where(better, loss_a, best)
-        best_k = tl.where(better, ka, best_k)
-        better = (kb <= k_hi) & (kb != k0) & ((loss_b < best) | ((loss_b == best) & (kb < best_k)))
-        best = tl.where(better, loss_b, best)
-        best_k = tl.where(better, kb, best_k)
+        best, best_k = take_better(ka, loss_a, k_hi, k0, best, best_k)
+        best, best_k = take_better(kb, loss_b, k_hi, k0, best, best_k)
     return best_k
 
 
@@ -184,7 +174,7 @@ def _block_step(cols_ptr, u_ptr, bamax_ptr, g_ptr, ratio_ptr, v_ptr, h_ptr, kapp
         # the search sees the block as the weight's dtype holds it (gptq.py's ``.to(dtype)``)
         w = _round_to(tile, DTYPE)
         if SEARCH == 1:
-            best_k = _mse_search(w, rmask, v_ptr, S)
+            best_k, _ = mse_search(w, rmask, v_ptr, S)
         else:
             best_k = _hessian_search(w, rmask, v_ptr, h_ptr, kappa_ptr, S, BF16_DOT)
         bamax = tl.load(ratio_ptr + best_k) * G  # fl(c_k * g), the searches' block amax
@@ -200,20 +190,10 @@ def _block_step(cols_ptr, u_ptr, bamax_ptr, g_ptr, ratio_ptr, v_ptr, h_ptr, kapp
         rest = tl.load(rest_src, mask=rmask2, other=0.0)
     quant = tl.zeros([ROWS, 16], dtype=tl.float32)
     err = tl.zeros([ROWS, 16], dtype=tl.float32)
-    # a loop, not unrolled: one copy of the step to compile (the column is selected by masks; at
-    # k = 15 no column is later, so the in-block update changes nothing)
+    # a loop, not unrolled: one copy of the step to compile (the column is selected by masks)
     for k in range(16):
-        here = col[None, :] == k
-        x = tl.sum(tl.where(here, tile.to(tl.int32, bitcast=True), 0), axis=1).to(tl.float32, bitcast=True)
-        x = _round_to(x, DTYPE)
-        tile = tl.where(here, x[:, None], tile)
-        q = e2m1_pick(tl.abs(x), d, q1, q2, q3, q4, q5, q6, q7)
-        q = (q.to(tl.int32, bitcast=True) | tl.where(x < 0, SIGN_BIT, 0)).to(tl.float32, bitcast=True)
-        e = tl.math.div_rn(x - q, tl.load(u_ptr + k * stride_u + k))
-        quant = tl.where(here, q[:, None], quant)
-        err = tl.where(here, e[:, None], err)
-        u = tl.load(u_ptr + k * stride_u + col)
-        tile = tl.where(col[None, :] > k, tile - e[:, None] * u[None, :], tile)
+        tile, quant, err, e = _sweep_column(tile, quant, err, k, d, q1, q2, q3, q4, q5, q6, q7, u_ptr, stride_u,
+                                            DTYPE)
         if REST > 0:  # the rest of the span takes e_k now: per element, propagate's order
             ur = tl.load(u_ptr + k * stride_u + 16 + rc, mask=cmask, other=0.0)
             rest = rest - e[:, None] * ur[None, :]

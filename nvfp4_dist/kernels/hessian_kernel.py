@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .tl_bf16x2 import both_halves, magnitude_and_sign, pair_chain, pairs_fit
-from .tl_nvfp4 import candidate_window, hessian_loss, loss_of_values, split3, start_candidate, weight_times_hessian
+from .tl_nvfp4 import (candidate_window, hessian_loss, loss_of_values, split3, start_candidate, take_better,
+                       weight_times_hessian)
 
 # Relative tolerance of the chosen Hessian loss, in units of |w|^T |H| |w| of the block: the
 # kernel's error is ~u (2^-24) times that scale per operation (the cancellation in
@@ -130,12 +131,8 @@ def _hessian_sweep(w_ptr, h_ptr, kappa_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, strid
         else:
             loss_a = hessian_loss(w, a, hw, h1, h2, h3, va, va * S, S, BF16_DOT)
             loss_b = hessian_loss(w, a, hw, h1, h2, h3, vb, vb * S, S, BF16_DOT)
-        better = (ka <= k_hi) & (ka != k0) & ((loss_a < best) | ((loss_a == best) & (ka < best_k)))
-        best = tl.where(better, loss_a, best)
-        best_k = tl.where(better, ka, best_k)
-        better = (kb <= k_hi) & (kb != k0) & ((loss_b < best) | ((loss_b == best) & (kb < best_k)))
-        best = tl.where(better, loss_b, best)
-        best_k = tl.where(better, kb, best_k)
+        best, best_k = take_better(ka, loss_a, k_hi, k0, best, best_k)
+        best, best_k = take_better(kb, loss_b, k_hi, k0, best, best_k)
     out = r * nb + b
     tl.store(k_ptr + out, best_k, mask=rmask)
     tl.store(loss_ptr + out, best, mask=rmask)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .hessian_kernel import stacked_view
-from .tl_nvfp4 import candidate_window, load_blocks_by_thread, mse_loss, start_candidate
+from .tl_nvfp4 import load_blocks_by_thread, mse_search
 
 
 @triton.jit
@@ -27,21 +27,7 @@ def _mse_sweep(w_ptr, s_ptr, v_ptr, k_ptr, loss_ptr, stride_row, stride_expert, 
     k_ptr += e * n_blocks
     loss_ptr += e * n_blocks
     n, mask, w = load_blocks_by_thread(w_ptr, stride_row, nb, n_blocks, BLK)
-    a = tl.abs(w)
-    S = tl.load(s_ptr)
-    amax = tl.max(a, axis=1)
-    k0 = start_candidate(v_ptr, amax, S)
-    best = mse_loss(v_ptr, a, k0, S)
-    best_k = k0
-    k_lo, k_hi = candidate_window(v_ptr, a, amax, k0, best, 0.0, S, False)
-    width = tl.max(tl.where(mask, k_hi - k_lo + 1, 0))
-    for i in range(width):
-        k = k_lo + i
-        loss = mse_loss(v_ptr, a, tl.minimum(k, 125), S)
-        # window members only; ties go to the smallest candidate, whatever the visiting order
-        better = (k <= k_hi) & (k != k0) & ((loss < best) | ((loss == best) & (k < best_k)))
-        best = tl.where(better, loss, best)
-        best_k = tl.where(better, k, best_k)
+    best_k, best = mse_search(w, mask, v_ptr, tl.load(s_ptr))
     tl.store(k_ptr + n, best_k, mask=mask)
     tl.store(loss_ptr + n, best, mask=mask)
 

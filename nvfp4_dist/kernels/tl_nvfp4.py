@@ -281,6 +281,34 @@ def candidate_window(v_ptr, a, amax, k0, upper, kappa, S, USE_KAPPA: tl.constexp
 
 
 @triton.jit
+def take_better(k, loss, k_hi, k0, best, best_k):
+    """One step of a window sweep: candidate ``k`` with ``loss`` replaces the best so far where it
+    is in the window (``k <= k_hi``, not the start ``k0``, already counted) and lower, ties going
+    to the smallest candidate whatever the visiting order. Returns ``(best, best_k)``."""
+    better = (k <= k_hi) & (k != k0) & ((loss < best) | ((loss == best) & (k < best_k)))
+    return tl.where(better, loss, best), tl.where(better, k, best_k)
+
+
+@triton.jit
+def mse_search(w, mask, v_ptr, S):
+    """``(best_k, best)``: the MSE candidate and loss of each row's block ``w [N, 16]`` (rows where
+    ``mask`` is False do not widen the sweep): the start candidate, its exact window, the window
+    swept one candidate per step (every loss in tree16 order, so the tile's layout does not
+    change a bit)."""
+    a = tl.abs(w)
+    amax = tl.max(a, axis=1)
+    k0 = start_candidate(v_ptr, amax, S)
+    best = mse_loss(v_ptr, a, k0, S)
+    best_k = k0
+    k_lo, k_hi = candidate_window(v_ptr, a, amax, k0, best, 0.0, S, False)
+    width = tl.max(tl.where(mask, k_hi - k_lo + 1, 0))
+    for i in range(width):
+        k = k_lo + i
+        best, best_k = take_better(k, mse_loss(v_ptr, a, tl.minimum(k, 125), S), k_hi, k0, best, best_k)
+    return best_k, best
+
+
+@triton.jit
 def split3(x):
     """Exact split ``x = x1 + x2 + x3`` of fp32 ``x`` into values exact in bf16 (fp32 tensors).
 
