@@ -243,19 +243,23 @@ def hf_module_names(model: nn.Module, names) -> list[str]:
     return out
 
 
-def with_global_names(model: nn.Module, slots: list[WeightSlot]) -> list[WeightSlot]:
-    """``slots`` named by their global decoder layer (:func:`global_name`), names, fused groups,
-    statistics keys and export parts alike; unchanged outside pipeline parallelism."""
+def renamed_globally(model: nn.Module, slots: list[WeightSlot], rename) -> list[WeightSlot]:
+    """``slots`` whose name changes under :func:`global_name` (pipeline stages after the first)
+    replaced by ``rename(slot, global name)``; the others, and every slot outside pipeline
+    parallelism, unchanged."""
     out = []
     for slot in slots:
         name = global_name(model, slot.name)
-        if name == slot.name:
-            out.append(slot)
-            continue
-        out.append(dataclasses.replace(slot, name=name, fused_group=global_name(model, slot.fused_group),
-                                       stats_key=global_name(model, slot.stats_key),
-                                       export_parts=hf_export_parts(name, slot.module)))
+        out.append(slot if name == slot.name else rename(slot, name))
     return out
+
+
+def with_global_names(model: nn.Module, slots: list[WeightSlot]) -> list[WeightSlot]:
+    """``slots`` named by their global decoder layer (:func:`global_name`), names, fused groups,
+    statistics keys and export parts alike; unchanged outside pipeline parallelism."""
+    return renamed_globally(model, slots, lambda slot, name: dataclasses.replace(
+        slot, name=name, fused_group=global_name(model, slot.fused_group),
+        stats_key=global_name(model, slot.stats_key), export_parts=hf_export_parts(name, slot.module)))
 
 
 def _weight_or_none(module: nn.Module):

@@ -34,8 +34,8 @@ from ..layout.roles import GroupRole
 from ..layout.slots import ExpertInfo, ExportPart, WeightSlot
 from .adapters import LayoutAdapter
 from .context import ParallelContext, group_size
-from .megatron import (ColumnParallelLinear, RowParallelLinear, column_layout, global_name, glu_export_parts,
-                       row_layout, tp_rank_size)
+from .megatron import (ColumnParallelLinear, RowParallelLinear, column_layout, glu_export_parts,
+                       renamed_globally, row_layout, tp_rank_size)
 
 _LOCAL_EXPERT = re.compile(r"(?P<experts>.*)\.local_experts\.(?P<local>\d+)\.(?P<fc>linear_fc1|linear_fc2)")
 _GPT_EXPERTS = re.compile(r"(?:.*\.)?decoder\.layers\.(?P<layer>\d+)\.mlp\.experts")
@@ -93,18 +93,14 @@ class SequentialMLPExpertAdapter(LayoutAdapter):
     def with_export_names(self, model, slots):
         """Slots named by their global decoder layer under pipeline parallelism (the expert
         index is global already): name, statistics key, expert family and HF names."""
-        out = []
-        for slot in slots:
-            name = global_name(model, slot.name)
-            if name == slot.name:
-                out.append(slot)
-                continue
+        def rename(slot, name):
             match = _LOCAL_EXPERT.fullmatch(name)
-            out.append(dataclasses.replace(
+            return dataclasses.replace(
                 slot, name=name, fused_group=name, stats_key=name,
                 export_parts=expert_export_parts(match["experts"], slot.moe.index, match["fc"], slot.module),
-                moe=dataclasses.replace(slot.moe, family=f"{match['experts']}.{match['fc']}")))
-        return out
+                moe=dataclasses.replace(slot.moe, family=f"{match['experts']}.{match['fc']}"))
+
+        return renamed_globally(model, slots, rename)
 
     def observe(self, module, slots, store, *, with_hessian: bool, route_all: bool = False):
         if route_all:
