@@ -13,9 +13,9 @@ import torch
 
 from ..numerics import nvfp4
 from ..numerics.constants import BLOCK_SIZE, GLOBAL_SCALE_DENOM
-from . import block_hessian_kernel, dss_kernel, floor_kernel, hessian_kernel, mse_kernel
-from .reference import _check_weight, default_betas
-from .triton_ops import _fp32, _on_device, _table, _values
+from . import block_hessian_kernel, floor_kernel, hessian_kernel, mse_kernel
+from .reference import _check_weight
+from .triton_ops import _fp32, _on_device, _table, _values, sweep_then_dss
 from .types import ScaleChoice
 
 
@@ -72,12 +72,7 @@ def search_dss_stacked(w: torch.Tensor, global_amax: torch.Tensor, hessian: torc
     """DSS on top of the Hessian sweep for every expert: two launches for all of them."""
     w, g, s = _prepare(w, global_amax)
     with _on_device(w):
-        h, kappa = _hessians(w, hessian)
-        values = _values(w.device)
-        k, loss = hessian_kernel.launch_hessian_sweep(w, h, kappa, s, values)
-        betas = (default_betas() if betas is None else betas).detach().float().cpu().reshape(-1)
-        # beta = 1 repeats a coupled candidate (see triton_ops.search_dss)
-        beta = dss_kernel.launch_dss_search(w, h, s, values, betas[betas != 1.0], k, loss)
+        k, loss, beta = sweep_then_dss(w, *_hessians(w, hessian), s, betas)
     return _choice(k, loss, g, beta)
 
 

@@ -108,15 +108,22 @@ def search_dss(w: torch.Tensor, global_amax: torch.Tensor, hessian: torch.Tensor
     """Decoupled-scale search on top of the Hessian sweep (spec in :mod:`.reference`)."""
     w, g, s = _prepare(w, global_amax)
     with _on_device(w):
-        h, kappa = _hessian_inputs(w, hessian)
-        values = _values(w.device)
-        k, loss = hessian_kernel.launch_hessian_sweep(w, h, kappa, s, values)
-        betas = (default_betas() if betas is None else betas).detach().float().cpu().reshape(-1)
-        # beta = 1 repeats a coupled candidate, whose loss the sweep already proved no lower than
-        # the coupled optimum (evaluated, or outside the exact window): skipping it can change the
-        # choice only within the fp32 rounding of the loss that the loss-exact criterion allows
-        beta = dss_kernel.launch_dss_search(w, h, s, values, betas[betas != 1.0], k, loss)
+        k, loss, beta = sweep_then_dss(w, *_hessian_inputs(w, hessian), s, betas)
     return _choice(k, loss, g, beta)
+
+
+def sweep_then_dss(w: torch.Tensor, h: torch.Tensor, kappa: torch.Tensor, s: torch.Tensor,
+                   betas: torch.Tensor | None):
+    """``(k, loss, beta)``: the Hessian sweep, then DSS over ``betas`` (default grid) from its
+    choice; one weight or stacked experts alike (the launches take both)."""
+    values = _values(w.device)
+    k, loss = hessian_kernel.launch_hessian_sweep(w, h, kappa, s, values)
+    betas = (default_betas() if betas is None else betas).detach().float().cpu().reshape(-1)
+    # beta = 1 repeats a coupled candidate, whose loss the sweep already proved no lower than
+    # the coupled optimum (evaluated, or outside the exact window): skipping it can change the
+    # choice only within the fp32 rounding of the loss that the loss-exact criterion allows
+    beta = dss_kernel.launch_dss_search(w, h, s, values, betas[betas != 1.0], k, loss)
+    return k, loss, beta
 
 
 def _static_inputs(w, block_amax, global_amax, dss_beta):
