@@ -273,7 +273,8 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
     betas = beta_grid(config.dss_beta_min, config.dss_beta_max, config.dss_beta_step) if config.dss else None
     states: dict[str, SlotState] = {}
     stacked = search_stacked(inventory.slots, stats, config, betas)  # fused experts, per projection
-    factors = FactorCache([s for s in inventory.slots if s.name not in stacked], stats.inputs, config)
+    factors = (FactorCache([s for s in inventory.slots if s.name not in stacked], stats.inputs, config)
+               if config.method is Method.GPTQ else None)
     for slot in progress(inventory.slots, desc="search", enabled=show_progress):
         if slot.name in stacked:
             states[slot.name] = stacked[slot.name]
@@ -302,7 +303,8 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
             global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
             input_amax=inputs.amax.clone() if (config.quantize_inputs and inputs is not None) else None,
             tokens=tokens, dead=stats.observed and tokens == 0, empty_blocks=empty)
-        factors.done(slot)
+        if factors is not None:
+            factors.done(slot)
     relay.finish()
     return states
 
