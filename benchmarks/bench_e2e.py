@@ -235,7 +235,7 @@ def run_qat(args, device, model, forward_loop) -> list[str]:
             m.forward = forward
         module_rows = experts_w4a4_rows(device, w4a4[0], *seen[0])
     hooked = [m for m in model.modules() if hasattr(m, "_nvfp4_fake_quant_handles")]
-    params = {m: [n for n, _ in m.named_parameters(recurse=False) if hasattr(m, buffer_name(n, "block_amax"))]
+    params = {m: [n for n, _ in m.named_parameters(recurse=False) if hasattr(m, buffer_name(n, "block_scale"))]
               for m in hooked}
     for m in hooked:
         remove_fake_quant(m)

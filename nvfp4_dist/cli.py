@@ -62,7 +62,8 @@ def _quant_options() -> argparse.ArgumentParser:
                    help="GPTQ layer by layer, each layer calibrated on the outputs of the quantized earlier layers")
     o.add_argument("--dss", action="store_true", help="decoupled scale search (needs local_hessian)")
     o.add_argument("--dss-beta", nargs=3, type=float, metavar=("MIN", "MAX", "STEP"),
-                   default=(0.5, 1.5, 0.05), help="DSS beta grid (default 0.5 1.5 0.05)")
+                   default=(0.5, 1.5, 0.05),
+                   help="DSS beta grid, multiples of 0.01 up to 2.55 (default 0.5 1.5 0.05)")
     o.add_argument("--weight-only", action="store_true", help="W4A16: no static input scales")
     o.add_argument("--include", nargs="*", default=[], help="fnmatch patterns of modules to quantize")
     o.add_argument("--exclude", nargs="*", default=None, help="fnmatch patterns never quantized")

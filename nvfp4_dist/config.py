@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .kernels.types import KernelImpl, Method
+from .numerics.compact import check_beta_grid
 
 # Module-name patterns (fnmatch) that are never quantized unless the user targets them:
 # output heads and embeddings (accuracy-critical, usually kept in high precision by engines)
@@ -44,7 +45,8 @@ class QuantConfig:
         earlier layers already quantized (decoder layers run alone on inputs cached from one
         forward loop; Megatron and FSDP1: one forward loop per layer group).
     dss: decoupled scale search on top of ``local_hessian``.
-    dss_beta_min/max/step: the DSS beta grid (default [0.5, 1.5] step 0.05).
+    dss_beta_min/max/step: the DSS beta grid (default [0.5, 1.5] step 0.05); its values must be
+        multiples of 0.01 up to 2.55 (betas are stored as hundredths, one byte per block).
     quantize_inputs: W4A4 (True) records a static input scale from the observed input amax;
         W4A16 (False) is weight-only.
     include: fnmatch patterns of module names to quantize (empty: every supported linear).
@@ -91,6 +93,9 @@ class QuantConfig:
             raise ConfigError(
                 f"DSS beta grid [{self.dss_beta_min}, {self.dss_beta_max}] step "
                 f"{self.dss_beta_step} must be positive and contain 1.0")
+        if self.dss and (why := check_beta_grid(self.dss_beta_min, self.dss_beta_max, self.dss_beta_step)):
+            raise ConfigError(f"DSS beta grid [{self.dss_beta_min}, {self.dss_beta_max}] step "
+                              f"{self.dss_beta_step}: {why}")
 
         if self.gptq_scales not in (Method.MSE, Method.LOCAL_HESSIAN):
             raise ConfigError(f"gptq_scales={self.gptq_scales.value!r} is not one of: mse, local_hessian")

@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .models.loading import check_hf_dir, config_vocab_size, read_calibration_text, tokenize_calibration
 from .launch import check_megatron_sizes, launched_world_size
 from .models.tiny import EMBEDDED_MODELS, embedded_config_dict
+from .numerics.compact import check_beta_grid
 from .runs import Layout, check_layout_options
 
 MAX_DSS_BETAS = 1000  # grid points of --dss-beta (the default grid has 21)
@@ -61,6 +62,8 @@ def check_numbers(args) -> None:
     if (hi - lo) / step + 1 > MAX_DSS_BETAS:
         raise ConfigError(f"{grid}: {int((hi - lo) / step) + 1} grid points (at most {MAX_DSS_BETAS}); "
                           "use a larger STEP")
+    if getattr(args, "dss", False) and (why := check_beta_grid(lo, hi, step)):
+        raise ConfigError(f"{grid}: {why}")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -64,7 +64,7 @@ def inputs_unquantized(model):
         if not hasattr(module, "_nvfp4_fake_quant_handles"):
             continue
         buffers = dict(module.named_buffers(recurse=False))
-        params = [n.removesuffix("_nvfp4_block_amax") for n in buffers if n.endswith("_nvfp4_block_amax")]
+        params = [n.removesuffix("_nvfp4_block_scale") for n in buffers if n.endswith("_nvfp4_block_scale")]
         inputs = {n: b for n, b in buffers.items() if n.endswith("_nvfp4_input_amax")}
         for n in inputs:
             delattr(module, n)

@@ -45,15 +45,12 @@ def _local(t, weight):
 
 def fake_quant_param(module: nn.Module, param_name: str, weight: torch.Tensor,
                      kernels: KernelImpl = KernelImpl.AUTO) -> torch.Tensor:
-    """Fake-quant image of ``weight`` (the module's parameter, 2-D or 3-D experts)."""
+    """Fake-quant image of ``weight`` (the module's parameter, 2-D, or 3-D fused experts with one
+    global amax per expert: one launch for all)."""
     state = read_state(module, param_name)
-    g, bamax, beta = state["global_amax"], state["block_amax"], state.get("dss_beta")
-    if weight.dim() == 2:
-        fq = fake_quant_weight(weight.detach(), _local(bamax, weight), _local(g, weight), _local(beta, weight),
-                               kernels=kernels)
-    else:  # [E, rows, cin] fused experts, one global amax per expert: one launch for all
-        fq = fake_quant_weight(weight.detach(), _local(bamax, weight), _local(g, weight), _local(beta, weight),
-                               kernels=kernels)
+    # the one-byte codes as they are: the kernels read them (the reference decodes them)
+    fq = fake_quant_weight(weight.detach(), _local(state["block_scale"], weight), _local(state["global_amax"], weight),
+                           _local(state.get("dss_beta_code"), weight), kernels=kernels)
     if torch.is_grad_enabled() and weight.requires_grad:
         return weight + (fq - weight).detach()
     return fq
@@ -73,8 +70,8 @@ def _input_amax_buffer(module: nn.Module, params: list[str]) -> str | None:
     """Name of the static input amax buffer the module's input is fake-quantized with: the one
     quantized 2-D weight's (W4A4), else None (weight-only, or fused experts)."""
     # The state's dimensionality, not the parameter's: FSDP1 holds flattened 1-D views of its
-    # parameters outside a forward, while the block amax keeps the weight's [rows, cin/16].
-    if len(params) != 1 or getattr(module, buffer_name(params[0], "block_amax")).dim() != 2:
+    # parameters outside a forward, while the block scales keep the weight's [rows, cin/16].
+    if len(params) != 1 or getattr(module, buffer_name(params[0], "block_scale")).dim() != 2:
         return None
     name = buffer_name(params[0], "input_amax")
     return name if hasattr(module, name) else None

@@ -12,10 +12,11 @@ objective; the empty blocks of the others take the MSE choice (beta 1.0 under DS
 Anything else (GPTQ, sharded or partial expert sets) is left to the per-slot search.
 
 Cost per projection, whatever E (12,288 expert slots in a 48-layer, 128-expert model):
-- memory: the results ``block_amax`` (and DSS ``beta``) ``[E, rows, cin/16]`` fp32, allocated
-  once; each slot's state holds views of them (and of the stacked ``[E]`` global and input
-  amaxes), no per-slot copy. The searches run over chunks of experts whose temporaries stay
-  within :data:`TEMP_BUDGET` and write into the results.
+- memory: the results, the scales' E4M3 bits (and DSS's beta codes) ``[E, rows, cin/16]``
+  uint8 (:mod:`nvfp4_dist.numerics.compact`), allocated once; each slot's state holds views of
+  them (and of the stacked ``[E]`` global and input amaxes), no per-slot copy. The searches run
+  over chunks of experts whose fp32 temporaries stay within :data:`TEMP_BUDGET` and are encoded
+  into the results chunk by chunk.
 - work: a fixed number of torch operations per chunk, one host sync for the empty-block counts
   (one ``tolist``) and one for the token divisor; nothing per expert but Python bookkeeping.
 """
@@ -31,6 +32,7 @@ from ..kernels.dispatch import search_block_scales_stacked
 from ..kernels.types import Method
 from ..layout.slots import WeightSlot
 from ..numerics import nvfp4
+from ..numerics.compact import beta_codes, scale_bits
 from ..numerics.constants import BLOCK_SIZE
 from .state import SlotState
 
@@ -44,8 +46,9 @@ TEMP_BUDGET = 256 << 20
 
 # Bytes of temporaries per weight block of one chunk's search: the sweep's candidates (int32) and
 # losses (fp32), the ScaleChoice's int64 candidates, table lookup and block amax (fp32), DSS's
-# beta (fp32). The chunk's MSE pass runs after the Hessian pass's results are dropped.
-_SEARCH_BYTES_PER_BLOCK = 4 + 4 + 8 + 4 + 4 + 4
+# beta (fp32), the chunk's block amax after the MSE choice (fp32). The chunk's MSE pass runs
+# after the Hessian pass's candidates and losses are dropped.
+_SEARCH_BYTES_PER_BLOCK = 4 + 4 + 8 + 4 + 4 + 4 + 4
 
 
 def expert_chunks(n_experts: int, bytes_per_expert: int, budget: int = TEMP_BUDGET) -> list[tuple[int, int]]:
@@ -110,46 +113,48 @@ def _stacked_amax(values: list[torch.Tensor | None]) -> list[torch.Tensor | None
 
 def _search_chunks(w, g, hessian, empty, live: list[bool], needs_mse: list[bool], betas, config: QuantConfig,
                    budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(block_amax, beta or None)`` ``[E, rows, nb]`` fp32 of every expert: the Hessian search
+    """``(scale bits, beta codes or None)`` ``[E, rows, nb]`` uint8 of every expert: the Hessian search
     (DSS with ``betas``) of the chunks holding a live expert, the MSE search of those holding an
     expert that needs it, the MSE choice taken where ``empty [E, nb]`` (every block of an expert
     that is not live). Experts without a usable Hessian are swept with their zero Hessian along
     with the chunk's live ones (per block, as a live expert's empty blocks are) and overwritten."""
     n, rows, nb = w.shape[0], w.shape[1], w.shape[2] // BLOCK_SIZE
-    block_amax = torch.empty(n, rows, nb, dtype=torch.float32, device=w.device)
-    beta = (torch.empty_like(block_amax) if betas is not None and hessian is not None and any(live) else None)
+    bits = torch.empty(n, rows, nb, dtype=torch.uint8, device=w.device)
+    codes = (torch.empty_like(bits) if betas is not None and hessian is not None and any(live) else None)
     for a, b in expert_chunks(n, rows * nb * _SEARCH_BYTES_PER_BLOCK, budget):
-        out = block_amax[a:b]
         any_live, any_mse = any(live[a:b]), any(needs_mse[a:b])
+        amax = None
         if any_live:
             choice = search_block_scales_stacked(w[a:b], g[a:b], Method.LOCAL_HESSIAN, hessian=hessian[a:b],
                                                  dss_betas=betas, kernels=config.kernels)
-            out.copy_(choice.block_amax)
-            if beta is not None:
-                beta[a:b].copy_(choice.dss_beta)
+            amax = choice.block_amax
+            if codes is not None:
+                codes[a:b] = beta_codes(choice.dss_beta)
             del choice
-        elif beta is not None:
-            beta[a:b].fill_(1.0)  # neutral: no expert of this chunk has a DSS state
+        elif codes is not None:
+            codes[a:b] = 100  # beta 1.0, neutral: no expert of this chunk has a DSS state
         if any_mse:
             mse_amax = search_block_scales_stacked(w[a:b], g[a:b], Method.MSE, kernels=config.kernels).block_amax
             if any_live:  # the empty block columns (all of them for the chunk's other experts)
                 mask = empty[a:b, None, :]
-                torch.where(mask, mse_amax, out, out=out)
-                if beta is not None:
-                    beta[a:b].masked_fill_(mask, 1.0)
+                torch.where(mask, mse_amax, amax, out=amax)
+                if codes is not None:
+                    codes[a:b].masked_fill_(mask, 100)
             else:
-                out.copy_(mse_amax)
+                amax = mse_amax
             del mse_amax
-    return block_amax, beta
+        bits[a:b] = scale_bits(amax, g[a:b])
+        del amax
+    return bits, codes
 
 
-def _max_chunks(w, budget: int) -> torch.Tensor:
-    """Block amaxes ``[E, rows, nb]`` fp32 of every expert (``|w|`` of one chunk at a time)."""
+def _max_chunks(w, g, budget: int) -> torch.Tensor:
+    """Scale bits ``[E, rows, nb]`` uint8 of every expert's block amaxes (``|w|`` of one chunk at a time)."""
     n, rows, cin = w.shape
-    block_amax = torch.empty(n, rows, cin // BLOCK_SIZE, dtype=torch.float32, device=w.device)
-    for a, b in expert_chunks(n, rows * cin * w.element_size() + rows * (cin // BLOCK_SIZE) * 8, budget):
-        block_amax[a:b] = nvfp4.block_amax(w[a:b])
-    return block_amax
+    bits = torch.empty(n, rows, cin // BLOCK_SIZE, dtype=torch.uint8, device=w.device)
+    for a, b in expert_chunks(n, rows * cin * w.element_size() + rows * (cin // BLOCK_SIZE) * 12, budget):
+        bits[a:b] = scale_bits(nvfp4.block_amax(w[a:b]), g[a:b])
+    return bits
 
 
 def _search_group(slots: list[WeightSlot], stats, config: QuantConfig, betas, budget: int) -> dict[str, SlotState]:
@@ -170,24 +175,24 @@ def _search_group(slots: list[WeightSlot], stats, config: QuantConfig, betas, bu
     live = [h and c < nb for c, h in zip(empty_count, has)]
     methods = [Method.LOCAL_HESSIAN if lv else (Method.MSE if method is not Method.MAX else Method.MAX)
                for lv in live]
-    beta = None
+    codes = None
     if method is Method.MAX:
-        block_amax = _max_chunks(w, budget)
+        bits = _max_chunks(w, g, budget)
     else:
         # weight-only MSE: the experts without a usable Hessian, and those with empty blocks
         needs_mse = [not lv or c > 0 for lv, c in zip(live, empty_count)]
-        block_amax, beta = _search_chunks(w, g, hessian, empty, live, needs_mse, betas, config, budget)
+        bits, codes = _search_chunks(w, g, hessian, empty, live, needs_mse, betas, config, budget)
     # the states: views of the stacked results (one unbind each), no per-expert operation
-    g_views, amax_views = g.unbind(0), block_amax.unbind(0)
-    beta_views = beta.unbind(0) if beta is not None else [None] * n
+    g_views, bits_views = g.unbind(0), bits.unbind(0)
+    code_views = codes.unbind(0) if codes is not None else [None] * n
     input_amax = (_stacked_amax([inp.amax if inp is not None else None for inp in inputs])
                   if config.quantize_inputs else [None] * n)
     states = {}
     for e, slot in enumerate(slots):
         tokens = inputs[e].tokens if inputs[e] is not None else 0
         states[slot.name] = SlotState(
-            global_amax=g_views[e], block_amax=amax_views[e], method=methods[e],
-            dss_beta=beta_views[e] if live[e] else None, input_amax=input_amax[e],
+            global_amax=g_views[e], block_scale=bits_views[e], method=methods[e],
+            dss_beta_code=code_views[e] if live[e] else None, input_amax=input_amax[e],
             tokens=tokens, dead=stats.observed and tokens == 0, empty_blocks=empty_count[e])
     return states
 

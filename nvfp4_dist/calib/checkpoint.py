@@ -1,8 +1,9 @@
 """Quantizer state in the framework's own checkpoints: Megatron dist_checkpointing, torch DCP,
 plain ``state_dict``; and restoring it into a fresh model at another layout.
 
-The state lives in persistent fp32 buffers next to each weight (:mod:`nvfp4_dist.calib.state`):
-``{param}_nvfp4_{global_amax,block_amax,dss_beta,input_amax}``. Per framework:
+The state lives in persistent buffers next to each weight (:mod:`nvfp4_dist.calib.state`):
+``{param}_nvfp4_{global_amax,block_scale,dss_beta_code,input_amax}`` (fp32 amaxes, one uint8
+code per 16-element block). Per framework:
 
 * plain ``state_dict`` / ``load_state_dict``: the buffers are ordinary persistent buffers.
 * torch DCP with FSDP2: the buffers are DTensors sharded like the weight
@@ -18,7 +19,7 @@ The state lives in persistent fp32 buffers next to each weight (:mod:`nvfp4_dist
   ShardedTensorFactory is reused on the state). Key scheme, with one worked example: the
   SequentialMLP weight Megatron saves as ``decoder.layers.mlp.experts.experts.linear_fc1.weight``
   (global ``[L, E, 2F, H]``, rows split over expert TP) gives
-  ``decoder.layers.mlp.experts.experts.linear_fc1.weight_nvfp4_block_amax`` (global
+  ``decoder.layers.mlp.experts.experts.linear_fc1.weight_nvfp4_block_scale`` (global
   ``[L, E, 2F, H/16]``, split the same way) and ``..._nvfp4_global_amax`` (global ``[L, E]``,
   replicated over TP: written by the piece at TP offset 0 of (expert-)data-parallel replica 0
   only). The global expert index is an axis, never part of a local name.
@@ -39,7 +40,9 @@ keeps the usual flow unchanged, including Megatron's own training-loop checkpoin
 Restore (:mod:`nvfp4_dist.calib.restore`) creates NaN-filled buffers from ``discover`` + the
 QuantConfig. Every slot of a run carries the same set of buffers (a DSS run gives
 weight-only-calibrated slots beta = 1.0, the bitwise identity), because a stacked Megatron tensor
-must be fully covered when saved.
+must be fully covered when saved. Checkpoints written before the state was kept as one-byte codes
+(fp32 ``_nvfp4_block_amax`` / ``_nvfp4_dss_beta``) are refused by name: they must be calibrated
+again.
 
 Errors: a load whose quantizer keys differ from the model's (no state in the checkpoint, DSS
 betas or input amaxes missing or extra) raises :class:`~nvfp4_dist.errors.ExportError` naming
@@ -63,11 +66,14 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import ExportError, LayoutError
 from ..layout.slots import WeightSlot
+from ..numerics.compact import BETA_UNIT
 from ..numerics.constants import BLOCK_SIZE
 from ..parallel.access import local_shards, local_weight
 from .state import SUFFIXES, attach_buffer, buffer_name, has_state
 
 STATE_KEY = re.compile(r"^(?P<param>.+)_nvfp4_(?P<suffix>" + "|".join(SUFFIXES) + r")$")
+# the fp32 block state of nvfp4_dist 0.1.0's first checkpoints, now one-byte codes
+LEGACY_KEY = re.compile(r"_nvfp4_(block_amax|dss_beta)$")
 PER_TENSOR = ("global_amax", "input_amax")  # 0-d per weight; the rest are per 16-channel block
 _LOAD_CHECK = "_nvfp4_load_check_handle"
 
@@ -100,11 +106,12 @@ def _complete_state(model: nn.Module, slots: list[WeightSlot], config: QuantConf
         for slot in slots:
             # the buffers' presence, not their values (no per-expert slicing of a 3-D state): once
             # a fused expert's beta buffer exists, its other experts hold the fill 1.0 or their own
-            if not hasattr(slot.module, buffer_name(slot.param_name, "dss_beta")) and has_state(
+            if not hasattr(slot.module, buffer_name(slot.param_name, "dss_beta_code")) and has_state(
                     slot.module, slot.param_name):
                 w = local_weight(slot)
-                ones = torch.ones(w.shape[0], w.shape[1] // BLOCK_SIZE, dtype=torch.float32, device=w.device)
-                attach_buffer(slot, "dss_beta", ones)
+                ones = torch.full((w.shape[0], w.shape[1] // BLOCK_SIZE), BETA_UNIT, dtype=torch.uint8,
+                                  device=w.device)  # beta 1.0
+                attach_buffer(slot, "dss_beta_code", ones)
 
 
 # ---------------------------------------------------------------------------------- Megatron
@@ -298,10 +305,20 @@ def save_dcp_checkpoint(model: nn.Module, checkpoint_dir) -> None:
 # ---------------------------------------------------------------------------------- errors
 
 
+def _refuse_legacy(keys: Iterable[str], source: str) -> None:
+    """Raise on quantizer state in the fp32 format of the first checkpoints (``LEGACY_KEY``)."""
+    legacy = sorted(k for k in keys if LEGACY_KEY.search(k))
+    if legacy:
+        raise ExportError(f"{source} holds quantizer state in the fp32 format of earlier nvfp4_dist "
+                          f"versions ({legacy[0]}, ...), which this version no longer reads (it keeps "
+                          "one-byte scale codes): calibrate the model again with quantize()")
+
+
 def _check_loaded_keys(module: nn.Module, incompatible) -> None:
     """load_state_dict post-hook: quantizer keys missing from the state dict, or present for
     weights that expect none of that kind, fail the load (whatever ``strict`` says: NaN state or
     ignored betas would change what the model computes)."""
+    _refuse_legacy(incompatible.unexpected_keys, "state dict")
     missing = [k for k in incompatible.missing_keys if STATE_KEY.match(k.rpartition(".")[2])]
     unexpected = [k for k in incompatible.unexpected_keys if STATE_KEY.match(k.rpartition(".")[2])]
     if missing or unexpected:
@@ -311,6 +328,7 @@ def _check_loaded_keys(module: nn.Module, incompatible) -> None:
 def _raise_on_mismatch(expected: set[str], stored: set[str], weights: set[str], source: str) -> None:
     """Raise unless ``stored`` holds every expected quantizer key, and no quantizer key of a
     weight in ``weights`` that the model does not expect."""
+    _refuse_legacy(stored, source)
     missing = sorted(expected - stored)
     extra = sorted(k for k in stored - expected
                    if (m := STATE_KEY.match(k)) is not None and m["param"] in weights)
@@ -341,18 +359,18 @@ def _mismatch_message(missing: Iterable[str], unexpected: Iterable[str], source:
     if unexpected:
         lines.append("  present but not expected by the model:" + listing(unexpected))
     hints = []
-    if "block_amax" in absent:
+    if "block_scale" in absent:
         hints.append("the checkpoint has no quantizer state for these weights: save it after "
                      "nvfp4_dist.quantize() (or quantize this model instead of restoring), and "
                      "restore with the QuantConfig's include/exclude of that run")
-    elif "block_amax" in extra:
+    elif "block_scale" in extra:
         hints.append("prepare the model with init_quantizer_state(model, config) before loading, "
                      "with the include/exclude of the saved run")
     else:
-        if "dss_beta" in absent:
+        if "dss_beta_code" in absent:
             hints.append("the checkpoint was saved without DSS: init_quantizer_state(model, "
                          "QuantConfig(..., dss=False))")
-        if "dss_beta" in extra:
+        if "dss_beta_code" in extra:
             hints.append("the checkpoint was saved with DSS betas: init_quantizer_state(model, "
                          "QuantConfig(method='local_hessian', dss=True))")
         if "input_amax" in absent:

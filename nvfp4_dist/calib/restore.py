@@ -22,6 +22,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import ConfigError, ExportError
 from ..layout.stats import StatsStore
+from ..numerics.compact import UNSET
 from ..numerics.constants import BLOCK_SIZE
 from ..parallel.access import local_shards, local_tensor, local_weight
 from ..parallel.context import ParallelContext, check_groups
@@ -39,15 +40,17 @@ def init_quantizer_state(model: nn.Module, config: QuantConfig | None = None,
     """Prepare a fresh ``model`` (any TP/EP/FSDP layout) to receive saved quantizer state.
 
     Discovers the slots ``quantize(model, config)`` would calibrate, gives each one NaN-filled
-    buffers of this rank's LOCAL shapes (``block_amax``/``dss_beta [rows_local, cin_local/16]``,
-    ``dss_beta`` only with ``config.dss``, ``input_amax`` only with ``config.quantize_inputs``),
+    buffers of this rank's LOCAL shapes (``block_scale``/``dss_beta_code [rows_local,
+    cin_local/16]``, ``dss_beta_code`` only with ``config.dss``, ``input_amax`` only with
+    ``config.quantize_inputs``),
     installs the fake-quant forward and the checkpoint hooks. Then load as usual
     (``load_state_dict``, Megatron ``dist_checkpointing.load`` + ``load_state_dict``, torch DCP, or
     :func:`~nvfp4_dist.calib.checkpoint.load_megatron_checkpoint` /
     :func:`~nvfp4_dist.calib.checkpoint.load_dcp_checkpoint`): the model computes exactly as
     after ``quantize()``. ``config`` must match the saved run's method options (dss,
     quantize_inputs, include/exclude); a mismatch raises on load, naming the keys. The buffers
-    are NaN until loaded, so a model used without its state fails loudly.
+    are NaN (the one-byte codes 0, which decode to NaN) until loaded, so a model used without
+    its state fails loudly.
     """
     config = config or QuantConfig()
     ctx = ctx or detect_context(model)
@@ -59,8 +62,8 @@ def init_quantizer_state(model: nn.Module, config: QuantConfig | None = None,
             w = local_weight(slot)
             blocks = (w.shape[0], w.shape[1] // BLOCK_SIZE)
             states[slot.name] = SlotState(
-                global_amax=_nan((), w.device), block_amax=_nan(blocks, w.device),
-                dss_beta=_nan(blocks, w.device) if config.dss else None,
+                global_amax=_nan((), w.device), block_scale=_unset(blocks, w.device),
+                dss_beta_code=_unset(blocks, w.device) if config.dss else None,
                 input_amax=_nan((), w.device) if config.quantize_inputs else None)
     apply_states(model, inv, states, config)
     return inv
@@ -85,6 +88,15 @@ def _nan(shape, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
 
+def _unset(shape, device) -> torch.Tensor:
+    return torch.full(shape, UNSET, dtype=torch.uint8, device=device)
+
+
+def _unloaded(value: torch.Tensor) -> bool:
+    """A placeholder :func:`init_quantizer_state` made that no load filled (in part)."""
+    return bool((value == UNSET).any() if value.dtype == torch.uint8 else torch.isnan(value).any())
+
+
 def restored_result(model: nn.Module, inventory: Inventory, config: QuantConfig,
                     ctx: ParallelContext | None = None) -> QuantResult:
     """The QuantResult of ``model`` after its quantizer state was loaded into the buffers
@@ -99,12 +111,12 @@ def restored_result(model: nn.Module, inventory: Inventory, config: QuantConfig,
             # FSDP2: the state is a DTensor sharded like the weight: this rank's part
             buffers = {k: local_tensor(v).detach()
                        for k, v in read_state(slot.module, slot.param_name, slot.expert).items()}
-            if any(bool(torch.isnan(v).any()) for v in buffers.values()):
+            if any(_unloaded(v) for v in buffers.values()):
                 unloaded.append(slot.name)
                 continue
             states[slot.name] = SlotState(
-                global_amax=buffers["global_amax"], block_amax=buffers["block_amax"],
-                method=config.method, dss_beta=buffers.get("dss_beta"),
+                global_amax=buffers["global_amax"], block_scale=buffers["block_scale"],
+                method=config.method, dss_beta_code=buffers.get("dss_beta_code"),
                 input_amax=buffers.get("input_amax"))
     if unloaded:
         raise ExportError(f"no quantizer state was loaded for {len(unloaded)} weight(s): "

@@ -32,6 +32,7 @@ from ..layout.roles import GroupRole
 from ..layout.slots import WeightSlot, expert_stacks
 from ..layout.stats import InputStats, StatsStore
 from ..numerics import nvfp4
+from ..numerics.compact import beta_codes, scale_bits
 from ..numerics.constants import E4M3_MAX, E4M3_MIN_SCALE
 from ..parallel.access import local_weight
 from ..parallel.context import SINGLE_PROCESS, ParallelContext, group_size
@@ -300,7 +301,8 @@ def search(inventory: Inventory, stats: Statistics, config: QuantConfig,
             block_amax = torch.zeros(w.shape[0], w.shape[1] // 16, device=w.device)
             beta = None
         states[slot.name] = SlotState(
-            global_amax=g.clone(), block_amax=block_amax, method=method, dss_beta=beta,
+            global_amax=g.clone(), block_scale=scale_bits(block_amax, g), method=method,
+            dss_beta_code=None if beta is None else beta_codes(beta),
             input_amax=inputs.amax.clone() if (config.quantize_inputs and inputs is not None) else None,
             tokens=tokens, dead=stats.observed and tokens == 0, empty_blocks=empty)
         if factors is not None:
@@ -359,7 +361,7 @@ def report(inventory: Inventory, states: dict[str, SlotState], stats: Statistics
         hessian = inputs.hessian() if (inputs is not None and config.needs_hessian) else None
         w = local_weight(slot).detach()
         g = state.global_amax
-        fq = fake_quant_weight(w, state.block_amax, g, state.dss_beta, kernels=config.kernels)
+        fq = fake_quant_weight(w, state.block_scale, g, state.dss_beta_code, kernels=config.kernels)
         fq_max = fake_quant_weight(w, nvfp4.block_amax(w), g, kernels=config.kernels)
         sums[slot.name] = error_sums(w, fq, fq_max, hessian)
     reduce_report_sums(list(inventory.slots), sums, ctx)

@@ -114,8 +114,8 @@ def _slot_piece(fmt: ExportFormat, slot: WeightSlot, state: SlotState, w4a4: boo
     input_amax = state.input_amax if w4a4 else None
 
     def local():
-        packed, scale = quantize_pack(local_weight(slot).detach(), state.block_amax, state.global_amax,
-                                      state.dss_beta, kernels)
+        packed, scale = quantize_pack(local_weight(slot).detach(), state.block_scale, state.global_amax,
+                                      state.dss_beta_code, kernels)
         return {"packed": packed, "scale": scale}
 
     def emit(whole):

@@ -54,7 +54,7 @@ def _value(q, F16: tl.constexpr):
 @triton.jit
 def fake_quant_pairs(w_ptr, bamax_ptr, beta_ptr, g_ptr, out_ptr, stride_row, rows, cin, g_rows,
                      HAS_BETA: tl.constexpr, GROUP_G: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                     EVEN: tl.constexpr, PTX: tl.constexpr, F16: tl.constexpr = False):
+                     EVEN: tl.constexpr, PTX: tl.constexpr, F16: tl.constexpr = False, CODES: tl.constexpr = False):
     """``ROWS x COLS`` elements as blocks; block indices from the program ids and constexpr
     shifts (no integer division per block). ``EVEN``: no access needs a mask. ``GROUP_G``: one
     global amax per ``g_rows`` rows (stacked experts), else one for the whole weight. ``F16``:
@@ -74,7 +74,7 @@ def fake_quant_pairs(w_ptr, bamax_ptr, beta_ptr, g_ptr, out_ptr, stride_row, row
     else:
         w = tl.load(src, mask=mask[:, None], other=0)
     v, d, S = static_block_scales(bamax_ptr, beta_ptr, g_ptr, block, row, rows, g_rows, mask, HAS_BETA, GROUP_G,
-                                  not EVEN)
+                                  not EVEN, CODES)
     t0, t1, t2, t3, t4, t5, t6 = thresholds(d)
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
     a, s = magnitude_and_sign(w, PTX, F16)

@@ -24,18 +24,18 @@ from .tl_nvfp4 import bf16_round, code_values, e2m1_codes, e2m1_pick, e4m3_bits,
 
 @triton.jit
 def _block_tile(w_ptr, bamax_ptr, beta_ptr, g_ptr, stride_row, nb, n_blocks, HAS_BETA: tl.constexpr,
-                BLK: tl.constexpr):
+                BLK: tl.constexpr, CODES: tl.constexpr):
     n, mask, w = load_blocks(w_ptr, stride_row, nb, n_blocks, BLK)
     # per-block values as [BLK, 1]: they broadcast against the tile in its own layout
     n1, mask1 = n.to(tl.int64)[:, None], mask[:, None]
-    v, d, S = static_block_scales(bamax_ptr, beta_ptr, g_ptr, n1, n1, 0, 1, mask1, HAS_BETA, False, True)
+    v, d, S = static_block_scales(bamax_ptr, beta_ptr, g_ptr, n1, n1, 0, 1, mask1, HAS_BETA, False, True, CODES)
     return n1, mask1, w, v, d, S
 
 
 @triton.jit
 def _fake_quant(w_ptr, bamax_ptr, beta_ptr, g_ptr, out_ptr, stride_row, rows, cin, g_rows, HAS_BETA: tl.constexpr,
                 GROUP_G: tl.constexpr, ROUND_BF16: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                EVEN: tl.constexpr):
+                EVEN: tl.constexpr, CODES: tl.constexpr):
     """One ``[ROWS, COLS]`` tile of the weight, seen as ``ROWS * COLS / 16`` blocks of 16.
 
     A 2-D grid over row and column tiles: block indices come from the program ids and
@@ -60,7 +60,7 @@ def _fake_quant(w_ptr, bamax_ptr, beta_ptr, g_ptr, out_ptr, stride_row, rows, ci
     block = (block_row.to(tl.int64) * nb + block_col)[:, None]
     bmask = ((block_row < rows) & (block_col < nb))[:, None]
     v, d, S = static_block_scales(bamax_ptr, beta_ptr, g_ptr, block, block_row[:, None], rows, g_rows, bmask,
-                                  HAS_BETA, GROUP_G, not EVEN)
+                                  HAS_BETA, GROUP_G, not EVEN, CODES)
     q1, q2, q3, q4, q5, q6, q7 = code_values(v, S)
     q = e2m1_pick(tl.abs(w), d, q1, q2, q3, q4, q5, q6, q7)
     if ROUND_BF16:
@@ -78,9 +78,9 @@ def _fake_quant(w_ptr, bamax_ptr, beta_ptr, g_ptr, out_ptr, stride_row, rows, ci
 
 @triton.jit
 def _quantize_pack(w_ptr, bamax_ptr, beta_ptr, g_ptr, packed_ptr, scale_ptr, stride_row, nb, n_blocks,
-                   HAS_BETA: tl.constexpr, BLK: tl.constexpr):
+                   HAS_BETA: tl.constexpr, BLK: tl.constexpr, CODES: tl.constexpr):
     n, mask, w, v, d, S = _block_tile(w_ptr, bamax_ptr, beta_ptr, g_ptr, stride_row, nb, n_blocks,
-                                      HAS_BETA, BLK)
+                                      HAS_BETA, BLK, CODES)
     code = e2m1_codes(tl.abs(w), d) | tl.where(w < 0, 8, 0)
     lo, hi = tl.split(tl.reshape(code, [BLK, 8, 2]))
     out = packed_ptr + n * 8 + tl.arange(0, 8)[None, :]
@@ -110,7 +110,8 @@ def _launch_pack(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.T
     _quantize_pack[(triton.cdiv(n_blocks, blk),)](
         w_ptr=w, bamax_ptr=block_amax, beta_ptr=beta, g_ptr=global_amax, packed_ptr=packed, scale_ptr=scale,
         stride_row=w.stride(0), nb=nb, n_blocks=n_blocks,
-        HAS_BETA=dss_beta is not None, BLK=blk, num_warps=PACK_WARPS, enable_fp_fusion=False)
+        HAS_BETA=dss_beta is not None, BLK=blk, CODES=block_amax.dtype == torch.uint8, num_warps=PACK_WARPS,
+        enable_fp_fusion=False)
 
 
 # Fake-quant tiles: 4096 elements per program and 4 warps, the best of a sweep on an H200 for the
@@ -138,7 +139,8 @@ def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
                       dss_beta: torch.Tensor | None, g_rows: int = 0) -> torch.Tensor:
     """Quantize-dequantize ``w [rows, cin]`` (unit stride along cin) -> contiguous, w's dtype.
 
-    ``block_amax`` (and ``dss_beta``) fp32 contiguous ``[rows, cin // 16]``; ``global_amax``
+    ``block_amax`` (and ``dss_beta``) fp32 contiguous ``[rows, cin // 16]``, or both uint8: the
+    scales' E4M3 bytes and beta codes the quantizer state holds (numerics/compact.py); ``global_amax``
     fp32, one element, or with ``g_rows > 0`` one per ``g_rows`` rows. bf16 and fp16 weights go
     through :mod:`.bf16_fake_quant`'s pair kernel, fp32 (and misaligned views) element-wise.
     """
@@ -153,7 +155,8 @@ def launch_fake_quant(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
     args = dict(w_ptr=w, bamax_ptr=block_amax, beta_ptr=beta, g_ptr=global_amax, out_ptr=out,
                 stride_row=w.stride(0), rows=rows, cin=cin, g_rows=max(g_rows, 1))
     flags = dict(HAS_BETA=dss_beta is not None, GROUP_G=g_rows > 0, ROWS=tile_rows, COLS=cols,
-                 EVEN=rows % tile_rows == 0 and cin % cols == 0, num_warps=4, enable_fp_fusion=False)
+                 EVEN=rows % tile_rows == 0 and cin % cols == 0, CODES=block_amax.dtype == torch.uint8,
+                 num_warps=4, enable_fp_fusion=False)
     if pairs_fit(w, (torch.bfloat16, torch.float16)):
         bf16_fake_quant.fake_quant_pairs[grid](**args, PTX=w.is_cuda, F16=w.dtype == torch.float16, **flags)
     else:

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import ConfigError
 from ..numerics import nvfp4
+from ..numerics.compact import beta_of_codes, block_amax_of_bits
 from . import reference, windows
 from .types import KernelImpl, Method, ScaleChoice
 
@@ -84,10 +85,11 @@ def quantize_pack_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax:
                          dss_beta: torch.Tensor | None = None,
                          kernels: KernelImpl = KernelImpl.AUTO) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored NVFP4 form of ``w [rows, cin]``: ``(packed uint8 [rows, cin // 2], scale
-    float8_e4m3fn [rows, cin // 16])``, codes against ``fl(dss_beta * d)`` when given."""
+    float8_e4m3fn [rows, cin // 16])``, codes against ``fl(dss_beta * d)`` when given.
+    ``block_amax``/``dss_beta``: fp32 values, or the quantizer state's uint8 codes (both)."""
     if _use_triton(w, kernels):
         return _triton_module().quantize_pack(w, block_amax, global_amax, dss_beta)
-    return reference.quantize_pack(w, block_amax, global_amax, dss_beta)
+    return reference.quantize_pack(w, *_state_values(block_amax, global_amax, dss_beta))
 
 
 def fake_quant_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: torch.Tensor,
@@ -96,14 +98,26 @@ def fake_quant_weight(w: torch.Tensor, block_amax: torch.Tensor, global_amax: to
     """NVFP4 quantize-dequantize of ``w [..., cin]`` with static scales, in ``w.dtype``.
 
     ``global_amax``: one value, or for stacked experts ``w [E, rows, cin]`` one per expert.
+    ``block_amax``/``dss_beta``: fp32 values, or the uint8 codes the quantizer state holds (both
+    codes: :mod:`nvfp4_dist.numerics.compact`), which the kernels read as they are.
     """
     if _use_triton(w, kernels):
         return _triton_module().fake_quant(w, block_amax, global_amax, dss_beta)
+    block_amax, global_amax, dss_beta = _state_values(block_amax, global_amax, dss_beta)
     if global_amax.numel() > 1 and w.dim() == 3:  # the reference takes one global amax per call
         return torch.stack([nvfp4.fake_quant(w[e], block_amax[e], global_amax[e],
                                              None if dss_beta is None else dss_beta[e])
                             for e in range(w.shape[0])])
     return nvfp4.fake_quant(w, block_amax, global_amax, dss_beta)
+
+
+def _state_values(block_amax, global_amax, dss_beta):
+    """``(block_amax, global_amax, dss_beta)`` with uint8 codes decoded to their fp32 values."""
+    if block_amax.dtype == torch.uint8:
+        block_amax = block_amax_of_bits(block_amax, global_amax.to(block_amax.device))
+    if dss_beta is not None and dss_beta.dtype == torch.uint8:
+        dss_beta = beta_of_codes(dss_beta)
+    return block_amax, global_amax, dss_beta
 
 
 def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor,

@@ -120,26 +120,48 @@ def scale_value(block_amax, S):
 
 
 @triton.jit
+def e4m3_value(bits):
+    """fp32 value of E4M3 bytes ``bits`` (int32, 0..126): normal values built as fp32 bit
+    patterns (exponent bias 7 -> 127), subnormals ``m * 2^-9``; exact."""
+    e = (bits >> 3) & 15
+    m = bits & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+
+
+@triton.jit
 def static_block_scales(bamax_ptr, beta_ptr, g_ptr, block, row, rows, g_rows, mask, HAS_BETA: tl.constexpr,
-                        GROUP_G: tl.constexpr, MASKED: tl.constexpr):
+                        GROUP_G: tl.constexpr, MASKED: tl.constexpr, CODES: tl.constexpr = False):
     """``(v, d_q, S)`` of the blocks at offsets ``block`` (rows ``row``) from their static block
     amaxes: the stored scale's value, the quant scale (``fl(v S)``, or ``fl(beta fl(v S))`` with
     ``HAS_BETA``) and the global scale, one per block with ``GROUP_G`` (one global amax per
-    ``g_rows`` rows), else one. ``MASKED``: loads under ``mask`` (amax 0, beta 1 outside it)."""
+    ``g_rows`` rows), else one. ``MASKED``: loads under ``mask`` (amax 0, beta 1 outside it).
+    ``CODES``: the block state as the quantizer keeps it (numerics/compact.py): ``bamax_ptr``
+    holds the scales' E4M3 bytes, ``beta_ptr`` beta in hundredths (``fl(code / 100)``, an IEEE
+    division), both uint8; the same v and d as from the amaxes they encode."""
     if GROUP_G:
         S = global_scale(g_ptr + tl.minimum(row, rows - 1) // g_rows)
     else:
         S = global_scale(g_ptr)
-    if MASKED:
-        v = scale_value(tl.load(bamax_ptr + block, mask=mask, other=0.0), S)
+    if CODES:
+        if MASKED:  # byte 1 (2^-9) outside the mask: what an amax of 0 gives
+            v = e4m3_value(tl.load(bamax_ptr + block, mask=mask, other=1).to(tl.int32))
+        else:
+            v = e4m3_value(tl.load(bamax_ptr + block).to(tl.int32))
     else:
-        v = scale_value(tl.load(bamax_ptr + block), S)
+        if MASKED:
+            v = scale_value(tl.load(bamax_ptr + block, mask=mask, other=0.0), S)
+        else:
+            v = scale_value(tl.load(bamax_ptr + block), S)
     d = v * S  # decode scale
     if HAS_BETA:
         if MASKED:
-            d = tl.load(beta_ptr + block, mask=mask, other=1.0) * d  # quant scale fl(beta * d)
+            beta = tl.load(beta_ptr + block, mask=mask, other=100 if CODES else 1.0)
         else:
-            d = tl.load(beta_ptr + block) * d
+            beta = tl.load(beta_ptr + block)
+        if CODES:
+            beta = tl.math.div_rn(beta.to(tl.float32), 100.0)
+        d = beta * d  # quant scale fl(beta * d)
     return v, d, S
 
 

@@ -63,6 +63,11 @@ def _fp32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.detach().to(device=device, dtype=torch.float32).contiguous()
 
 
+def _block_state(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Per-block scale input on ``device``: uint8 codes as they are, values as fp32."""
+    return t.detach().to(device).contiguous() if t.dtype == torch.uint8 else _fp32(t, device)
+
+
 def _prepare(w: torch.Tensor, global_amax: torch.Tensor):
     _check_weight(w)
     w = _unit_stride(w.detach())
@@ -127,9 +132,10 @@ def sweep_then_dss(w: torch.Tensor, h: torch.Tensor, kappa: torch.Tensor, s: tor
 
 
 def _static_inputs(w, block_amax, global_amax, dss_beta):
-    """2-D unit-stride view of ``w [..., cin]``, its fp32 scale inputs on w's device, and the
-    rows per global amax: 0 for one global amax, ``w.shape[-2]`` for one per leading index
-    (stacked experts ``[E, rows, cin]`` with ``global_amax [E]``)."""
+    """2-D unit-stride view of ``w [..., cin]``, its scale inputs on w's device (fp32 amaxes and
+    betas, or the uint8 codes of the quantizer state as they are), and the rows per global amax:
+    0 for one global amax, ``w.shape[-2]`` for one per leading index (stacked experts
+    ``[E, rows, cin]`` with ``global_amax [E]``)."""
     w = w.detach()
     if w.dim() < 1 or w.shape[-1] % 16:
         raise ValueError(f"weight shape {tuple(w.shape)}: the last dimension must be a multiple of 16")
@@ -137,11 +143,13 @@ def _static_inputs(w, block_amax, global_amax, dss_beta):
         raise TypeError(f"weight dtype {w.dtype} is not one of fp32/bf16/fp16")
     w2 = _unit_stride(w.reshape(-1, w.shape[-1]))
     nb = w.shape[-1] // 16
-    bamax = _fp32(block_amax, w.device).reshape(-1, nb)
+    if dss_beta is not None and (dss_beta.dtype == torch.uint8) != (block_amax.dtype == torch.uint8):
+        raise TypeError("block scales and DSS betas must both be codes (uint8) or both values (float)")
+    bamax = _block_state(block_amax, w.device).reshape(-1, nb)
     if bamax.shape[0] != w2.shape[0]:
         raise ValueError(f"block_amax shape {tuple(block_amax.shape)} does not match weight "
                          f"{tuple(w.shape)}: expected {(*w.shape[:-1], nb)}")
-    beta = None if dss_beta is None else _fp32(dss_beta, w.device).reshape(-1, nb)
+    beta = None if dss_beta is None else _block_state(dss_beta, w.device).reshape(-1, nb)
     g = _fp32(global_amax, w.device).reshape(-1)
     g_rows = 0
     if g.numel() != 1:

@@ -114,7 +114,7 @@ def attach_expert_state(module: nn.Module, name: str, param: torch.Tensor, exper
             local_shape = (*local_param.shape[:2], shape[2])
         else:
             placements, local_shape = [Replicate()] * param.device_mesh.ndim, shape
-        local = torch.full(local_shape, fill, dtype=torch.float32, device=value.device)
+        local = torch.full(local_shape, fill, dtype=value.dtype, device=value.device)
         buf = DTensor.from_local(local, param.device_mesh, placements, run_check=False, shape=shape,
                                  stride=torch.empty(shape, device="meta").stride())
         module.register_buffer(name, buf, persistent=True)

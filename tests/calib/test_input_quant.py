@@ -9,7 +9,7 @@ from torch import nn
 
 import nvfp4_dist as nd
 from nvfp4_dist.calib.restore import clear_quantizer_state
-from nvfp4_dist.calib.state import read_state
+from nvfp4_dist.calib.state import read_state, read_state_values
 from nvfp4_dist.numerics import nvfp4
 
 
@@ -33,7 +33,7 @@ def _quantized(quantize_inputs: bool, seed: int = 0):
 
 
 def _fq_weight(module):
-    st = read_state(module, "weight")
+    st = read_state_values(module, "weight")
     return nvfp4.fake_quant(module.weight.detach(), st["block_amax"], st["global_amax"])
 
 
@@ -116,7 +116,7 @@ def test_fused_experts_quantize_each_experts_inputs_with_its_scale(quantize_inpu
                 lambda m: m(input_ids=ids), show_progress=False)
     experts = model.model.layers[0].mlp.experts
     assert ("forward" in vars(experts)) == quantize_inputs
-    gu, down = read_state(experts, "gate_up_proj"), read_state(experts, "down_proj")
+    gu, down = read_state_values(experts, "gate_up_proj"), read_state_values(experts, "down_proj")
     if quantize_inputs:
         assert gu["input_amax"].shape == (4,) and len(set(down["input_amax"].tolist())) == 4  # per expert
     gen = torch.Generator().manual_seed(1)

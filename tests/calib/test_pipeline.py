@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import nvfp4_dist as nd
-from nvfp4_dist.calib.state import read_state
+from nvfp4_dist.calib.state import read_state, read_state_values
 from nvfp4_dist.models.tiny import build_embedded, calibration_tokens
 from nvfp4_dist.numerics import nvfp4
 
@@ -57,7 +57,7 @@ def test_tiny_dense_slots_groups_and_forward(tiny_tokens):
     for n, p in model.named_parameters():
         assert torch.equal(p, original[n]), n
     x = torch.randn(3, 256)
-    st = read_state(layer.mlp.gate_proj, "weight")
+    st = read_state_values(layer.mlp.gate_proj, "weight")
     fq = nvfp4.fake_quant(layer.mlp.gate_proj.weight, st["block_amax"], st["global_amax"], st["dss_beta"])
     x_in = nvfp4.fake_quant_input(x, st["input_amax"])  # W4A4: the input is quantized as served
     with torch.no_grad():
@@ -71,8 +71,8 @@ def test_tiny_dense_slots_groups_and_forward(tiny_tokens):
     # the state is held once: the module buffers share storage with the returned result's
     for slot in result.slots:
         st, buffers = result.states[slot.name], read_state(slot.module, slot.param_name)
-        assert buffers["block_amax"].data_ptr() == st.block_amax.data_ptr()
-        assert buffers["dss_beta"].data_ptr() == st.dss_beta.data_ptr()
+        assert buffers["block_scale"].data_ptr() == st.block_scale.data_ptr()
+        assert buffers["dss_beta_code"].data_ptr() == st.dss_beta_code.data_ptr()
 
 
 def test_hessian_matches_an_independent_computation(tiny_tokens):
@@ -139,7 +139,7 @@ def test_all_zero_weight_gets_valid_scales():
     x = torch.randn(8, 64)
     nd.quantize(model, nd.QuantConfig(method="local_hessian", exclude=("unused",)), lambda m: m(x),
                 show_progress=False)
-    st = read_state(model.fc2, "weight")
+    st = read_state_values(model.fc2, "weight")
     scale = nvfp4.scale_fp8(st["block_amax"], st["global_amax"]).float()
     assert torch.isfinite(scale).all() and (scale > 0).all()
     assert torch.equal(model.fc2(torch.relu(model.fc1(x))), model.fc2.bias.expand(8, 48))
@@ -222,10 +222,10 @@ def test_inputs_that_are_always_zero_fall_back_to_the_weight_only_search():
                              lambda m, inputs=inputs: m(inputs), show_progress=False)
         state = result.states["fc"]
         assert state.empty_blocks == empty
-        assert torch.equal(state.block_amax[:, 1], expected[:, 1])
+        assert torch.equal(state.block_amax()[:, 1], expected[:, 1])
         if empty == 4:  # the whole weight: searched weight-only, like a weight no token reached
-            assert state.method.value == "mse" and torch.equal(state.block_amax, expected)
+            assert state.method.value == "mse" and torch.equal(state.block_amax(), expected)
         else:
             assert state.method.value == "local_hessian"
-            assert torch.equal(state.dss_beta[:, 1], torch.ones(32))
+            assert torch.equal(state.dss_beta()[:, 1], torch.ones(32))
         assert result.layer_report()[0].rel_error < 0.2

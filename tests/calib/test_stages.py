@@ -47,7 +47,7 @@ def test_stages_by_hand_equal_quantize(tokens):
     assert [s.name for s in inventory.slots] == [s.name for s in result.slots]
     for name, state in settled.states.items():
         want = result.states[name]
-        for field in ("global_amax", "block_amax", "dss_beta", "input_amax"):
+        for field in ("global_amax", "block_scale", "dss_beta_code", "input_amax"):
             assert torch.equal(getattr(state, field), getattr(want, field)), (name, field)
     x = tokens[:2]
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_unadapted_2d_weights_are_refused_by_name_unless_excluded():
     model = WithRouter()
     with pytest.raises(nd.LayoutError, match=r"no nvfp4_dist layout adapter handles:\n  gate \(Module\)"):
         nd.quantize(model, nd.QuantConfig(method="max", quantize_inputs=False, exclude=()), show_progress=False)
-    assert not hasattr(model.proj, "weight_nvfp4_block_amax")  # refused before any work
+    assert not hasattr(model.proj, "weight_nvfp4_block_scale")  # refused before any work
     result = nd.quantize(model, nd.QuantConfig(method="max", quantize_inputs=False, exclude=("gate",)),
                          show_progress=False)
     assert [s.name for s in result.slots] == ["proj"]
@@ -135,4 +135,4 @@ def test_quantize_records_the_layout_naming_and_context():
     assert spec.outputs == ((key, slice(None)),) and spec.axis is None
     assert isinstance(result, pipeline.QuantResult)
     down = model.model.layers[0].mlp.down_proj
-    assert read_state(down, "weight")["block_amax"].shape == (down.out_features, down.in_features // 16)
+    assert read_state(down, "weight")["block_scale"].shape == (down.out_features, down.in_features // 16)

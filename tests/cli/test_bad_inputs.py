@@ -103,6 +103,8 @@ CASES = [
     ("dss-beta-step-zero", ["--dss-beta", "0.5", "1.5", "0"], 2, "STEP must be > 0"),
     ("dss-beta-nan", ["--dss-beta", "nan", "1.5", "0.05"], 2, "must be finite numbers"),
     ("dss-beta-huge-grid", ["--dss-beta", "0.5", "1.5", "1e-9"], 2, "use a larger STEP"),
+    ("dss-beta-off-hundredths", ["--method", "local_hessian", "--dss", "--dss-beta", "0.5", "1.5", "0.025"], 2,
+     "is not a multiple of 0.01"),
     ("dist-timeout-zero", ["--dist-timeout", "0"], 2, "--dist-timeout 0 must be a positive number"),
     ("dist-timeout-inf", ["--dist-timeout", "inf"], 2, "--dist-timeout inf must be a positive number"),
     ("seed-negative", ["--seed", "-1"], 2, "--seed -1 must be in"),

@@ -66,6 +66,6 @@ def _fq_whole(result, ctx):
     out = {}
     for slot in result.slots:
         state = result.states[slot.name]
-        fq = nvfp4.fake_quant(local_weight(slot), state.block_amax, state.global_amax, state.dss_beta)
+        fq = nvfp4.fake_quant(local_weight(slot), state.block_amax(), state.global_amax, state.dss_beta())
         out[slot.name] = gather_slot_tensor(fq, slot.layout, ctx)
     return out

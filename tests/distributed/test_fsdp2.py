@@ -85,7 +85,7 @@ def _fsdp_runs(methods: list[str]) -> dict:
         search_calls = list(spy.calls)
         local_rows_ok = all(shape == tuple(s.layout.local_shape) and s.layout.local_shape[0] < s.layout.global_shape[0]
                             for s, (shape, _) in zip(result.slots, spy.searched))
-        state = result.slots[0].module.weight_nvfp4_block_amax
+        state = result.slots[0].module.weight_nvfp4_block_scale
         state_sharded = isinstance(state, DTensor) and tuple(state.to_local().shape)[0] < state.shape[0]
         spy.calls.clear()
         spy.active = True  # the spy must see the gathers a forward does, or it proves nothing

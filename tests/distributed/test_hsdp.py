@@ -105,7 +105,7 @@ def _hsdp_worker(export_dir: str, dcp_dir: str) -> dict | None:
         search_calls = list(spy.calls)
         local_rows_ok = all(shape == tuple(s.layout.local_shape) and s.layout.local_shape[0] < s.layout.global_shape[0]
                             for s, (shape, _) in zip(result.slots, spy.searched))
-        state = result.slots[0].module.weight_nvfp4_block_amax
+        state = result.slots[0].module.weight_nvfp4_block_scale
         with torch.no_grad():
             logits = model(tokens).logits
         out["replicated"][name] = dict(

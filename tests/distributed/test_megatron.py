@@ -76,9 +76,9 @@ def _run_layouts(plan: list[tuple[int, bool, bool, list[str]]]) -> dict | None:
             for slot, hessian in zip(result.slots, recorded):
                 state = result.states[slot.name]
                 w = local_weight(slot)
-                fq = nvfp4.fake_quant(w, state.block_amax, state.global_amax, state.dss_beta)
+                fq = nvfp4.fake_quant(w, state.block_amax(), state.global_amax, state.dss_beta())
                 fq = gather_slot_tensor(fq, slot.layout, ctx)
-                bamax = gather_slot_tensor(state.block_amax, slot.layout, ctx, elems_per_col=16)
+                bamax = gather_slot_tensor(state.block_amax(), slot.layout, ctx, elems_per_col=16)
                 if hessian is not None and slot.layout.shard_axis == 1:  # row parallel: cin blocks
                     hessian = gather_along(hessian, 0, slot.layout.offset[1] // 16, ctx.group("tp"))
                 for part in slot.parts():

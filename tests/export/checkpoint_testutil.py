@@ -32,6 +32,7 @@ def slot_records(slots, ctx) -> dict:
     """HF module name -> quantizer buffers and fake-quant weight (from those buffers) of its rows,
     gathered whole over each slot's shard group."""
     from nvfp4_dist.calib.state import read_state
+    from nvfp4_dist.numerics.compact import beta_of_codes, block_amax_of_bits
     from nvfp4_dist.numerics import nvfp4
     from nvfp4_dist.parallel.access import local_weight
     from nvfp4_dist.parallel.reduce import gather_slot_tensor
@@ -39,8 +40,10 @@ def slot_records(slots, ctx) -> dict:
     out = {}
     for slot in slots:
         tensors = {k: _local(v) for k, v in read_state(slot.module, slot.param_name, slot.expert).items()}
-        tensors["fq"] = nvfp4.fake_quant(local_weight(slot).detach(), tensors["block_amax"],
-                                         tensors["global_amax"], tensors.get("dss_beta"))
+        code = tensors.get("dss_beta_code")
+        tensors["fq"] = nvfp4.fake_quant(local_weight(slot).detach(),
+                                         block_amax_of_bits(tensors["block_scale"], tensors["global_amax"]),
+                                         tensors["global_amax"], None if code is None else beta_of_codes(code))
         whole = {}
         for key, value in tensors.items():
             if value is None or value.dim() == 0:

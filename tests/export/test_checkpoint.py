@@ -64,7 +64,9 @@ def test_state_dict_round_trip_restores_identical_fake_quant(build, dense, tmp_p
     torch.save(model.state_dict(), path)
     fresh, _ = build()
     inv = init_quantizer_state(fresh, DSS)
-    assert all(torch.isnan(buf).all() for name, buf in fresh.named_buffers() if "_nvfp4_" in name)
+    # placeholders until loaded: NaN amaxes, code 0 (no scale, no beta) for the one-byte block state
+    assert all((buf == 0).all() if buf.dtype == torch.uint8 else torch.isnan(buf).all()
+               for name, buf in fresh.named_buffers() if "_nvfp4_" in name)
     fresh.load_state_dict(torch.load(path, weights_only=True))
     assert differences(slot_records(result.slots, SINGLE_PROCESS), slot_records(inv.slots, SINGLE_PROCESS)) == []
     assert torch.equal(_logits(fresh, tokens), _logits(model, tokens))
@@ -76,10 +78,10 @@ def test_dss_run_gives_every_slot_a_beta():
     slot has the same keys (a stacked Megatron tensor must be fully covered)."""
     model, result, _ = _quantized(_moe, DSS)
     dead = [s for s in result.slots if result.states[s.name].dead]
-    assert dead and all(result.states[s.name].dss_beta is None for s in dead)
+    assert dead and all(result.states[s.name].dss_beta() is None for s in dead)
     for slot in dead:
-        beta = getattr(slot.module, f"{slot.param_name}_nvfp4_dss_beta")[slot.expert]
-        assert torch.equal(beta, torch.ones_like(beta))
+        beta = getattr(slot.module, f"{slot.param_name}_nvfp4_dss_beta_code")[slot.expert]
+        assert bool((beta == 100).all())  # beta 1.0 in hundredths
 
 
 def _load_error(state: dict, config: QuantConfig, strict: bool = True) -> str:
@@ -93,17 +95,17 @@ def _load_error(state: dict, config: QuantConfig, strict: bool = True) -> str:
 @pytest.mark.parametrize("strict", [True, False])
 def test_checkpoint_without_state_names_missing_keys(strict):
     message = _load_error(_dense()[0].state_dict(), DSS, strict)
-    assert "model.layers.0.mlp.down_proj.weight_nvfp4_{block_amax,dss_beta,global_amax,input_amax}" in message
+    assert "model.layers.0.mlp.down_proj.weight_nvfp4_{block_scale,dss_beta_code,global_amax,input_amax}" in message
     assert "save it after nvfp4_dist.quantize()" in message and "dss=False" not in message
 
 
 def test_dss_mismatch_names_the_betas(dense):
     state = dense[0].state_dict()
     message = _load_error(state, QuantConfig(method="local_hessian"))
-    assert "model.layers.1.mlp.down_proj.weight_nvfp4_{dss_beta}" in message and "dss=True" in message
-    no_betas = {k: v for k, v in state.items() if not k.endswith("_nvfp4_dss_beta")}
+    assert "model.layers.1.mlp.down_proj.weight_nvfp4_{dss_beta_code}" in message and "dss=True" in message
+    no_betas = {k: v for k, v in state.items() if not k.endswith("_nvfp4_dss_beta_code")}
     message = _load_error(no_betas, DSS)
-    assert "model.layers.1.mlp.down_proj.weight_nvfp4_{dss_beta}" in message and "dss=False" in message
+    assert "model.layers.1.mlp.down_proj.weight_nvfp4_{dss_beta_code}" in message and "dss=False" in message
 
 
 def test_input_amax_mismatch_names_w4a4(dense):
@@ -118,7 +120,7 @@ def test_dcp_loader_checks_the_checkpoint_first(tmp_path):
     dcp.save(plain.state_dict(), checkpoint_id=str(tmp_path))
     fresh, _ = _dense()
     init_quantizer_state(fresh, DSS)
-    with pytest.raises(ExportError, match=r"(?s)DCP checkpoint.*self_attn\.k_proj\.weight_nvfp4_\{block_amax"):
+    with pytest.raises(ExportError, match=r"(?s)DCP checkpoint.*self_attn\.k_proj\.weight_nvfp4_\{block_scale"):
         load_dcp_checkpoint(fresh, str(tmp_path))
 
 
@@ -128,7 +130,7 @@ def test_dcp_loader_checks_the_checkpoint_first(tmp_path):
 def _module_with_state(rows: int, cin: int) -> nn.Module:
     module = nn.Module()
     module.weight = nn.Parameter(torch.zeros(rows, cin, device="meta"))
-    module.register_buffer("weight_nvfp4_block_amax", torch.zeros(rows, cin // 16))
+    module.register_buffer("weight_nvfp4_block_scale", torch.zeros(rows, cin // 16, dtype=torch.uint8))
     module.register_buffer("weight_nvfp4_global_amax", torch.zeros(()))
     return module
 
@@ -148,8 +150,8 @@ def test_sharded_entries_follow_the_weight(axis):
     weight = ShardedTensor.from_rank_offsets("layers.fc.weight", module.weight, (0, 3, 4), (axis + 1, 1, 2),
                                              replica_id=(0, 0, 1), prepend_axis_num=1)
     sharded = add_quantizer_sharded_state(module, {"weight": weight})
-    block, scalar = sharded["weight_nvfp4_block_amax"], sharded["weight_nvfp4_global_amax"]
-    assert block.key == "layers.fc.weight_nvfp4_block_amax" and block.data is module.weight_nvfp4_block_amax
+    block, scalar = sharded["weight_nvfp4_block_scale"], sharded["weight_nvfp4_global_amax"]
+    assert block.key == "layers.fc.weight_nvfp4_block_scale" and block.data is module.weight_nvfp4_block_scale
     assert block.global_shape == (4, 16, 2)  # [layers, rows, cin / 16] either way
     assert block.global_offset == ((3, 8, 0) if axis == 0 else (3, 0, 1))
     assert block.replica_id == (0, 0, 1)
@@ -189,9 +191,20 @@ def test_quantize_wraps_sharded_state_dict_and_deepcopy_keeps_it_bound(wrapped):
     model = _Wrapper(_TPRowSplit()) if wrapped else _TPRowSplit()
     quantize(model, QuantConfig(method="max", quantize_inputs=False), show_progress=False)
     sharded = model.sharded_state_dict(prefix="m.")
-    assert sorted(sharded) == ["m.weight", "m.weight_nvfp4_block_amax", "m.weight_nvfp4_global_amax"]
-    assert sharded["m.weight_nvfp4_block_amax"].global_offset == (8, 0)
+    assert sorted(sharded) == ["m.weight", "m.weight_nvfp4_block_scale", "m.weight_nvfp4_global_amax"]
+    assert sharded["m.weight_nvfp4_block_scale"].global_offset == (8, 0)
     assert sharded["m.weight_nvfp4_global_amax"].replica_id == (0, 1, 0)  # TP rank 1: not written
     clone = copy.deepcopy(model)
     inner = clone.module if wrapped else clone
-    assert clone.sharded_state_dict()["weight_nvfp4_block_amax"].data is inner.weight_nvfp4_block_amax
+    assert clone.sharded_state_dict()["weight_nvfp4_block_scale"].data is inner.weight_nvfp4_block_scale
+
+
+def test_first_release_fp32_state_is_refused_by_name(dense):
+    """A state dict of the first release (fp32 ``_nvfp4_block_amax`` / ``_nvfp4_dss_beta``) does
+    not load as if it were codes: it is refused, naming the key."""
+    legacy = {}
+    for key, value in dense[0].state_dict().items():
+        key = key.replace("_nvfp4_block_scale", "_nvfp4_block_amax").replace("_nvfp4_dss_beta_code", "_nvfp4_dss_beta")
+        legacy[key] = value.float()
+    message = _load_error(legacy, DSS, strict=False)
+    assert "fp32 format of earlier nvfp4_dist versions" in message and "_nvfp4_block_amax" in message

@@ -63,7 +63,7 @@ def _fsdp_worker(single_dir: str, fsdp_dir: str) -> dict:
     model = shard_fsdp2(small_hf_model())  # every rank all the data: equal to one process
     ctx = fsdp_context(model, data_split=False)
     result = quantize(model, config, lambda m: [m(b) for b in tokens.split(2)], ctx=ctx, show_progress=False)
-    state = model.model.layers[0].mlp.down_proj.weight_nvfp4_block_amax
+    state = model.model.layers[0].mlp.down_proj.weight_nvfp4_block_scale
     sharded = isinstance(state, DTensor) and state.to_local().shape[0] < state.shape[0]
     original = dict(records=slot_records(result.slots, ctx), logits=_logits(model))
     dcp.save(get_model_state_dict(model), checkpoint_id=fsdp_dir)

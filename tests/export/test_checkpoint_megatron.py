@@ -107,8 +107,8 @@ def test_tp2_checkpoint_restores_bit_identical_state_at_tp1_and_back(gpt):
     for run in gpt:
         original = run["original"]
         assert len(original) == 2 * 7  # every HF linear of both layers
-        assert all(set(r) == {"global_amax", "block_amax", "dss_beta", "input_amax", "fq"} for r in original.values())
-        assert any(not torch.equal(r["dss_beta"], torch.ones_like(r["dss_beta"])) for r in original.values())
+        assert all(set(r) == {"global_amax", "block_scale", "dss_beta_code", "input_amax", "fq"} for r in original.values())
+        assert any(bool((r["dss_beta_code"] != 100).any()) for r in original.values())  # beta != 1.0
         assert differences(original, run["at_tp1"]) == []
         assert differences(original, run["at_tp2"]) == []
         assert run["same_logits"], "the restored TP=2 model's fake-quant forward differs from the original"
@@ -117,9 +117,9 @@ def test_tp2_checkpoint_restores_bit_identical_state_at_tp1_and_back(gpt):
 def test_checkpoint_holds_state_sharded_like_the_weights(gpt):
     meta = gpt[0]["metadata"]
     # The layer axis Megatron prepends, whole rows, cin / 16 columns; per-tensor state per layer.
-    assert meta["decoder.layers.mlp.linear_fc1.weight_nvfp4_block_amax"] == (2, 256, 4)
-    assert meta["decoder.layers.mlp.linear_fc1.weight_nvfp4_dss_beta"] == (2, 256, 4)
-    assert meta["decoder.layers.self_attention.linear_proj.weight_nvfp4_block_amax"] == (2, 64, 4)
+    assert meta["decoder.layers.mlp.linear_fc1.weight_nvfp4_block_scale"] == (2, 256, 4)
+    assert meta["decoder.layers.mlp.linear_fc1.weight_nvfp4_dss_beta_code"] == (2, 256, 4)
+    assert meta["decoder.layers.self_attention.linear_proj.weight_nvfp4_block_scale"] == (2, 64, 4)
     assert meta["decoder.layers.self_attention.linear_qkv.weight_nvfp4_global_amax"] == (2,)
     assert meta["decoder.layers.mlp.linear_fc2.weight_nvfp4_input_amax"] == (2,)
     assert sum("_nvfp4_" in k for k in meta) == 4 * 4
@@ -128,14 +128,14 @@ def test_checkpoint_holds_state_sharded_like_the_weights(gpt):
 def test_checkpoint_without_state_is_refused_before_reading(gpt):
     message = gpt[0]["stateless"]
     assert message is not None, "a checkpoint without quantizer state must not load into a prepared model"
-    assert "decoder.layers.mlp.linear_fc2.weight_nvfp4_{block_amax,global_amax,input_amax}" in message
+    assert "decoder.layers.mlp.linear_fc2.weight_nvfp4_{block_scale,global_amax,input_amax}" in message
     assert "save it after nvfp4_dist.quantize()" in message
 
 
 def test_missing_dss_betas_in_the_model_are_named(gpt):
     message = gpt[0]["mismatch"]
     assert message is not None, "loading DSS state into a model prepared without DSS must fail"
-    assert "decoder.layers.mlp.linear_fc1.weight_nvfp4_{dss_beta}" in message
+    assert "decoder.layers.mlp.linear_fc1.weight_nvfp4_{dss_beta_code}" in message
     assert "dss=True" in message
 
 
@@ -212,8 +212,8 @@ def test_ep2_checkpoint_restores_every_expert_at_ep1(moe):
     assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)
     assert len(moe[0]["dead"]) == 2 * 2  # the dead experts' weight-only state travels too
     dead = [n for n in experts if ".layers.0." in n and any(f".experts.{g}." in n for g in DEAD[0])]
-    assert len(dead) == 2 * 3 and all(torch.equal(original[n]["dss_beta"], torch.ones_like(original[n]["dss_beta"]))
-                                      for n in dead)
+    assert len(dead) == 2 * 3 and all(bool((original[n]["dss_beta_code"] == 100).all())
+                                      for n in dead)  # beta 1.0
     for run in moe:
         assert differences(original, run["restored"]) == []
 
@@ -224,14 +224,14 @@ def test_expert_state_keys_are_global(moe):
     assert not any("local_experts" in k for k in ours)
     # Megatron names a SequentialMLP's experts "<mlp>.experts.experts.<fc>" with the layer and the
     # global expert index as prepended axes: EP ranks wrote disjoint expert ranges of one tensor.
-    assert ours["decoder.layers.mlp.experts.experts.linear_fc1.weight_nvfp4_block_amax"] == (2, 4, 64, 4)
-    assert ours["decoder.layers.mlp.experts.experts.linear_fc2.weight_nvfp4_block_amax"] == (2, 4, 64, 2)
+    assert ours["decoder.layers.mlp.experts.experts.linear_fc1.weight_nvfp4_block_scale"] == (2, 4, 64, 4)
+    assert ours["decoder.layers.mlp.experts.experts.linear_fc2.weight_nvfp4_block_scale"] == (2, 4, 64, 2)
     assert ours["decoder.layers.mlp.experts.experts.linear_fc2.weight_nvfp4_global_amax"] == (2, 4)
     assert ours["decoder.layers.mlp.experts.experts.linear_fc1.weight_nvfp4_input_amax"] == (2, 4)
-    assert ours["decoder.layers.mlp.experts.experts.linear_fc2.weight_nvfp4_dss_beta"] == (2, 4, 64, 2)
+    assert ours["decoder.layers.mlp.experts.experts.linear_fc2.weight_nvfp4_dss_beta_code"] == (2, 4, 64, 2)
     # Megatron's singleton_local_shards layout names every expert by its global index instead.
     singleton = moe[0]["singleton"]
-    assert "decoder.layers.1.mlp.experts.experts.3.linear_fc2.weight_nvfp4_block_amax" in singleton
+    assert "decoder.layers.1.mlp.experts.experts.3.linear_fc2.weight_nvfp4_block_scale" in singleton
     assert {k.split(".experts.experts.")[1].split(".")[0] for k in singleton} == {"0", "1", "2", "3"}
 
 

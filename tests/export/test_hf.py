@@ -41,8 +41,8 @@ def expected_parts(result):
     out = {}
     for slot in result.slots:
         state = result.states[slot.name]
-        fq = nvfp4.fake_quant(local_weight(slot).detach(), state.block_amax, state.global_amax,
-                              state.dss_beta, out_dtype=torch.float32)
+        fq = nvfp4.fake_quant(local_weight(slot).detach(), state.block_amax(), state.global_amax,
+                              state.dss_beta(), out_dtype=torch.float32)
         for part in slot.parts():
             out[part.name] = (fq[part.rows], state.global_amax, state.input_amax)
     return out
@@ -54,7 +54,7 @@ def test_reader_dequant_equals_fake_quant(tiny_exports, case, fmt):
     expected = expected_parts(result)
     assert reader.quantized_modules() == sorted(expected)
     if case == "dss":
-        assert any(result.states[s.name].dss_beta is not None and bool((result.states[s.name].dss_beta != 1).any())
+        assert any(result.states[s.name].dss_beta() is not None and bool((result.states[s.name].dss_beta() != 1).any())
                    for s in result.slots), "DSS chose no decoupled scale: the case tests nothing"
     for name, (fq, g, _) in expected.items():
         stored = reader.stored(name)
@@ -249,12 +249,12 @@ def test_interleaved_export_parts_split_one_slot_into_modules(tmp_path):
     report = inspect_checkpoint(summary.path)
     assert report.ok and report.fused_groups == 1, report.format()
     state = result.states["qkv"]
-    fq = nvfp4.fake_quant(model.qkv.weight.detach(), state.block_amax, state.global_amax)
+    fq = nvfp4.fake_quant(model.qkv.weight.detach(), state.block_amax(), state.global_amax)
     reader = CheckpointReader(summary.path)
     for leaf, index in rows.items():
         stored = reader.stored(f"attn.{leaf}")
         assert stored.shape == (16, 32)
-        scale = nvfp4.scale_fp8(state.block_amax, state.global_amax)[index]
+        scale = nvfp4.scale_fp8(state.block_amax(), state.global_amax)[index]
         assert torch.equal(stored.scale.view(torch.uint8), scale.view(torch.uint8))
         assert ((reader.dequantized(f"attn.{leaf}") - fq[index]).abs() <= CT_REL_BOUND * fq[index].abs()).all()
 

@@ -41,10 +41,10 @@ def _expected(result):
     for slot in result.slots:
         state = result.states[slot.name]
         w = local_weight(slot).detach()
-        scale = nvfp4.scale_fp8(state.block_amax, state.global_amax)
-        codes = nvfp4.encode(w, scale, nvfp4.global_scale(state.global_amax), state.dss_beta)
+        scale = nvfp4.scale_fp8(state.block_amax(), state.global_amax)
+        codes = nvfp4.encode(w, scale, nvfp4.global_scale(state.global_amax), state.dss_beta())
         values = torch.where(codes >= 8, -table[(codes & 7).long()], table[(codes & 7).long()])
-        fq = nvfp4.fake_quant(w, state.block_amax, state.global_amax, state.dss_beta, out_dtype=torch.float32)
+        fq = nvfp4.fake_quant(w, state.block_amax(), state.global_amax, state.dss_beta(), out_dtype=torch.float32)
         for part in slot.parts():
             out[part.name] = (values[part.rows], fq[part.rows])
     return out

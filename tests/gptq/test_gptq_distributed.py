@@ -37,9 +37,9 @@ def _whole(result, ctx):
         for slot in result.slots:
             state = result.states[slot.name]
             w = local_weight(slot).detach()
-            fq = nvfp4.fake_quant(w, state.block_amax, state.global_amax)
+            fq = nvfp4.fake_quant(w, state.block_amax(), state.global_amax)
             w, fq = gather_slot_tensor(w.clone(), slot.layout, ctx), gather_slot_tensor(fq, slot.layout, ctx)
-            bamax = gather_slot_tensor(state.block_amax, slot.layout, ctx, elems_per_col=16)
+            bamax = gather_slot_tensor(state.block_amax(), slot.layout, ctx, elems_per_col=16)
             for part in slot.parts():
                 out[part.name] = (w[part.rows].cpu(), fq[part.rows].cpu(), state.method.value,
                                   bamax[part.rows].cpu(), state.global_amax.cpu())

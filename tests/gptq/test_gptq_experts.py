@@ -37,7 +37,7 @@ def _records(result, original: dict) -> dict:
         for slot in result.slots:
             state = result.states[slot.name]
             w = local_weight(slot).detach().clone()
-            out[slot.name] = dict(weight=w.cpu(), block_amax=state.block_amax.cpu(), method=state.method.value,
+            out[slot.name] = dict(weight=w.cpu(), block_amax=state.block_amax().cpu(), method=state.method.value,
                                   tokens=state.tokens, changed=not torch.equal(w, original[slot.name]))
     return out
 

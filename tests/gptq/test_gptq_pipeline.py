@@ -81,12 +81,12 @@ def test_weights_hold_gptq_result_and_state_reproduces_q(small_run):
         assert state.method is Method.GPTQ
         w = slot.module.weight.detach()
         assert not torch.equal(w, original[slot.name + ".weight"]), slot.name  # W' was written
-        assert torch.equal(slot.module.weight_nvfp4_block_amax, state.block_amax)
+        assert torch.equal(slot.module.weight_nvfp4_block_scale, state.block_scale)
         h = hessians[slot.name]
         assert h.shape == (w.shape[1], w.shape[1])
         # what the run keeps: the diagonal blocks of that Hessian
         assert torch.equal(result.statistics.of(slot).hessian(), block_hessians(h))
-        q = nvfp4.fake_quant(w, state.block_amax, state.global_amax)
+        q = nvfp4.fake_quant(w, state.block_amax(), state.global_amax)
         # GPTQ lowers the layer output error against the original weight vs RTN of the same weight
         w0 = original[slot.name + ".weight"]
         rtn = nvfp4.fake_quant(w0, stages.search_block_scales(w0, state.global_amax, Method.MSE).block_amax,
@@ -136,7 +136,7 @@ def test_sequential_layer_by_layer():
             if "q_proj" in slot.name:  # layer 0's inputs are the embeddings' in both runs
                 assert torch.equal(h_seq, h_plain)
             if "down_proj" not in slot.name and "o_proj" not in slot.name:
-                assert torch.equal(seq.states[slot.name].block_amax, plain.states[slot.name].block_amax)
+                assert torch.equal(seq.states[slot.name].block_amax(), plain.states[slot.name].block_amax())
         else:  # layer 1 saw the outputs of the quantized layer 0
             assert not torch.equal(h_seq, h_plain), slot.name
         assert seq.states[slot.name].method is Method.GPTQ
@@ -185,7 +185,7 @@ def test_tiny_dense_quality():
                          _loop(tokens), ctx=SINGLE_PROCESS, show_progress=False)
         errors[method] = sum(
             _out_err(original[s.name + ".weight"],
-                     nvfp4.fake_quant(s.module.weight.detach(), r.states[s.name].block_amax,
+                     nvfp4.fake_quant(s.module.weight.detach(), r.states[s.name].block_amax(),
                                       r.states[s.name].global_amax), hessians[s.name])
             for s in r.slots)
         with torch.no_grad():

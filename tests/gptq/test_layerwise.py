@@ -83,7 +83,7 @@ def test_cached_inputs_equal_full_forward_bit_for_bit(case, monkeypatch):
     for slot in r_full.slots:
         a, b = r_cached.states[slot.name], r_full.states[slot.name]
         assert a.method == b.method and a.tokens == b.tokens, slot.name
-        for field in ("block_amax", "global_amax", "input_amax"):
+        for field in ("block_scale", "global_amax", "input_amax"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (slot.name, field)
         assert torch.equal(cached.get_submodule(slot.name).weight, slot.module.weight), slot.name  # W'
         assert torch.equal(r_cached.statistics.of(slot).hessian(), r_full.statistics.of(slot).hessian())

@@ -153,3 +153,39 @@ def test_bad_shapes_are_rejected(device):
         triton_ops.fake_quant(torch.zeros(4, 32, device=device), torch.zeros(3, 2), torch.ones(()))
     with pytest.raises(TypeError):
         triton_ops.search_mse(torch.zeros(4, 32, dtype=torch.float64, device=device), torch.ones(()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dss", [False, True])
+@pytest.mark.parametrize("shape", [(33, 96), (3, 16, 64)], ids=["weight", "stacked"])
+def test_state_codes_give_the_bits_of_their_values(dtype, dss, shape, device):
+    """The quantizer state's one-byte codes (scale bytes, beta hundredths) read by the kernels
+    directly: the same bits as the fp32 values they encode, through fake-quant and cast/pack,
+    the kernels (both fake-quant variants: bf16/fp16 pairs, fp32 element-wise) and the reference."""
+    from nvfp4_dist.kernels import dispatch
+    from nvfp4_dist.kernels.types import KernelImpl
+    from nvfp4_dist.numerics.compact import beta_codes, beta_of_codes, block_amax_of_bits, scale_bits
+
+    w = weight(shape[0] * (shape[1] if len(shape) == 3 else 1), shape[-1], "heavy", seed=61, dtype=dtype)
+    w = w.reshape(shape)
+    g = w.float().abs().amax(dim=-1).amax(dim=-1) if len(shape) == 3 else global_amax(w)
+    gen = torch.Generator().manual_seed(62)
+    bamax = nvfp4.block_amax(w) * (0.5 + torch.rand(nvfp4.block_amax(w).shape, generator=gen))
+    bits = scale_bits(bamax, g)
+    bits.view(-1)[0] = 1  # the smallest scale
+    # betas 0.50 .. 1.50 in hundredths (the grid of step 0.01)
+    codes = beta_codes((50 + torch.randint(0, 101, bits.shape, generator=gen)) / 100) if dss else None
+    values = block_amax_of_bits(bits, g), None if codes is None else beta_of_codes(codes)
+    wd = w.to(device)
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    fq_codes = triton_ops.fake_quant(wd, on(bits), on(g), on(codes))
+    fq_values = triton_ops.fake_quant(wd, on(values[0]), on(g), on(values[1]))
+    assert torch.equal(_bits(fq_codes), _bits(fq_values))
+    ref = dispatch.fake_quant_weight(w, bits, g, codes, kernels=KernelImpl.TORCH)
+    assert torch.equal(_bits(fq_codes), _bits(ref))
+    if len(shape) == 2:
+        packed, scale = triton_ops.quantize_pack(wd, on(bits), on(g), on(codes))
+        ref_packed, ref_scale = R.quantize_pack(w, values[0], g, values[1])
+        assert torch.equal(packed.cpu(), ref_packed)
+        assert torch.equal(scale.view(torch.uint8).cpu(), bits)  # the stored byte is the state's byte
+        assert torch.equal(scale.view(torch.uint8).cpu(), ref_scale.view(torch.uint8))

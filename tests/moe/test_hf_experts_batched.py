@@ -94,13 +94,13 @@ def test_stacked_search_equals_the_per_slot_search(method, dss, monkeypatch):
             got = states[name]
             assert (got.method, got.tokens, got.dead, got.empty_blocks) == (
                 want.method, want.tokens, want.dead, want.empty_blocks), name
-            for field in ("global_amax", "block_amax", "dss_beta", "input_amax"):
+            for field in ("global_amax", "block_scale", "dss_beta_code", "input_amax"):
                 a, b = getattr(got, field), getattr(want, field)
                 assert (a is None) == (b is None), (name, field)
                 if a is not None:
                     assert a.shape == b.shape and torch.equal(a, b), (name, field)
     # the experts' states are views of one stacked tensor per projection (nothing held twice)
-    for field in ("global_amax", "block_amax", "dss_beta", "input_amax"):
+    for field in ("global_amax", "block_scale", "dss_beta_code", "input_amax"):
         values = [getattr(stacked[f"model.layers.1.mlp.experts.{e}.gate_up_proj"], field) for e in range(4)]
         if values[0] is not None:
             assert len({v.untyped_storage().data_ptr() for v in values if v is not None}) == 1, field
@@ -119,13 +119,13 @@ def test_quantize_keeps_each_stacked_result_once():
     for layer in (0, 1):
         experts = model.model.layers[layer].mlp.experts
         for pname in ("gate_up_proj", "down_proj"):
-            for suffix in ("global_amax", "block_amax", "dss_beta"):
+            for suffix in ("global_amax", "block_scale", "dss_beta_code"):
                 buf = getattr(experts, f"{pname}_nvfp4_{suffix}")
                 for e in range(4):
                     state = getattr(result.states[f"model.layers.{layer}.mlp.experts.{e}.{pname}"], suffix)
                     if state is None:  # the dead expert under DSS: the neutral beta
-                        assert (layer, e, suffix) == (0, 3, "dss_beta")
-                        assert torch.equal(buf[e], torch.ones_like(buf[e]))
+                        assert (layer, e, suffix) == (0, 3, "dss_beta_code")
+                        assert bool((buf[e] == 100).all())  # beta 1.0 in hundredths
                         continue
                     assert torch.equal(buf[e], state), (layer, pname, suffix, e)
                     if layer == 1:  # every expert live: the buffer is the stacked result

@@ -116,8 +116,8 @@ def _experts_run(num_experts: int, layout: str, method: str, out_dir: str) -> di
     experts = model.model.layers[0].mlp.experts
     held = sorted(s.moe.index for s in result.slots if s.moe is not None and s.param_name == "down_proj"
                   and s.module is experts and s.layout.local_shape[0] > 0)
-    placements_ok = isinstance(experts.gate_up_proj_nvfp4_block_amax, DTensor) and tuple(
-        experts.gate_up_proj_nvfp4_block_amax.placements) == tuple(experts.gate_up_proj.placements)
+    placements_ok = isinstance(experts.gate_up_proj_nvfp4_block_scale, DTensor) and tuple(
+        experts.gate_up_proj_nvfp4_block_scale.placements) == tuple(experts.gate_up_proj.placements)
     searched = sorted({shape for shape, _ in spy.searched})  # the weights handed to the searches
     with torch.no_grad():
         logits = model(input_ids=ids).logits.cpu()

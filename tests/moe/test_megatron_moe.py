@@ -82,9 +82,9 @@ def _ep_worker(eps: list[int]) -> dict | None:
             w = local_weight(slot)
             local[slot.name] = dict(
                 index=slot.moe.index, parts=[p.name for p in slot.parts()], tokens=state.tokens,
-                dead=state.dead, method=state.method.value, block_amax=state.block_amax,
+                dead=state.dead, method=state.method.value, block_amax=state.block_amax(),
                 global_amax=state.global_amax, input_amax=state.input_amax, hessian=hessian,
-                fq=nvfp4.fake_quant(w, state.block_amax, state.global_amax, state.dss_beta))
+                fq=nvfp4.fake_quant(w, state.block_amax(), state.global_amax, state.dss_beta()))
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         merged = {}

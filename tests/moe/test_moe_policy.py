@@ -26,7 +26,7 @@ def _slot(name, family=None, index=0, count=3):
 
 
 def _state(amax, dead=False, method=Method.LOCAL_HESSIAN):
-    return SlotState(global_amax=torch.ones(()), block_amax=torch.ones(16, 1), method=method,
+    return SlotState(global_amax=torch.ones(()), block_scale=torch.ones(16, 1, dtype=torch.uint8), method=method,
                      input_amax=torch.tensor(amax), tokens=0 if dead else 5, dead=dead)
 
 

@@ -10,7 +10,7 @@ import torch
 
 import nvfp4_dist as nd
 from hf_reload import inputs_unquantized, probe_ids, reload_compressed_tensors
-from nvfp4_dist.calib.state import read_state
+from nvfp4_dist.calib.state import read_state, read_state_values
 from nvfp4_dist.cli import build_parser
 from nvfp4_dist.export import export_checkpoint
 from nvfp4_dist.export.inspect import inspect_checkpoint
@@ -84,7 +84,7 @@ def test_every_expert_of_every_layer_is_calibrated(calibrated):
         assert record.dead is dead and state.dead is dead
         assert record.method == ("mse" if dead else "local_hessian")
         assert (state.tokens == 0) is dead
-        assert torch.isfinite(state.block_amax).all() and (state.block_amax > 0).any()
+        assert torch.isfinite(state.block_amax()).all() and (state.block_amax() > 0).any()
     assert sorted(result.dead) == sorted(f"{layer}.{e}.{p}" for layer, e in DEAD
                                          for p in ("gate_up_proj", "down_proj"))
     table = result.table()
@@ -102,13 +102,13 @@ def test_dead_experts_get_the_weight_only_search_and_the_family_input_amax(calib
             name = f"{layer}.{e}.{param}"
             state = result.states[name]
             w = getattr(module, param).detach()[e]
-            assert torch.equal(state.block_amax, reference.search_mse(w, state.global_amax).block_amax)
+            assert torch.equal(state.block_amax(), reference.search_mse(w, state.global_amax).block_amax)
             live = [result.states[f"{layer}.{i}.{param}"].input_amax for i in range(N_EXPERTS) if i != e]
             assert torch.equal(state.input_amax, torch.stack(live).amax())
             assert float(state.input_amax) > 0
             # The buffers on the module carry the same values at the expert's index.
             buffers = read_state(module, param, expert=e)
-            assert torch.equal(buffers["block_amax"], state.block_amax)
+            assert torch.equal(buffers["block_scale"], state.block_scale)
 
 
 @pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
@@ -120,8 +120,8 @@ def test_dead_experts_export_finite_nonzero_scales_and_read_back(calibrated, fmt
     assert len(reader.quantized_modules()) == N_LAYERS * N_EXPERTS * 3
     for slot in result.slots:
         state = result.states[slot.name]
-        fq = nvfp4.fake_quant(slot.parameter().detach()[slot.expert], state.block_amax, state.global_amax,
-                              state.dss_beta, out_dtype=torch.float32)
+        fq = nvfp4.fake_quant(slot.parameter().detach()[slot.expert], state.block_amax(), state.global_amax,
+                              state.dss_beta(), out_dtype=torch.float32)
         for part in slot.parts():
             stored = reader.stored(part.name)
             got, want = reader.dequantized(part.name), fq[part.rows]
@@ -161,7 +161,7 @@ def test_transformers_dequantizes_the_experts_to_our_weights(calibrated, transfo
     model, result, _, _, _ = calibrated
     experts = model.model.layers[0].mlp.experts
     expected = torch.stack([nvfp4.fake_quant(experts.gate_up_proj.detach()[e],
-                                             *[read_state(experts, "gate_up_proj", e)[k]
+                                             *[read_state_values(experts, "gate_up_proj", e)[k]
                                                for k in ("block_amax", "global_amax")])
                             for e in range(N_EXPERTS)])
     rel = (transformers_load["model.layers.0.mlp.experts.gate_up_proj"] - expected).norm() / expected.norm()
