@@ -174,15 +174,20 @@ def search_block_scales_stacked(w: torch.Tensor, global_amax: torch.Tensor, meth
 
 
 def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor,
-                          kernels: KernelImpl = KernelImpl.AUTO) -> None:
+                          amax: torch.Tensor | None = None, kernels: KernelImpl = KernelImpl.AUTO) -> None:
     """In place: ``hessian_sum [E, cin // 16, 16, 16]`` (float64, contiguous) += the block
     Hessians of each expert's rows of ``x [N, cin]`` (grouped by expert, ``offsets [E + 1]``),
-    in one launch on the GPU; semantics in :func:`.reference.expert_block_hessians`."""
+    and ``amax [E]`` (fp32, contiguous, optional) = max(amax, each expert's max |x|), in one
+    launch on the GPU; semantics in :func:`.reference.expert_block_hessians`."""
     if hessian_sum.dtype != torch.float64 or not hessian_sum.is_contiguous():
         raise ValueError("expert_block_hessians accumulates into a contiguous float64 tensor")
     if tuple(hessian_sum.shape[1:]) != (x.shape[-1] // 16, 16, 16) or x.shape[-1] % 16:
         raise ValueError(f"hessian_sum shape {tuple(hessian_sum.shape)} does not match inputs {tuple(x.shape)}")
+    if amax is not None and (amax.dtype != torch.float32 or tuple(amax.shape) != hessian_sum.shape[:1]
+                             or not amax.is_contiguous() or amax.device != hessian_sum.device):
+        raise ValueError(f"expert_block_hessians: amax must be a contiguous fp32 [{hessian_sum.shape[0]}] "
+                         "tensor on the sums' device")
     if _use_triton(x, kernels):
-        _stacked_module().expert_block_hessians(x, offsets, hessian_sum)
+        _stacked_module().expert_block_hessians(x, offsets, hessian_sum, amax)
     else:
-        reference.expert_block_hessians(x, offsets, hessian_sum)
+        reference.expert_block_hessians(x, offsets, hessian_sum, amax)

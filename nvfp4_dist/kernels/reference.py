@@ -262,8 +262,12 @@ def search_dss_stacked(w: torch.Tensor, global_amax: torch.Tensor, hessian: torc
     return _stacked(lambda we, ge, he: search_dss(we, ge, he, betas), w, global_amax, hessian)
 
 
-def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor) -> None:
-    """In place: ``hessian_sum[e] += sum_t x_t,b x_t,b^T`` over expert e's rows of ``x``.
+def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor,
+                          amax: torch.Tensor | None = None) -> None:
+    """In place: ``hessian_sum[e] += sum_t x_t,b x_t,b^T`` over expert e's rows of ``x``; when
+    ``amax`` (fp32 ``[E]``, values >= 0) is given, also ``amax[e] = max(amax[e], max |x|)`` over
+    expert e's fp32-rounded values, a NaN counting as +inf (rows outside every expert's range
+    are not read).
 
     ``x [N, cin]``: the rows of all experts grouped by expert, expert e's at ``offsets[e]:
     offsets[e + 1]`` (``offsets`` int64 ``[E + 1]``); ``hessian_sum`` float64 ``[E, cin // 16,
@@ -284,6 +288,9 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
     index = torch.where(valid, start[:, None] + pos[None, :], 0)
     padded = x[index.reshape(-1)].float().double().reshape(n_experts, longest, nb, BLOCK_SIZE)
     padded = torch.where(valid[:, :, None, None], padded, 0.0)  # (not a product: inf * 0 is NaN)
+    if amax is not None:  # a max is exact in any order; the padding's +0.0 changes nothing (amax >= 0)
+        top = padded.abs().nan_to_num(nan=float("inf")).amax(dim=(1, 2, 3)).float()
+        torch.maximum(amax, top.to(amax.device), out=amax)
     for t in range(longest):
         xt = padded[:, t]
         hessian_sum += xt[..., :, None] * xt[..., None, :]

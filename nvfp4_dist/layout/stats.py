@@ -2,7 +2,9 @@
 
 ``H_b = sum_tokens x_b x_b^T`` is accumulated unnormalised in fp32 so that data-parallel ranks
 can sum their partial Hessians and token counts; :meth:`InputStats.hessian` normalises by the
-reduced token count afterwards.
+reduced token count afterwards. Each batch's fp32 sum is formed by :func:`block_grams` (fp32
+partial sums over interleaved subsets of the tokens, then added: a fast shape for cuBLAS; the
+order is documented there) and added onto the running sum.
 
 ``accum_dtype=torch.float64`` accumulates the same fp32 inputs in float64 instead (their
 products are exact there), so the sum hardly depends on the order or the ranks the tokens
@@ -42,6 +44,11 @@ from ..numerics.constants import BLOCK_SIZE
 
 # Tokens per chunk when forming x_b x_b^T, bounding the temporary to ~chunk * cin floats.
 _TOKEN_CHUNK = 4096
+# Tokens per sub-sum of the fp32 block Hessians (see block_grams): cuBLAS runs the token (K)
+# loop of each [16, n] @ [n, 16] product serially in one small tile, so nb products over 4096
+# tokens keep few SMs busy (137 us for 4096 x 4096 on an H200); c interleaved sub-sums make
+# nb * c products of n / c tokens each.
+SUBSUM_TOKENS = 256
 # Columns per step when a full Hessian is normalised (a [cin, 1024] float64 temporary at most).
 _NORMALISE_COLUMNS = 1024
 
@@ -74,7 +81,11 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[-1] != self.cin:
             raise ValueError(f"observed input has {x.shape[-1]} channels, expected {self.cin}")
-        amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+        if x.numel():  # max(|min|, |max|) == max |x| exactly (NaN propagates), without an |x| copy
+            low, high = torch.aminmax(x)
+            amax = torch.maximum(low.abs(), high.abs()).float()
+        else:
+            amax = torch.zeros((), device=x.device)
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
         self.tokens += x.shape[0]
         if not self.with_hessian or x.shape[0] == 0:
@@ -85,11 +96,11 @@ class InputStats:
             xb = x[start:start + _TOKEN_CHUNK].float().to(self.accum_dtype)
             if self.full:
                 self.hessian_sum.addmm_(xb.T, xb)  # in place: no [cin, cin] product temporary
-                continue
-            xb = xb.reshape(-1, self.cin // BLOCK_SIZE, BLOCK_SIZE)
-            # [nb, n, 16]^T @ [nb, n, 16] -> [nb, 16, 16]
-            xb = xb.transpose(0, 1)
-            self.hessian_sum += torch.bmm(xb.transpose(1, 2), xb)
+            elif self.accum_dtype == torch.float32:
+                self.hessian_sum += block_grams(xb)
+            else:  # float64: exact products, one batched product per chunk
+                xb = xb.reshape(-1, self.cin // BLOCK_SIZE, BLOCK_SIZE).transpose(0, 1)
+                self.hessian_sum += torch.bmm(xb.transpose(1, 2), xb)  # [nb, n, 16]^T @ [nb, n, 16]
 
     def hessian(self) -> torch.Tensor | None:
         """Normalised per-block Hessian ``H_b / tokens`` ``[cin/16, 16, 16]``, fp32 (None when
@@ -157,6 +168,29 @@ class InputStats:
             self.hessian_sum = self._zeros(device)
 
 
+def block_grams(x: torch.Tensor, subsum_tokens: int = SUBSUM_TOKENS) -> torch.Tensor:
+    """``sum_t x_tb x_tb^T`` ``[cin/16, 16, 16]`` of the rows ``x [n, cin]`` (fp32), in fp32.
+
+    Order: the rows go into ``c = max(1, n // subsum_tokens)`` interleaved sub-sums (sub-sum j
+    takes rows j, j + c, j + 2c, ...: a strided view of x, no copy); one batched fp32 GEMM forms
+    the ``c * nb`` partial 16x16 products (cuBLAS's order within each), the ``c`` partials of a
+    block are added in fp32 by one ``sum`` (torch's order), and the ``n % c`` last rows, if any,
+    add one more fp32 product. fp32 accumulation throughout, like one GEMM over all the rows;
+    only the rounding order differs.
+    """
+    n, cin = x.shape
+    nb = cin // BLOCK_SIZE
+    c = max(1, n // subsum_tokens)
+    k = n // c
+    # row kk * c + j, block b -> product j * nb + b, token kk (strides 16, c * cin, 1)
+    v = x[:c * k].reshape(k, c * nb, BLOCK_SIZE).transpose(0, 1)
+    out = torch.bmm(v.transpose(1, 2), v).view(c, nb, BLOCK_SIZE, BLOCK_SIZE).sum(0)
+    if c * k < n:
+        tail = x[c * k:].reshape(-1, nb, BLOCK_SIZE).transpose(0, 1)
+        out += torch.bmm(tail.transpose(1, 2), tail)
+    return out
+
+
 class StatsStore(dict):
     """stats_key -> InputStats. ``full_hessian``: the statistics it creates accumulate the whole
     ``X^T X`` (GPTQ) instead of its diagonal blocks."""
@@ -177,15 +211,16 @@ class ExpertStats:
     """The statistics of one projection of E fused experts, accumulated together on the device.
 
     Each call of :meth:`update` takes the inputs of all experts at once, their rows grouped by
-    expert: the token counts and input amaxes in a few tensor operations, the block Hessians in
-    one launch (:func:`~nvfp4_dist.kernels.dispatch.expert_block_hessians`: float64 sums of exact
-    products in row order, continued across calls, so an expert's sums do not depend on how its
-    tokens were batched). Nothing waits for the device until :meth:`flush` writes the totals into
-    the experts' own :class:`InputStats` (``members[e]``), whose Hessian sums are then views of
-    the stacked ``[E, cin/16, 16, 16]`` sums: the same values as :meth:`InputStats.update` of
-    each expert's rows with ``accum_dtype=torch.float64`` gives, up to the float64 rounding of
-    its other summation order; an expert no token reached keeps ``hessian_sum=None`` and gets
-    amax 0, as there.
+    expert: the token counts in a few tensor operations, the block Hessians and the input amaxes
+    in one launch (:func:`~nvfp4_dist.kernels.dispatch.expert_block_hessians`: float64 sums of
+    exact products in row order, continued across calls, so an expert's sums do not depend on how
+    its tokens were batched; a projection without Hessian takes its amaxes from a few tensor
+    operations, the same values). Nothing waits for the device until :meth:`flush` writes the
+    totals into the experts' own :class:`InputStats` (``members[e]``), whose Hessian sums are
+    then views of the stacked ``[E, cin/16, 16, 16]`` sums: the same values as
+    :meth:`InputStats.update` of each expert's rows with ``accum_dtype=torch.float64`` gives, up
+    to the float64 rounding of its other summation order; an expert no token reached keeps
+    ``hessian_sum=None`` and gets amax 0, as there.
     """
 
     def __init__(self, members: list[InputStats], kernels: KernelImpl = KernelImpl.AUTO):
@@ -207,24 +242,29 @@ class ExpertStats:
             self.tokens = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
             self.amax = torch.zeros(n_experts, dtype=torch.float32, device=x.device)
         self.tokens += (offsets[1:] - offsets[:-1]).to(self.tokens.device)
-        if x.shape[0]:
-            # a NaN row counts as +inf: the MAX keeps it, and non-finite statistics are refused
-            row_amax = torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf"))
-            amax = torch.zeros(n_experts + 1, dtype=torch.float32, device=x.device)
-            amax.scatter_reduce_(0, row_expert.long(), row_amax, reduce="amax")
-            self.amax = torch.maximum(self.amax, amax[:n_experts])
-        if self.members and self.members[0].with_hessian and x.shape[0]:
+        if not x.shape[0]:
+            return
+        if self.members and self.members[0].with_hessian:
             if self.hessian_sum is None:
                 self.hessian_sum = torch.zeros(n_experts, cin // BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE,
                                                dtype=torch.float64, device=x.device)
-            expert_block_hessians(x, offsets, self.hessian_sum, kernels=self.kernels)
+            # the amax too, from the values the Hessian kernel loads anyway (in place: a max of
+            # the fp32-rounded values, NaN as +inf, exactly the value computed below)
+            expert_block_hessians(x, offsets, self.hessian_sum, amax=self.amax, kernels=self.kernels)
+            return
+        # a NaN row counts as +inf: the MAX keeps it, and non-finite statistics are refused
+        row_amax = torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf"))
+        amax = torch.zeros(n_experts + 1, dtype=torch.float32, device=x.device)
+        amax.scatter_reduce_(0, row_expert.long(), row_amax, reduce="amax")
+        self.amax = torch.maximum(self.amax, amax[:n_experts])
 
     def flush(self) -> None:
         """Write the totals into ``members`` (one wait for the device); nothing when no call came."""
         if self.amax is None:
             return
         tokens = self.tokens.tolist()
-        amax = self.amax.unbind(0)  # views: no launch per expert (self.amax is never written in place)
+        # views of one copy (no launch per expert; the Hessian kernel updates self.amax in place)
+        amax = self.amax.clone().unbind(0)
         for e, stats in enumerate(self.members):
             stats.tokens = tokens[e]
             stats.amax = amax[e]

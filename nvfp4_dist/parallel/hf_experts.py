@@ -16,17 +16,19 @@ writes. Transposed layouts (``is_transposed``, e.g. gpt-oss), transformers' own 
 parallelism and DTensor-sharded experts outside FSDP2 are refused with a LayoutError (FSDP2's
 are :mod:`nvfp4_dist.parallel.hf_experts_fsdp`'s, a subclass that sets each slot's layout).
 
-Observation does not touch the model's computation, whatever the implementation: a forward
-pre-hook on the experts module reads its inputs, takes each expert's routed rows (routing.routed_tokens)
-as the gate_up input, and recomputes the expert's intermediate activation from those rows with
-the expert's own weights and the module's own gate function as the down_proj input.
+Observation does not change the model's computation, whatever the implementation: a forward
+pre-hook on the experts module reads its inputs and takes each expert's routed rows
+(routing.routed_tokens) as the gate_up input; the down_proj input is each expert's intermediate
+activation.
 
 All experts at once (:func:`_observe_stacked`): one stable sort groups the routed rows by expert,
-one grouped GEMM (bf16 on the GPU; one GEMM per expert elsewhere) recomputes every expert's
-activation, and each projection's statistics take one :class:`~nvfp4_dist.layout.stats.ExpertStats`
-update (one kernel launch for all block Hessians); the hook never waits for the device, the totals
-reach the store when the hook's handle is removed. Full-Hessian statistics (GPTQ) keep the
-expert-by-expert observer.
+the activations are the ones transformers' grouped forward computes (seen through the module's
+``_apply_gate``) or, where the forward does not compute them all in one call, one grouped GEMM
+(bf16 on the GPU; one GEMM per expert elsewhere) recomputes them; each projection's statistics
+take one :class:`~nvfp4_dist.layout.stats.ExpertStats` update (one kernel launch for all block
+Hessians); the hooks never wait for the device, the totals reach the store when the handle is
+removed. Full-Hessian statistics (GPTQ) keep the expert-by-expert observer, which recomputes the
+activations.
 """
 
 from __future__ import annotations
@@ -307,35 +309,85 @@ class HFExpertsAdapter(LayoutAdapter):
 
 
 class _FlushingHandle:
-    """A hook handle whose ``remove()`` first writes the stacked statistics into the store."""
+    """Hook handles whose ``remove()`` first writes the stacked statistics into the store, and
+    undoes the capture of the module's gate function."""
 
-    def __init__(self, handle, stats: list[ExpertStats]):
-        self.handle, self.stats = handle, stats
+    def __init__(self, handles: list, stats: list[ExpertStats], module: nn.Module, gate=None):
+        self.handles, self.stats, self.module, self.gate = handles, stats, module, gate
 
     def remove(self) -> None:
         for stats in self.stats:
             stats.flush()
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
+        if self.gate is not None and vars(self.module).get("_apply_gate") is self.gate:
+            del self.module._apply_gate  # the gate function as it was
 
 
 def _observe_stacked(module: nn.Module, by_key: dict, n_experts: int, route_all: bool) -> list:
     """Observe all experts of ``module`` at once: per forward, the routed rows grouped by expert
-    with one sort, the down_proj inputs of all experts from one grouped GEMM (or one GEMM per
-    expert where there is none), and each projection's statistics in one
+    with one sort, each projection's statistics in one
     :class:`~nvfp4_dist.layout.stats.ExpertStats` update; no wait for the device until the
-    handle is removed."""
+    handle is removed.
+
+    The down_proj inputs are the activations the forward itself computes where it can be seen:
+    a gated module's ``_apply_gate`` is wrapped for the observation, and when the forward called
+    it once on all its routed rows sorted by expert (transformers' ``grouped_mm``: routing
+    sentinels last) that output is observed as it is: grouped like the inputs, the same counts
+    per expert (the order within an expert may differ, which changes the float64 sums only by
+    their rounding). Otherwise (other implementations, e.g. the eager loop or ``batched_mm``'s
+    token order; ``route_all``; no gate) they are recomputed from the grouped rows
+    (:func:`grouped_activations`).
+    """
     first, down = _param_names(module)
     stacked = [ExpertStats([by_key[(p, e)] for e in range(n_experts)]) for p in (first, down)]
+    capture = module.has_gate and not route_all
+    seen: list[torch.Tensor] = []  # the gate outputs of the forward in flight
+    pending: list = []  # its grouped rows, offsets and row experts
 
-    def hook(mod, args, kwargs):
+    def pre_hook(mod, args, kwargs):
         hidden, top_k_index = _experts_inputs(args, kwargs)
         with torch.no_grad():
             rows, offsets, row_expert = grouped_rows(top_k_index, n_experts, route_all)
             x = hidden.reshape(-1, hidden.shape[-1])[rows]
             stacked[0].update(x, offsets, row_expert)
-            stacked[1].update(grouped_activations(mod, x, offsets, row_expert), offsets, row_expert)
+        pending[:] = [(x, offsets, row_expert, capture and _sorts_by_expert(mod))]
+        seen.clear()
 
-    return [_FlushingHandle(module.register_forward_pre_hook(hook, with_kwargs=True), stacked)]
+    def post_hook(mod, args, output):
+        if not pending:
+            return
+        (x, offsets, row_expert, sorted_rows), = pending
+        pending.clear()
+        with torch.no_grad():
+            if sorted_rows and len(seen) == 1 and seen[0].shape[0] == x.shape[0]:
+                act = seen[0]  # every routed row at once, grouped by expert as ``x``
+            else:
+                act = grouped_activations(mod, x, offsets, row_expert)
+            seen.clear()
+            stacked[1].update(act, offsets, row_expert)
+
+    recorded_gate = None
+    if capture:
+        gate = module._apply_gate
+
+        def recorded_gate(h):
+            out = gate(h)
+            if pending:  # inside an observed forward (not grouped_activations' own call)
+                seen.append(out.detach())
+            return out
+
+        module._apply_gate = recorded_gate
+    handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               module.register_forward_hook(post_hook, always_call=True)]
+    return [_FlushingHandle(handles, stacked, module, recorded_gate)]
+
+
+def _sorts_by_expert(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is transformers' ``grouped_mm`` implementation, which gates
+    all routed rows in one call, sorted by expert (the implementation is chosen per forward by
+    the model config's ``_experts_implementation``)."""
+    return getattr(getattr(module, "config", None), "_experts_implementation", None) == "grouped_mm"
 
 
 def grouped_rows(top_k_index: torch.Tensor, n_experts: int, route_all: bool = False):

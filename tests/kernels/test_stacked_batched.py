@@ -1,6 +1,6 @@
 """Stacked experts: the one-launch searches equal the per-expert calls bit for bit, and the
-one-launch per-expert block Hessians equal their torch reference bit for bit (and the former
-per-expert float64 statistics to float64 rounding)."""
+one-launch per-expert block Hessians (with each expert's input amax) equal their torch reference
+bit for bit (and the former per-expert float64 statistics to float64 rounding)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from inputs import hessian, weight
 from nvfp4_dist.kernels import dispatch
 from nvfp4_dist.kernels import reference as R
 from nvfp4_dist.kernels.types import KernelImpl, Method
-from nvfp4_dist.layout.stats import InputStats
+from nvfp4_dist.layout.stats import ExpertStats, InputStats
 
 
 def _experts(dtype, rows=20, cin=32, n=2):
@@ -81,6 +81,75 @@ def test_expert_block_hessians_kernel_equals_the_reference_bit_for_bit(dtype, de
     dispatch.expert_block_hessians(x, offsets, ref, kernels=KernelImpl.TORCH)
     assert torch.equal(got.cpu(), ref)
     assert torch.equal(ref[1], torch.full((3, 16, 16), 0.5, dtype=torch.float64))  # no token: unchanged
+
+
+def test_expert_block_hessians_amax_equals_the_reference_and_counts_nan_as_inf(device):
+    """The fused per-expert max |x|: kernel == reference bit for bit, == each expert's own amax
+    of its fp32-rounded rows (NaN: +inf), merged into the running values; rows past the last
+    expert's range are not read."""
+    x, offsets = _grouped([13, 0, 30, 1, 9], 48, torch.bfloat16, seed=6)
+    x[20, 7] = float("nan")  # expert 2
+    x[43, 40] = -1e30  # expert 3: a negative maximum
+    x[-9:] = 1e37  # past offsets[E] (the fifth group): no expert's rows
+    offsets = offsets[:5]
+    start = torch.tensor([0.5, 7.0, 0.0, 1e6, 0.0])  # running values
+    got, ref = start.to(device), start.clone()
+    h_got = torch.zeros(4, 3, 16, 16, dtype=torch.float64, device=device)
+    h_ref = torch.zeros(4, 3, 16, 16, dtype=torch.float64)
+    dispatch.expert_block_hessians(x.to(device), offsets.to(device), h_got, amax=got[:4],
+                                   kernels=KernelImpl.TRITON)
+    dispatch.expert_block_hessians(x, offsets, h_ref, amax=ref[:4], kernels=KernelImpl.TORCH)
+    assert torch.equal(got.cpu(), ref)
+    assert torch.allclose(h_got.cpu(), h_ref, rtol=0, atol=0, equal_nan=True)  # (expert 2's sums: NaN)
+    own = [x[a:b].float().abs().nan_to_num(nan=float("inf")).amax() if b > a else torch.tensor(0.0)
+           for a, b in zip(offsets[:-1], offsets[1:])]
+    assert torch.equal(ref, torch.stack([torch.maximum(s, o) for s, o in zip(start[:4], own)] + [start[4]]))
+    assert ref[2] == float("inf") and ref[1] == 7.0 and ref[3] == x[43, 40].float().abs()
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["per-token", "staged"])
+def test_block_hessian_kernel_tiles_give_the_same_bits(staged, device):
+    """The launch's tile choices (block columns, tokens per step, warps, staged loads) only
+    change the speed: small tiles and a partial last step still give the reference's bits."""
+    from nvfp4_dist.kernels import block_hessian_kernel as K
+    x, offsets = _grouped([5, 0, 11], 48, torch.bfloat16, seed=9)
+    x[7, 20] = float("nan")
+    got = torch.full((3, 3, 16, 16), 0.5, dtype=torch.float64, device=device)
+    ref = torch.full((3, 3, 16, 16), 0.5, dtype=torch.float64)
+    amax_got, amax_ref = torch.zeros(3, device=device), torch.zeros(3)
+    K.launch_block_hessians(x.to(device), offsets.to(device), got, amax_got, bb=2, t=4, num_warps=2, staged=staged)
+    R.expert_block_hessians(x, offsets, ref, amax_ref)
+    assert torch.allclose(got.cpu(), ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(amax_got.cpu(), amax_ref) and amax_ref[2] == float("inf")
+
+
+def test_expert_stats_amax_and_tokens_are_those_of_the_separate_computation(device):
+    """ExpertStats: the amax fused into the Hessian kernel gives the values the projections
+    without Hessian compute by abs/amax/scatter (two calls, NaN as +inf, an E sentinel row)."""
+    x1, off1 = _grouped([5, 0, 9], 32, torch.bfloat16, seed=7)
+    x2, off2 = _grouped([2, 4, 3], 32, torch.bfloat16, seed=8)
+    x2[7, 3] = float("nan")  # expert 2
+    calls = []
+    for x, off in ((x1, off1), (x2, off2)):
+        row_expert = torch.repeat_interleave(torch.arange(3), off[1:] - off[:-1])
+        # a routed-away row (expert-parallel sentinel) after the groups: ignored by both paths
+        calls.append((torch.cat([x, torch.full((1, 32), 3e4, dtype=x.dtype)]).to(device), off.to(device),
+                      torch.cat([row_expert, torch.tensor([3])]).to(device)))
+    results = []
+    for with_hessian in (True, False):
+        members = [InputStats(cin=32, with_hessian=with_hessian, accum_dtype=torch.float64) for _ in range(3)]
+        stats = ExpertStats(members, kernels=KernelImpl.TRITON)
+        for call in calls:
+            stats.update(*call)
+        stats.flush()
+        results.append([(m.tokens, m.amax.cpu()) for m in members])
+        assert (stats.hessian_sum is not None) == with_hessian
+    assert all(t0 == t1 and torch.equal(a0, a1) for (t0, a0), (t1, a1) in zip(*results))
+    tokens, amax = zip(*results[0])
+    assert tokens == (7, 4, 12)
+    expect = [torch.cat([x1[:5], x2[:2]]), torch.cat([x1[5:5], x2[2:6]]), torch.cat([x1[5:], x2[6:]])]
+    assert torch.equal(torch.stack(amax[:2]), torch.stack([e.float().abs().amax() for e in expect[:2]]))
+    assert amax[2] == float("inf")
 
 
 def test_expert_block_hessians_continue_across_calls_and_match_the_former_statistics():

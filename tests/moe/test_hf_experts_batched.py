@@ -131,3 +131,33 @@ def test_quantize_keeps_each_stacked_result_once():
                     if layer == 1:  # every expert live: the buffer is the stacked result
                         assert state.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(), (
                             pname, suffix, e)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager", "batched_mm"])
+def test_down_inputs_are_the_forwards_own_activations_where_it_gates_once(impl, monkeypatch):
+    """Under transformers' grouped_mm the observer takes the activations the forward computed
+    (no second GEMM); the eager loop and batched_mm's token order get them recomputed. Every
+    implementation gives the same statistics, and the gate function is the class's again after."""
+    from nvfp4_dist.parallel import hf_experts
+
+    recomputed = []
+    original = hf_experts.grouped_activations
+    monkeypatch.setattr(hf_experts, "grouped_activations",
+                        lambda *a, **k: recomputed.append(1) or original(*a, **k))
+    ids = tokens()
+    reference = small_moe(dead={0: (3,)})
+    reference.set_experts_implementation("eager")
+    model = small_moe(dead={0: (3,)})
+    model.set_experts_implementation(impl)
+    _, want = _stats(reference, nd.QuantConfig(), ids)
+    recomputed.clear()
+    inv, got = _stats(model, nd.QuantConfig(), ids)
+    assert bool(recomputed) == (impl != "grouped_mm"), impl
+    for slot in inv.slots:
+        if slot.moe is None or want[slot.stats_key].tokens == 0:
+            continue
+        a, b = got[slot.stats_key], want[slot.stats_key]
+        assert a.tokens == b.tokens and torch.equal(a.amax, b.amax), slot.name
+        assert (a.hessian_sum - b.hessian_sum).abs().max() <= 1e-12 * b.hessian_sum.abs().max(), slot.name
+    for layer in model.model.layers:
+        assert "_apply_gate" not in vars(layer.mlp.experts)

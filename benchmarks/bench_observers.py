@@ -1,0 +1,275 @@
+"""The calibration observers' own GPU cost: the dense and the fused-experts statistics updates,
+the former implementation beside the current one (a scratch benchmark for issue 18's "observer
+overhead <= 30% of a plain forward").
+
+Run on a CUDA machine: ``python benchmarks/bench_observers.py [--device cuda] [--out FILE.md]``.
+Times are CUDA-event medians (after a warm-up) of one call, in microseconds, printed as markdown
+tables:
+
+* dense: ``InputStats.update`` of x ``[4096, 2048]`` and ``[4096, 4096]`` bf16 (fp32 block
+  Hessians + amax), the former implementation (one batched product over all tokens, ``.float()``
+  of the batch, ``abs().amax()``) against the current one, its parts, and the current
+  formulation at other sub-sum lengths (``--subsums``);
+* experts: ``ExpertStats.update`` with 128 experts, 32768 routed rows (top-8 of 4096 tokens) of
+  2048 and 768 channels, with Hessian: the former (separate abs/amax/nan_to_num/scatter_reduce
+  amax) against the current (amax fused into the block-Hessian kernel), plus the kernel alone
+  at the tile choices of ``--tiles`` (block columns x tokens per step x warps, per-token or
+  staged loads: the same bits, only the speed differs).
+
+The former implementations live only here (copies), never as a library switch. ``--device cpu
+--tokens 256 --experts 8`` makes a smoke test (the kernel variants need CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+
+from nvfp4_dist.kernels import dispatch
+from nvfp4_dist.layout import stats as S
+from nvfp4_dist.layout.stats import ExpertStats, InputStats
+
+
+# ----------------------------------------------------------------------------- former versions
+def old_dense_update(self: InputStats, x: torch.Tensor) -> None:
+    """InputStats.update before the sub-sums (fp32 per-block path; a copy, for timing)."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+    self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+    self.tokens += x.shape[0]
+    if not self.with_hessian or x.shape[0] == 0:
+        return
+    if self.hessian_sum is None:
+        self.hessian_sum = self._zeros(x.device)
+    for start in range(0, x.shape[0], S._TOKEN_CHUNK):
+        xb = x[start:start + S._TOKEN_CHUNK].float().to(self.accum_dtype)
+        xb = xb.reshape(-1, self.cin // 16, 16).transpose(0, 1)
+        self.hessian_sum += torch.bmm(xb.transpose(1, 2), xb)
+
+
+def old_expert_update(self: ExpertStats, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor) -> None:
+    """ExpertStats.update before the fused amax (a copy, for timing)."""
+    n_experts, cin = len(self.members), self.members[0].cin
+    if self.amax is None:
+        self.tokens = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
+        self.amax = torch.zeros(n_experts, dtype=torch.float32, device=x.device)
+    self.tokens += (offsets[1:] - offsets[:-1]).to(self.tokens.device)
+    if x.shape[0]:
+        row_amax = torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf"))
+        amax = torch.zeros(n_experts + 1, dtype=torch.float32, device=x.device)
+        amax.scatter_reduce_(0, row_expert.long(), row_amax, reduce="amax")
+        self.amax = torch.maximum(self.amax, amax[:n_experts])
+    if self.members[0].with_hessian and x.shape[0]:
+        if self.hessian_sum is None:
+            self.hessian_sum = torch.zeros(n_experts, cin // 16, 16, 16, dtype=torch.float64, device=x.device)
+        dispatch.expert_block_hessians(x, offsets, self.hessian_sum, kernels=self.kernels)
+
+
+# ----------------------------------------------------------------------------- candidates
+def grams_packed(x: torch.Tensor, subsum_tokens: int) -> torch.Tensor:
+    """Alternative: cast bf16 -> fp32 straight into a [c * nb, k, 16] contiguous layout (each
+    product's operand in one piece), then the same batched product and sum."""
+    n, cin = x.shape
+    nb, c = cin // 16, max(1, n // subsum_tokens)
+    k = n // c
+    v = torch.empty(c * nb, k, 16, dtype=torch.float32, device=x.device)
+    v.view(c, nb, k, 16).copy_(x[:c * k].view(k, c, nb, 16).permute(1, 2, 0, 3))
+    out = torch.bmm(v.transpose(1, 2), v).view(c, nb, 16, 16).sum(0)
+    if c * k < n:
+        tail = x[c * k:].float().reshape(-1, nb, 16).transpose(0, 1)
+        out += torch.bmm(tail.transpose(1, 2), tail)
+    return out
+
+
+def grams_paired(xf: torch.Tensor, subsum_tokens: int) -> torch.Tensor:
+    """Alternative: products of 32-channel pairs of blocks (a 32x32 tile fully used, half its
+    entries wasted), their two diagonal 16x16 blocks kept; fp32 x, no tail (n % c == 0 here)."""
+    n, cin = xf.shape
+    npair, c = cin // 32, max(1, n // subsum_tokens)
+    k = n // c
+    v = xf[:c * k].reshape(k, c * npair, 32).transpose(0, 1)
+    g = torch.bmm(v.transpose(1, 2), v).view(c, npair, 2, 16, 2, 16).sum(0)
+    return torch.stack([g[:, 0, :, 0], g[:, 1, :, 1]], dim=1).reshape(cin // 16, 16, 16)
+
+
+def grams_bf16_tensor_cores(x: torch.Tensor, subsum_tokens: int) -> torch.Tensor:
+    """Alternative (CUDA): bf16 operands, fp32 output (products of two bf16 values are exact in
+    fp32; the tensor cores' accumulation is fp32 but not IEEE round-to-nearest per step)."""
+    n, cin = x.shape
+    nb, c = cin // 16, max(1, n // subsum_tokens)
+    k = n // c
+    v = x[:c * k].reshape(k, c * nb, 16).transpose(0, 1)
+    out = torch.bmm(v.transpose(1, 2), v, out_dtype=torch.float32).view(c, nb, 16, 16).sum(0)
+    if c * k < n:
+        tail = x[c * k:].float().reshape(-1, nb, 16).transpose(0, 1)
+        out += torch.bmm(tail.transpose(1, 2), tail)
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+def time_us(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median of ``reps`` timings of one call (CUDA events; wall clock on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) * 1e3)
+    else:
+        import time
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def dense_rows(args, device) -> list[tuple[str, str, float]]:
+    rows = []
+    for cin in args.dense_cin:
+        x = torch.randn(args.tokens, cin, device=device).to(torch.bfloat16)
+        shape = f"[{args.tokens}, {cin}] bf16"
+
+        def timed(label, fn):
+            try:
+                rows.append((shape, label, time_us(fn, device, args.warmup, args.reps)))
+            except Exception as exc:  # a candidate this torch build lacks: say so, time the rest
+                rows.append((shape, f"{label} (failed: {type(exc).__name__}: {str(exc)[:60]})", float("nan")))
+
+        old, new = InputStats(cin=cin, with_hessian=True), InputStats(cin=cin, with_hessian=True)
+        timed("former InputStats.update", lambda: old_dense_update(old, x))
+        timed("InputStats.update (now)", lambda: new.update(x))
+        ref = old.hessian_sum.double()
+        rel = ((new.hessian_sum.double() - ref).abs().max() / ref.abs().max()).item()
+        rows.append((shape, "  max |now - former| / max |H| (fp32 rounding)", rel))
+        timed("  part: x.float()", lambda: x.float())
+        timed("  part: abs().amax() (former amax)", lambda: x.abs().amax().float())
+        timed("  part: aminmax (amax now)", lambda: torch.aminmax(x))
+        xf = x.float()
+        blocks = xf.reshape(-1, cin // 16, 16).transpose(0, 1)
+        timed("  part: former bmm (fp32)", lambda: torch.bmm(blocks.transpose(1, 2), blocks))
+        exact = xf.double().reshape(-1, cin // 16, 16).transpose(0, 1)
+        exact = torch.bmm(exact.transpose(1, 2), exact)
+        scale = exact.abs().amax()
+        candidates = [("block_grams fp32 (now)", lambda: S.block_grams(xf)),
+                      ("former bmm fp32", lambda: torch.bmm(blocks.transpose(1, 2), blocks))]
+        if device.type == "cuda":
+            candidates.append(("bf16 tensor-core grams", lambda: grams_bf16_tensor_cores(x, S.SUBSUM_TOKENS)))
+        for label, fn in candidates:
+            try:
+                err = ((fn().double() - exact).abs().amax() / scale).item()
+            except Exception:
+                err = float("nan")
+            rows.append((shape, f"  max |{label} - exact| / max |H|", err))
+        del exact
+        for k in args.subsums:
+            timed(f"  block_grams fp32, {k} tokens per sub-sum", lambda k=k: S.block_grams(xf, k))
+            timed(f"  cast-packed grams, {k} tokens per sub-sum", lambda k=k: grams_packed(x, k))
+            timed(f"  paired-block grams fp32, {k} tokens per sub-sum", lambda k=k: grams_paired(xf, k))
+            if device.type == "cuda":
+                timed(f"  bf16 tensor-core grams, {k} tokens per sub-sum",
+                      lambda k=k: grams_bf16_tensor_cores(x, k))
+    return rows
+
+
+def routed(args, device):
+    """top-k routing of ``args.tokens`` tokens to ``args.experts`` experts, grouped as the
+    stacked observer groups them: (rows, offsets, row_expert)."""
+    from nvfp4_dist.parallel.hf_experts import grouped_rows
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    scores = torch.rand(args.tokens, args.experts, generator=gen)
+    top = scores.topk(args.top_k, dim=-1).indices.to(device)
+    return grouped_rows(top, args.experts)
+
+
+def expert_rows(args, device) -> list[tuple[str, str, float]]:
+    rows = []
+    rows_idx, offsets, row_expert = routed(args, device)
+    for cin in args.expert_cin:
+        hidden = torch.randn(args.tokens, cin, device=device).to(torch.bfloat16)
+        x = hidden[rows_idx]
+        shape = f"{args.experts} experts, [{x.shape[0]}, {cin}] bf16"
+
+        def timed(label, fn):
+            rows.append((shape, label, time_us(fn, device, args.warmup, args.reps)))
+
+        def fresh():
+            return ExpertStats([InputStats(cin=cin, with_hessian=True, accum_dtype=torch.float64)
+                                for _ in range(args.experts)])
+
+        old, new = fresh(), fresh()
+        timed("former ExpertStats.update", lambda: old_expert_update(old, x, offsets, row_expert))
+        timed("ExpertStats.update (now)", lambda: new.update(x, offsets, row_expert))
+        assert torch.equal(old.amax, new.amax), "amax differs from the former computation"
+        rows.append((shape, "  amax now == former (bits)", 1.0))
+        h = torch.zeros(args.experts, cin // 16, 16, 16, dtype=torch.float64, device=device)
+        amax = torch.zeros(args.experts, dtype=torch.float32, device=device)
+        timed("  part: Hessian kernel alone", lambda: dispatch.expert_block_hessians(x, offsets, h))
+        timed("  part: Hessian kernel + amax", lambda: dispatch.expert_block_hessians(x, offsets, h, amax=amax))
+        timed("  part: former amax (abs/amax/nan_to_num/scatter)",
+              lambda: torch.zeros(args.experts + 1, device=device).scatter_reduce_(
+                  0, row_expert, torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf")), reduce="amax"))
+        if device.type == "cuda":
+            from nvfp4_dist.kernels import block_hessian_kernel as K
+            off = offsets.to(torch.int64).contiguous()
+            ref = torch.zeros_like(h)
+            K.launch_block_hessians(x, off, ref, amax)
+            for tile in args.tiles:
+                staged = tile.endswith("s")
+                bb, t, warps = (int(v) for v in tile.rstrip("s").split("x"))
+                got = torch.zeros_like(h)
+                K.launch_block_hessians(x, off, got, amax, bb=bb, t=t, num_warps=warps, staged=staged)
+                same = torch.equal(got, ref)
+                label = f"{bb} blocks x {t} tokens x {warps} warps{', staged' if staged else ''}"
+                timed(f"  kernel+amax, tile {label}{'' if same else ' (BITS DIFFER)'}",
+                      lambda bb=bb, t=t, w=warps, s=staged: K.launch_block_hessians(
+                          x, off, h, amax, bb=bb, t=t, num_warps=w, staged=s))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per observed batch (8 x 512)")
+    p.add_argument("--dense-cin", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--expert-cin", type=int, nargs="+", default=[2048, 768])
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--subsums", type=int, nargs="+", default=[64, 128, 256, 512, 1024],
+                   help="tokens per sub-sum of the dense fp32 block Hessians to time")
+    p.add_argument("--tiles", nargs="+",
+                   default=["4x8x4", "2x8x1", "2x16x1", "4x8x2", "1x8x1",
+                            "4x8x4s", "8x8x4s", "4x8x2s", "4x16x2s", "1x16x1s", "2x8x1s", "2x16x1s",
+                            "4x8x1s", "4x16x1s"],
+                   help="block-Hessian kernel tiles BBxTxWARPS to time (CUDA); a trailing s: staged "
+                        "loads (T a power of two)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--out", help="also write the tables to this markdown file")
+    args = p.parse_args()
+    if args.top_k > args.experts:
+        p.error(f"--top-k {args.top_k} exceeds --experts {args.experts}")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    lines = [f"observers, {name}, {datetime.date.today()}, torch {torch.__version__}", "",
+             "| input | what | us (median) |", "|---|---|---:|"]
+    for shape, label, value in dense_rows(args, device) + expert_rows(args, device):
+        lines.append(f"| {shape} | {label} | {value:.4g} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
