@@ -20,7 +20,9 @@ loading the two inputs of every entry separately (128 experts, 32768 rows: 301 v
 channels, 121 vs 313 us at 768). Tokens go ``T`` per loop step, unrolled, so that their loads
 are issued ahead of the additions.
 
-Staged loads (``staged=True``, ``T`` a power of two; a variant to time against the default).
+Staged loads (``staged=True``, ``T`` a power of two; a variant timed against the default, kept
+for ``benchmarks/bench_observers.py``: on an H200 it was 2.3-2.6x SLOWER at every tile tried,
+2026-12-03, so the default stays the per-token loads).
 Per token, each thread loads and converts to float64 every value its entries read, and a
 conversion to float64 issues at a quarter of the FP64 FMA rate on Hopper: the default tile's
 SASS (sm_90, bf16 inputs) has 96 ``F2F.F64.BF16`` and 96 scalar loads per 64 ``DFMA`` (8
