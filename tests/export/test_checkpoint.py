@@ -199,12 +199,26 @@ def test_quantize_wraps_sharded_state_dict_and_deepcopy_keeps_it_bound(wrapped):
     assert clone.sharded_state_dict()["weight_nvfp4_block_scale"].data is inner.weight_nvfp4_block_scale
 
 
-def test_first_release_fp32_state_is_refused_by_name(dense):
-    """A state dict of the first release (fp32 ``_nvfp4_block_amax`` / ``_nvfp4_dss_beta``) does
-    not load as if it were codes: it is refused, naming the key."""
+def _first_release_state(model: nn.Module) -> dict:
+    """``model``'s state dict as the first release wrote it: fp32 ``_nvfp4_block_amax`` /
+    ``_nvfp4_dss_beta`` in place of the one-byte codes."""
     legacy = {}
-    for key, value in dense[0].state_dict().items():
+    for key, value in model.state_dict().items():
         key = key.replace("_nvfp4_block_scale", "_nvfp4_block_amax").replace("_nvfp4_dss_beta_code", "_nvfp4_dss_beta")
-        legacy[key] = value.float()
+        legacy[key] = value.float() if "_nvfp4_" in key else value
+    return legacy
+
+
+def test_first_release_fp32_state_is_refused_by_name(dense, tmp_path):
+    """A checkpoint of the first release does not load as if its fp32 amaxes were codes: the
+    state dict load and the DCP loader (before reading) refuse it, naming a key."""
+    import torch.distributed.checkpoint as dcp
+
+    legacy = _first_release_state(dense[0])
     message = _load_error(legacy, DSS, strict=False)
     assert "fp32 format of earlier nvfp4_dist versions" in message and "_nvfp4_block_amax" in message
+    dcp.save(legacy, checkpoint_id=str(tmp_path))
+    fresh, _ = _dense()
+    init_quantizer_state(fresh, DSS)
+    with pytest.raises(ExportError, match=r"DCP checkpoint .* fp32 format of earlier nvfp4_dist versions"):
+        load_dcp_checkpoint(fresh, str(tmp_path))
