@@ -49,8 +49,8 @@ def init_quantizer_state(model: nn.Module, config: QuantConfig | None = None,
     :func:`~nvfp4_dist.calib.checkpoint.load_dcp_checkpoint`): the model computes exactly as
     after ``quantize()``. ``config`` must match the saved run's method options (dss,
     quantize_inputs, include/exclude); a mismatch raises on load, naming the keys. The buffers
-    are NaN (the one-byte codes 0, which decode to NaN) until loaded, so a model used without
-    its state fails loudly.
+    are placeholders until loaded (NaN amaxes, one-byte codes 0, which no state holds), so a
+    model used without its state computes NaN (its global scale is NaN) and fails loudly.
     """
     config = config or QuantConfig()
     ctx = ctx or detect_context(model)
