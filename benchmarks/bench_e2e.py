@@ -26,6 +26,9 @@ picks fewer). Extra modes, each its own table:
   with the fused experts' W4A4 forward as the per-expert loop (the reference) instead of all
   experts at once, one experts module's W4A4 forward both ways against its own unquantized
   forward, and the kernel launches of one stacked-experts fake-quant;
+* ``--profile``: one observe and one search pass of ``--breakdown-method`` (all weights) under
+  ``torch.profiler``: the kernels that take the most device time in each (where the time of a
+  stage goes, for the next optimisation);
 * ``--modelopt``: ModelOpt's ``NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG`` on a fresh model of the same
   shapes, after a one-layer warm-up that builds its CUDA extension (needs ``nvidia-modelopt``
   importable; see benchmarks/bench_gptq.py for installing it on the GPU machine); ``--no-ours``
@@ -204,6 +207,37 @@ def run_breakdown(args, device, model, forward_loop, plain_s: float) -> list[str
     return rows
 
 
+def run_profile(args, device, model, forward_loop) -> list[str]:
+    """Top kernels by device time (CPU time on the CPU) of one observe and one search pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = QuantConfig(**METHODS[args.breakdown_method])
+    inventory = discover(model, config, SINGLE_PROCESS)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = []
+
+    def top(stage: str, fn):
+        with profile(activities=activities) as prof:
+            out = fn()
+            sync(device)
+        events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if device.type == "cuda" else "CPU")
+                  and (device.type == "cuda" or not e.key.startswith("aten::to"))]
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in events) or 1.0
+        for e in sorted(events, key=lambda e: -getattr(e, key))[:args.profile_top]:
+            rows.append(f"| {stage} | {e.key[:60]} | {e.count} | {getattr(e, key) / 1e3:.1f} | "
+                        f"{getattr(e, key) / total:.1%} |")
+        return out
+
+    store = top("observe", lambda: stages.observe(model, inventory, config, forward_loop))
+    with local_shards(model):
+        stats = stages.reduce(inventory, store, True, SINGLE_PROCESS, device)
+        top("search", lambda: stages.search(inventory, stats, config, show_progress=False))
+    del store, stats
+    free(device)
+    return rows
+
+
 def _experts_param(model):
     """(module, parameter name) of the first fused-experts projection, or None."""
     for module in model.modules():
@@ -367,6 +401,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="stage seconds split into dense and experts")
     parser.add_argument("--breakdown-method", default="local_hessian+dss", choices=list(METHODS))
     parser.add_argument("--qat", action="store_true", help="fake-quant forward against a copy of the weights")
+    parser.add_argument("--profile", action="store_true", help="top kernels of one observe and one search pass")
+    parser.add_argument("--profile-top", type=int, default=12, help="kernels listed per stage")
     parser.add_argument("--modelopt", action="store_true", help="ModelOpt's local-Hessian W4A4 beside ours")
     parser.add_argument("--no-ours", action="store_true", help="skip our quantize() table (e.g. ModelOpt alone)")
     parser.add_argument("--device", default="cuda")
@@ -406,6 +442,12 @@ def main() -> None:
                             "with that kind's observers less a plain forward):\n\n"
                             "| kind | weights | observe s | observe / plain forward | reduce s | search s |\n"
                             "|---|---|---|---|---|---|\n" + "\n".join(rows))
+        if args.profile:
+            rows = run_profile(args, device, model, forward_loop)
+            sections.append(f"Top kernels by {'device' if device.type == 'cuda' else 'CPU'} time, one pass of each "
+                            f"stage ({args.breakdown_method}, experts impl {impls[-1]}):\n\n"
+                            "| stage | kernel | calls | ms | share of the stage |\n|---|---|---|---|---|\n"
+                            + "\n".join(rows))
         if args.qat:
             rows = run_qat(args, device, model, forward_loop)
             sections.append(f"QAT forward (method max, W4A4: weights and inputs fake-quantized per forward; {args.samples}x"

@@ -46,7 +46,7 @@ def test_bench_e2e_moe_small_on_cpu(tmp_path, monkeypatch):
     row (not importable here: the row says so)."""
     text = _run_bench(monkeypatch, tmp_path / "e2e.md", *MOE, "--methods", "local_hessian",
                       "--experts-impl", "eager,grouped_mm", "--breakdown", "--breakdown-method", "local_hessian",
-                      "--qat", "--modelopt")
+                      "--qat", "--modelopt", "--profile", "--profile-top", "3")
     rows = _rows(text, "local_hessian")
     # per layer q/k/v/o and, per expert, gate_up and down: (4 + 4 * 2) x 2 layers; routers kept
     assert [(r[1], r[7]) for r in rows] == [("eager", "24"), ("grouped_mm", "24")]
@@ -57,6 +57,9 @@ def test_bench_e2e_moe_small_on_cpu(tmp_path, monkeypatch):
     assert len(fq) == 1 and "GPU kernels" in fq[0][0]
     assert len(_rows(text, "forward, fake-quant weights")) == 1
     assert len(_rows(text, "modelopt")) == 1
+    profiled = _rows(text, "observe") + _rows(text, "search")
+    assert [r[0] for r in profiled] == ["| observe"] * 3 + ["| search"] * 3  # the top 3 of each stage
+    assert all(float(r[3]) >= 0 and r[4].endswith("% |") for r in profiled)
     # the W4A4 experts forward: all experts at once (installed), the per-expert loop, unquantized
     assert len(_rows(text, "forward, the same with the W4A4 experts as the per-expert loop")) == 1
     module_rows = _rows(text, "one experts module's forward")
