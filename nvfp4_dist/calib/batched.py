@@ -32,7 +32,7 @@ from ..kernels.dispatch import search_block_scales_stacked
 from ..kernels.types import Method
 from ..layout.slots import WeightSlot
 from ..numerics import nvfp4
-from ..numerics.compact import beta_codes, scale_bits
+from ..numerics.compact import BETA_UNIT, beta_codes, scale_bits
 from ..numerics.constants import BLOCK_SIZE
 from .state import SlotState
 
@@ -132,14 +132,14 @@ def _search_chunks(w, g, hessian, empty, live: list[bool], needs_mse: list[bool]
                 codes[a:b] = beta_codes(choice.dss_beta)
             del choice
         elif codes is not None:
-            codes[a:b] = 100  # beta 1.0, neutral: no expert of this chunk has a DSS state
+            codes[a:b] = BETA_UNIT  # beta 1.0, neutral: no expert of this chunk has a DSS state
         if any_mse:
             mse_amax = search_block_scales_stacked(w[a:b], g[a:b], Method.MSE, kernels=config.kernels).block_amax
             if any_live:  # the empty block columns (all of them for the chunk's other experts)
                 mask = empty[a:b, None, :]
                 torch.where(mask, mse_amax, amax, out=amax)
                 if codes is not None:
-                    codes[a:b].masked_fill_(mask, 100)
+                    codes[a:b].masked_fill_(mask, BETA_UNIT)  # beta 1.0
             else:
                 amax = mse_amax
             del mse_amax

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.types import Method
-from ..numerics.compact import beta_of_codes, block_amax_of_bits
+from ..numerics.compact import BETA_UNIT, beta_of_codes, block_amax_of_bits
 from ..parallel.fsdp import is_dtensor, state_like
 from ..parallel.hf_experts_fsdp import attach_expert_state, expert_state
 from ..layout.slots import WeightSlot, expert_stacks
@@ -29,7 +29,7 @@ SUFFIXES = ("global_amax", "block_scale", "dss_beta_code", "input_amax")
 BLOCK_CODES = ("block_scale", "dss_beta_code")  # uint8, one per 16-element block
 # the fill of an [E, ...] buffer's experts not (yet) attached: the smallest scale (what an amax
 # of 0 gives), beta 1.0 (the bitwise identity), zero amaxes
-FILL = {"global_amax": 0.0, "block_scale": 1, "dss_beta_code": 100, "input_amax": 0.0}
+FILL = {"global_amax": 0.0, "block_scale": 1, "dss_beta_code": BETA_UNIT, "input_amax": 0.0}
 
 
 def buffer_name(param_name: str, suffix: str) -> str:

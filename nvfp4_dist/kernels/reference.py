@@ -51,6 +51,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics import nvfp4
+from ..numerics.compact import beta_grid_values
 from ..numerics.constants import BLOCK_SIZE, NUM_FP8_CANDIDATES
 from .candidates import CandidateTables, block_loss, candidate_loss, dss_errors, tree16
 from .types import ScaleChoice
@@ -71,9 +72,8 @@ def default_betas() -> torch.Tensor:
 
 
 def beta_grid(lo: float, hi: float, step: float) -> torch.Tensor:
-    """``fp32(round(lo + i * step, 10))`` for i = 0.. while the value is <= hi."""
-    n = int(round((hi - lo) / step)) + 1
-    return torch.tensor([round(lo + i * step, 10) for i in range(n)], dtype=torch.float32)
+    """:func:`~nvfp4_dist.numerics.compact.beta_grid_values` as fp32."""
+    return torch.tensor(beta_grid_values(lo, hi, step), dtype=torch.float32)
 
 
 def _check_weight(w: torch.Tensor) -> None:

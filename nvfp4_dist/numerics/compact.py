@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .constants import e4m3_positive_values
-from .nvfp4 import candidate_ratios, clamp_global_amax, scale_fp8
+from .constants import NUM_FP8_CANDIDATES
+from .nvfp4 import candidate_block_amax, scale_fp8
 
 BETA_UNIT = 100  # codes per 1.0 of beta
 BETA_MAX_CODE = 255
@@ -35,18 +35,13 @@ def scale_bits(block_amax: torch.Tensor, global_amax: torch.Tensor) -> torch.Ten
     return scale_fp8(block_amax, _leading(global_amax, block_amax)).view(torch.uint8)
 
 
-def _amax_table(device) -> torch.Tensor:
-    """fp32 ``[256]``: ``c_{b-1}`` at the bits b of the 126 positive finite E4M3 values, NaN elsewhere."""
-    table = torch.full((256,), float("nan"), dtype=torch.float32)
-    table[1:1 + e4m3_positive_values().numel()] = candidate_ratios()
-    return table.to(device)
-
-
 def block_amax_of_bits(bits: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
-    """fp32 block amaxes ``fl(c_k * g)`` of stored scale bits (``k = bits - 1``): the value a sweep
-    chose, whose scale is ``bits`` again; NaN for a code that is no positive finite scale."""
-    g = _leading(clamp_global_amax(global_amax).to(bits.device), bits)
-    return _amax_table(bits.device)[bits.long()] * g
+    """fp32 block amaxes ``fl(c_k * g)`` of stored scale bits (``k = bits - 1``, the candidate of
+    that value): the value a sweep chose, whose scale is ``bits`` again; NaN for a code that is
+    no positive finite scale."""
+    valid = (bits >= 1) & (bits <= NUM_FP8_CANDIDATES)  # bytes 1..126 hold the values in order
+    amax = candidate_block_amax(torch.where(valid, bits.long() - 1, 0), _leading(global_amax, bits))
+    return amax.masked_fill(~valid, float("nan"))
 
 
 def beta_codes(beta: torch.Tensor) -> torch.Tensor:
@@ -63,13 +58,19 @@ def beta_of_codes(codes: torch.Tensor) -> torch.Tensor:
 def check_beta_grid(lo: float, hi: float, step: float) -> str | None:
     """Why the DSS grid ``lo..hi`` step ``step`` cannot be stored as codes, or None when it can
     (every value a multiple of 0.01 in (0, 2.55])."""
-    n = int(round((hi - lo) / step)) + 1
-    for value in (round(lo + i * step, 10) for i in range(n)):
+    for value in beta_grid_values(lo, hi, step):
         code = round(value * BETA_UNIT)
         if abs(value * BETA_UNIT - code) > 1e-6 or not 0 < code <= BETA_MAX_CODE:
             return (f"value {value} is not a multiple of 0.01 in (0, 2.55] (betas are kept as "
                     "hundredths, one byte per block)")
     return None
+
+
+def beta_grid_values(lo: float, hi: float, step: float) -> list[float]:
+    """The DSS beta grid ``round(lo + i * step, 10)`` for i = 0.. while the value is <= hi (Python
+    floats; the search takes them as fp32)."""
+    n = int(round((hi - lo) / step)) + 1
+    return [round(lo + i * step, 10) for i in range(n)]
 
 
 def _leading(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
