@@ -413,10 +413,11 @@ def grouped_choices(top_k_index: torch.Tensor, n_experts: int):
     device; indices outside ``[0, E)`` sort last with ``row_expert = E``."""
     flat = top_k_index.reshape(-1).long()
     flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return order, offsets, flat[order]
+    row_expert, order = torch.sort(flat, stable=True)
+    # offsets[e] = the number of choices of experts below e, found in the sorted experts (on CUDA
+    # a bincount would wait for the device: it reads the largest value to size its output)
+    offsets = torch.searchsorted(row_expert, torch.arange(n_experts + 1, device=flat.device))
+    return order, offsets, row_expert
 
 
 def _grouped_mm():
