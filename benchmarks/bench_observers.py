@@ -13,8 +13,9 @@ tables:
 * experts: ``ExpertStats.update`` with 128 experts, 32768 routed rows (top-8 of 4096 tokens) of
   2048 and 768 channels, with Hessian: the former (separate abs/amax/nan_to_num/scatter_reduce
   amax) against the current (amax fused into the block-Hessian kernel), plus the kernel alone
-  at the tile choices of ``--tiles`` (block columns x tokens per step x warps, per-token or
-  staged loads: the same bits, only the speed differs).
+  at the tile choices of ``--tiles`` (block columns x warps: the same bits, only the speed
+  differs), and the observer's former gather of the routed rows against reading them through
+  the row index.
 
 The former implementations live only here (copies), never as a library switch. ``--device cpu
 --tokens 256 --experts 8`` makes a smoke test (the kernel variants need CUDA).
@@ -206,15 +207,21 @@ def expert_rows(args, device) -> list[tuple[str, str, float]]:
             return ExpertStats([InputStats(cin=cin, with_hessian=True, accum_dtype=torch.float64)
                                 for _ in range(args.experts)])
 
-        old, new = fresh(), fresh()
+        old, new, indexed = fresh(), fresh(), fresh()
         timed("former ExpertStats.update", lambda: old_expert_update(old, x, offsets, row_expert))
         timed("ExpertStats.update (now)", lambda: new.update(x, offsets, row_expert))
+        timed("gather + ExpertStats.update (the former observer: x = hidden[rows] first)",
+              lambda: fresh().update(hidden[rows_idx], offsets, row_expert))
+        timed("ExpertStats.update through the row index (the observer now)",
+              lambda: indexed.update(hidden, offsets, row_expert, rows=rows_idx))
         assert torch.equal(old.amax, new.amax), "amax differs from the former computation"
-        rows.append((shape, "  amax now == former (bits)", 1.0))
+        assert torch.equal(indexed.hessian_sum, new.hessian_sum), "the row index changes the sums"
+        rows.append((shape, "  amax now == former, sums through the index == gathered (bits)", 1.0))
         h = torch.zeros(args.experts, cin // 16, 16, 16, dtype=torch.float64, device=device)
         amax = torch.zeros(args.experts, dtype=torch.float32, device=device)
         timed("  part: Hessian kernel alone", lambda: dispatch.expert_block_hessians(x, offsets, h))
         timed("  part: Hessian kernel + amax", lambda: dispatch.expert_block_hessians(x, offsets, h, amax=amax))
+        timed("  part: the gather hidden[rows]", lambda: hidden[rows_idx])
         timed("  part: former amax (abs/amax/nan_to_num/scatter)",
               lambda: torch.zeros(args.experts + 1, device=device).scatter_reduce_(
                   0, row_expert, torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf")), reduce="amax"))
@@ -224,15 +231,12 @@ def expert_rows(args, device) -> list[tuple[str, str, float]]:
             ref = torch.zeros_like(h)
             K.launch_block_hessians(x, off, ref, amax)
             for tile in args.tiles:
-                staged = tile.endswith("s")
-                bb, t, warps = (int(v) for v in tile.rstrip("s").split("x"))
+                bb, warps = (int(v) for v in tile.split("x"))
                 got = torch.zeros_like(h)
-                K.launch_block_hessians(x, off, got, amax, bb=bb, t=t, num_warps=warps, staged=staged)
+                K.launch_block_hessians(x, off, got, amax, bb=bb, num_warps=warps)
                 same = torch.equal(got, ref)
-                label = f"{bb} blocks x {t} tokens x {warps} warps{', staged' if staged else ''}"
-                timed(f"  kernel+amax, tile {label}{'' if same else ' (BITS DIFFER)'}",
-                      lambda bb=bb, t=t, w=warps, s=staged: K.launch_block_hessians(
-                          x, off, h, amax, bb=bb, t=t, num_warps=w, staged=s))
+                timed(f"  kernel+amax, tile {bb} blocks x {warps} warps{'' if same else ' (BITS DIFFER)'}",
+                      lambda bb=bb, w=warps: K.launch_block_hessians(x, off, h, amax, bb=bb, num_warps=w))
     return rows
 
 
@@ -246,12 +250,8 @@ def main():
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--subsums", type=int, nargs="+", default=[64, 128, 256, 512, 1024],
                    help="tokens per sub-sum of the dense fp32 block Hessians to time")
-    p.add_argument("--tiles", nargs="+",
-                   default=["4x8x4", "2x8x1", "2x16x1", "4x8x2", "1x8x1",
-                            "4x8x4s", "8x8x4s", "4x8x2s", "4x16x2s", "1x16x1s", "2x8x1s", "2x16x1s",
-                            "4x8x1s", "4x16x1s"],
-                   help="block-Hessian kernel tiles BBxTxWARPS to time (CUDA); a trailing s: staged "
-                        "loads (T a power of two)")
+    p.add_argument("--tiles", nargs="+", default=["4x2", "4x4", "2x2", "1x1", "8x4", "2x1"],
+                   help="block-Hessian kernel tiles BBxWARPS (block columns, warps per program) to time (CUDA)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", help="also write the tables to this markdown file")

@@ -174,11 +174,13 @@ def search_block_scales_stacked(w: torch.Tensor, global_amax: torch.Tensor, meth
 
 
 def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor,
-                          amax: torch.Tensor | None = None, kernels: KernelImpl = KernelImpl.AUTO) -> None:
+                          amax: torch.Tensor | None = None, kernels: KernelImpl = KernelImpl.AUTO,
+                          rows: torch.Tensor | None = None) -> None:
     """In place: ``hessian_sum [E, cin // 16, 16, 16]`` (float64, contiguous) += the block
-    Hessians of each expert's rows of ``x [N, cin]`` (grouped by expert, ``offsets [E + 1]``),
-    and ``amax [E]`` (fp32, contiguous, optional) = max(amax, each expert's max |x|), in one
-    launch on the GPU; semantics in :func:`.reference.expert_block_hessians`."""
+    Hessians of each expert's rows of ``x [N, cin]`` (grouped by expert, ``offsets [E + 1]``;
+    with ``rows [N]``, the rows ``x[rows]`` without forming them), and ``amax [E]`` (fp32,
+    contiguous, optional) = max(amax, each expert's max |x|), in one launch on the GPU;
+    semantics in :func:`.reference.expert_block_hessians`."""
     if hessian_sum.dtype != torch.float64 or not hessian_sum.is_contiguous():
         raise ValueError("expert_block_hessians accumulates into a contiguous float64 tensor")
     if tuple(hessian_sum.shape[1:]) != (x.shape[-1] // 16, 16, 16) or x.shape[-1] % 16:
@@ -188,6 +190,6 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
         raise ValueError(f"expert_block_hessians: amax must be a contiguous fp32 [{hessian_sum.shape[0]}] "
                          "tensor on the sums' device")
     if _use_triton(x, kernels):
-        _stacked_module().expert_block_hessians(x, offsets, hessian_sum, amax)
+        _stacked_module().expert_block_hessians(x, offsets, hessian_sum, amax, rows)
     else:
-        reference.expert_block_hessians(x, offsets, hessian_sum, amax)
+        reference.expert_block_hessians(x, offsets, hessian_sum, amax, rows)

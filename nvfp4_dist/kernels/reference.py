@@ -263,14 +263,15 @@ def search_dss_stacked(w: torch.Tensor, global_amax: torch.Tensor, hessian: torc
 
 
 def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor,
-                          amax: torch.Tensor | None = None) -> None:
+                          amax: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
     """In place: ``hessian_sum[e] += sum_t x_t,b x_t,b^T`` over expert e's rows of ``x``; when
     ``amax`` (fp32 ``[E]``, values >= 0) is given, also ``amax[e] = max(amax[e], max |x|)`` over
     expert e's fp32-rounded values, a NaN counting as +inf (rows outside every expert's range
     are not read).
 
     ``x [N, cin]``: the rows of all experts grouped by expert, expert e's at ``offsets[e]:
-    offsets[e + 1]`` (``offsets`` int64 ``[E + 1]``); ``hessian_sum`` float64 ``[E, cin // 16,
+    offsets[e + 1]`` (``offsets`` int64 ``[E + 1]``), or with ``rows`` (int64 ``[N]``) the token
+    rows that position p reads as ``x[rows[p]]``; ``hessian_sum`` float64 ``[E, cin // 16,
     16, 16]``. Each element is rounded to fp32, each product is taken exactly in float64 and the
     products are added one token at a time in row order onto the running sum (the order the
     Triton kernel follows, so both give the same bits; summing across calls equals one call
@@ -286,6 +287,8 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
     pos = torch.arange(longest, device=x.device)
     valid = pos[None, :] < counts.to(x.device)[:, None]
     index = torch.where(valid, start[:, None] + pos[None, :], 0)
+    if rows is not None:
+        index = rows.to(x.device)[index]
     padded = x[index.reshape(-1)].float().double().reshape(n_experts, longest, nb, BLOCK_SIZE)
     padded = torch.where(valid[:, :, None, None], padded, 0.0)  # (not a product: inf * 0 is NaN)
     if amax is not None:  # a max is exact in any order; the padding's +0.0 changes nothing (amax >= 0)

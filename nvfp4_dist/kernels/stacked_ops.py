@@ -77,12 +77,14 @@ def search_dss_stacked(w: torch.Tensor, global_amax: torch.Tensor, hessian: torc
 
 
 def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor,
-                          amax: torch.Tensor | None = None) -> None:
+                          amax: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
     """:func:`.reference.expert_block_hessians` (the same bits) in one launch."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         x = x.float()  # the observers' rule: every input rounded to fp32
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if rows is not None:
+        rows = rows.to(device=x.device, dtype=torch.int64).contiguous()
     with _on_device(x):
         block_hessian_kernel.launch_block_hessians(x, offsets.to(device=x.device, dtype=torch.int64).contiguous(),
-                                                   hessian_sum, amax)
+                                                   hessian_sum, amax, rows=rows)

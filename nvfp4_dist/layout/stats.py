@@ -230,10 +230,12 @@ class ExpertStats:
         self.tokens: torch.Tensor | None = None  # [E] int64
         self.amax: torch.Tensor | None = None  # [E] fp32
 
-    def update(self, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor,
+               rows: torch.Tensor | None = None) -> None:
         """Add rows ``x [N, cin]`` grouped by expert: expert e's are ``offsets[e]:offsets[e+1]``
         (int64 ``[E + 1]``); ``row_expert [N]`` names each row's expert (E: a row no expert takes,
-        outside every range)."""
+        outside every range). With ``rows`` (int64 ``[N]``), ``x`` holds token rows and the
+        grouped rows are ``x[rows]``, read through the index (never gathered into a copy)."""
         n_experts, cin = len(self.members), self.members[0].cin if self.members else 0
         x = x.detach()
         if x.shape[-1] != cin:
@@ -242,7 +244,7 @@ class ExpertStats:
             self.tokens = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
             self.amax = torch.zeros(n_experts, dtype=torch.float32, device=x.device)
         self.tokens += (offsets[1:] - offsets[:-1]).to(self.tokens.device)
-        if not x.shape[0]:
+        if not (x.shape[0] if rows is None else rows.shape[0]):
             return
         if self.members and self.members[0].with_hessian:
             if self.hessian_sum is None:
@@ -250,10 +252,12 @@ class ExpertStats:
                                                dtype=torch.float64, device=x.device)
             # the amax too, from the values the Hessian kernel loads anyway (in place: a max of
             # the fp32-rounded values, NaN as +inf, exactly the value computed below)
-            expert_block_hessians(x, offsets, self.hessian_sum, amax=self.amax, kernels=self.kernels)
+            expert_block_hessians(x, offsets, self.hessian_sum, amax=self.amax, kernels=self.kernels, rows=rows)
             return
         # a NaN row counts as +inf: the MAX keeps it, and non-finite statistics are refused
         row_amax = torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf"))
+        if rows is not None:
+            row_amax = row_amax[rows]  # each token's max once, then one value per grouped row
         amax = torch.zeros(n_experts + 1, dtype=torch.float32, device=x.device)
         amax.scatter_reduce_(0, row_expert.long(), row_amax, reduce="amax")
         self.amax = torch.maximum(self.amax, amax[:n_experts])

@@ -349,21 +349,21 @@ def _observe_stacked(module: nn.Module, by_key: dict, n_experts: int, route_all:
         hidden, top_k_index = _experts_inputs(args, kwargs)
         with torch.no_grad():
             rows, offsets, row_expert = grouped_rows(top_k_index, n_experts, route_all)
-            x = hidden.reshape(-1, hidden.shape[-1])[rows]
-            stacked[0].update(x, offsets, row_expert)
-        pending[:] = [(x, offsets, row_expert, capture and _sorts_by_expert(mod))]
+            tokens = hidden.detach().reshape(-1, hidden.shape[-1])
+            stacked[0].update(tokens, offsets, row_expert, rows=rows)  # read through the index
+        pending[:] = [(tokens, rows, offsets, row_expert, capture and _sorts_by_expert(mod))]
         seen.clear()
 
     def post_hook(mod, args, output):
         if not pending:
             return
-        (x, offsets, row_expert, sorted_rows), = pending
+        (tokens, rows, offsets, row_expert, sorted_rows), = pending
         pending.clear()
         with torch.no_grad():
-            if sorted_rows and len(seen) == 1 and seen[0].shape[0] == x.shape[0]:
-                act = seen[0]  # every routed row at once, grouped by expert as ``x``
-            else:
-                act = grouped_activations(mod, x, offsets, row_expert)
+            if sorted_rows and len(seen) == 1 and seen[0].shape[0] == rows.shape[0]:
+                act = seen[0]  # every routed row at once, grouped by expert as ``rows``
+            else:  # the grouped rows formed only here, for the recompute
+                act = grouped_activations(mod, tokens[rows], offsets, row_expert)
             seen.clear()
             stacked[1].update(act, offsets, row_expert)
 

@@ -107,20 +107,59 @@ def test_expert_block_hessians_amax_equals_the_reference_and_counts_nan_as_inf(d
     assert ref[2] == float("inf") and ref[1] == 7.0 and ref[3] == x[43, 40].float().abs()
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["per-token", "staged"])
-def test_block_hessian_kernel_tiles_give_the_same_bits(staged, device):
-    """The launch's tile choices (block columns, tokens per step, warps, staged loads) only
-    change the speed: small tiles and a partial last step still give the reference's bits."""
+@pytest.mark.parametrize("tile", [(2, 2), (1, 1), (16, 4)], ids=["2-blocks", "1-block", "16-blocks"])
+def test_block_hessian_kernel_tiles_give_the_same_bits(tile, device):
+    """The launch's tile choices (block columns, warps) only change the speed: small tiles, a
+    partial last step of 8 tokens and sums continued over two calls give the reference's bits
+    (fp32 rows: products of 48 significant bits, so the order of the additions shows)."""
     from nvfp4_dist.kernels import block_hessian_kernel as K
-    x, offsets = _grouped([5, 0, 11], 48, torch.bfloat16, seed=9)
+    x, offsets = _grouped([5, 0, 11, 37], 48, torch.float32, seed=9)
     x[7, 20] = float("nan")
-    got = torch.full((3, 3, 16, 16), 0.5, dtype=torch.float64, device=device)
-    ref = torch.full((3, 3, 16, 16), 0.5, dtype=torch.float64)
-    amax_got, amax_ref = torch.zeros(3, device=device), torch.zeros(3)
-    K.launch_block_hessians(x.to(device), offsets.to(device), got, amax_got, bb=2, t=4, num_warps=2, staged=staged)
-    R.expert_block_hessians(x, offsets, ref, amax_ref)
+    got = torch.full((4, 3, 16, 16), 0.5, dtype=torch.float64, device=device)
+    ref = torch.full((4, 3, 16, 16), 0.5, dtype=torch.float64)
+    amax_got, amax_ref = torch.zeros(4, device=device), torch.zeros(4)
+    bb, warps = tile
+    for part in (slice(0, 10), slice(10, None)):  # two calls: the sums continue across them
+        rows, off = x[part], (offsets - offsets[0]).clamp(min=part.start, max=part.stop or len(x)) - part.start
+        K.launch_block_hessians(rows.to(device), off.to(device), got, amax_got, bb=bb, num_warps=warps)
+        R.expert_block_hessians(rows, off, ref, amax_ref)
     assert torch.allclose(got.cpu(), ref, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(amax_got.cpu(), amax_ref) and amax_ref[2] == float("inf")
+    # the reference's order is the row order: the same rows reversed give other bits here
+    backwards = torch.full_like(ref, 0.5)
+    R.expert_block_hessians(x.flip(0), offsets[-1] - offsets.flip(0), backwards)
+    assert not torch.allclose(backwards.flip(0), ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_block_hessians_read_through_a_row_index_as_from_the_gathered_rows(device):
+    """``rows``: position p reads token row ``x[rows[p]]`` (repeated and unsorted rows, a row
+    no position names): the same bits and amax as the gathered copy ``x[rows]``, in the
+    kernel and the reference, and through ExpertStats.update with and without Hessian."""
+    tokens, _ = _grouped([40], 32, torch.bfloat16, seed=12)
+    tokens[39] = float("nan")  # named by no position: never read
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, 39, (29,), generator=gen)
+    offsets = torch.tensor([0, 12, 12, 29])
+    got = torch.zeros(3, 2, 16, 16, dtype=torch.float64, device=device)
+    ref = torch.zeros(3, 2, 16, 16, dtype=torch.float64)
+    amax_got, amax_ref = torch.zeros(3, device=device), torch.zeros(3)
+    dispatch.expert_block_hessians(tokens.to(device), offsets.to(device), got, amax=amax_got,
+                                   kernels=KernelImpl.TRITON, rows=rows.to(device))
+    dispatch.expert_block_hessians(tokens[rows], offsets, ref, amax=amax_ref, kernels=KernelImpl.TORCH)
+    assert torch.equal(got.cpu(), ref) and torch.equal(amax_got.cpu(), amax_ref)
+    indexed = torch.zeros_like(ref)
+    R.expert_block_hessians(tokens, offsets, indexed, rows=rows)
+    assert torch.equal(indexed, ref) and torch.isfinite(ref).all()
+    row_expert = torch.repeat_interleave(torch.arange(3), offsets[1:] - offsets[:-1])
+    for with_hessian in (True, False):
+        stats = [ExpertStats([InputStats(cin=32, with_hessian=with_hessian, accum_dtype=torch.float64)
+                              for _ in range(3)]) for _ in range(2)]
+        stats[0].update(tokens.to(device), offsets.to(device), row_expert.to(device), rows=rows.to(device))
+        stats[1].update(tokens[rows].to(device), offsets.to(device), row_expert.to(device))
+        assert torch.equal(stats[0].amax, stats[1].amax) and torch.equal(stats[0].tokens, stats[1].tokens)
+        assert (stats[0].hessian_sum is None) == (not with_hessian)
+        if with_hessian:
+            assert torch.equal(stats[0].hessian_sum, stats[1].hessian_sum)
 
 
 def test_expert_stats_amax_and_tokens_are_those_of_the_separate_computation(device):
