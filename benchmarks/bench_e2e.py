@@ -28,7 +28,8 @@ picks fewer). Extra modes, each its own table:
   forward, and the kernel launches of one stacked-experts fake-quant;
 * ``--profile``: one observe and one search pass of ``--breakdown-method`` (all weights) under
   ``torch.profiler``: the kernels that take the most device time in each (where the time of a
-  stage goes, for the next optimisation);
+  stage goes, for the next optimisation), and the observe pass's kernels less those of a plain
+  forward (by kernel name: what the observers add);
 * ``--modelopt``: ModelOpt's ``NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG`` on a fresh model of the same
   shapes, after a one-layer warm-up that builds its CUDA extension (needs ``nvidia-modelopt``
   importable; see benchmarks/bench_gptq.py for installing it on the GPU machine); ``--no-ours``
@@ -208,31 +209,43 @@ def run_breakdown(args, device, model, forward_loop, plain_s: float) -> list[str
 
 
 def run_profile(args, device, model, forward_loop) -> list[str]:
-    """Top kernels by device time (CPU time on the CPU) of one observe and one search pass."""
+    """Top kernels by device time (CPU time on the CPU) of one observe and one search pass, and
+    the observe pass's kernels beyond a plain forward (what the observers themselves launch)."""
     from torch.profiler import ProfilerActivity, profile
 
     config = QuantConfig(**METHODS[args.breakdown_method])
     inventory = discover(model, config, SINGLE_PROCESS)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     rows = []
 
-    def top(stage: str, fn):
+    def kernels(fn) -> tuple[dict[str, tuple[int, float]], object]:
+        """kernel name -> (calls, ms) of ``fn()``'s pass, and its result."""
         with profile(activities=activities) as prof:
             out = fn()
             sync(device)
         events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if device.type == "cuda" else "CPU")
                   and (device.type == "cuda" or not e.key.startswith("aten::to"))]
-        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        total = sum(getattr(e, key) for e in events) or 1.0
-        for e in sorted(events, key=lambda e: -getattr(e, key))[:args.profile_top]:
-            rows.append(f"| {stage} | {e.key[:60]} | {e.count} | {getattr(e, key) / 1e3:.1f} | "
-                        f"{getattr(e, key) / total:.1%} |")
-        return out
+        return {e.key: (e.count, getattr(e, key) / 1e3) for e in events}, out
 
-    store = top("observe", lambda: stages.observe(model, inventory, config, forward_loop))
+    def top(stage: str, table: dict[str, tuple[int, float]]) -> None:
+        total = sum(ms for _, ms in table.values()) or 1.0
+        rows.append(f"| {stage} | (all kernels) | {sum(n for n, _ in table.values())} | {total:.1f} | 100% |")
+        for name, (calls, ms) in sorted(table.items(), key=lambda kv: -kv[1][1])[:args.profile_top]:
+            rows.append(f"| {stage} | {name[:60]} | {calls} | {ms:.1f} | {ms / total:.1%} |")
+
+    plain, _ = kernels(lambda: forward_loop(model))
+    observed, store = kernels(lambda: stages.observe(model, inventory, config, forward_loop))
+    top("observe", observed)
+    # by kernel name: the observe pass less the plain forward (calls and time the observers add;
+    # a name both run, e.g. an elementwise kernel, counts only its surplus)
+    extra = {name: (calls - plain.get(name, (0, 0.0))[0], ms - plain.get(name, (0, 0.0))[1])
+             for name, (calls, ms) in observed.items()}
+    top("observe less a plain forward", {k: v for k, v in extra.items() if v[1] > 0})
     with local_shards(model):
         stats = stages.reduce(inventory, store, True, SINGLE_PROCESS, device)
-        top("search", lambda: stages.search(inventory, stats, config, show_progress=False))
+        searched, _ = kernels(lambda: stages.search(inventory, stats, config, show_progress=False))
+        top("search", searched)
     del store, stats
     free(device)
     return rows

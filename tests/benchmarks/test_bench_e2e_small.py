@@ -58,8 +58,14 @@ def test_bench_e2e_moe_small_on_cpu(tmp_path, monkeypatch):
     assert len(_rows(text, "forward, fake-quant weights")) == 1
     assert len(_rows(text, "modelopt")) == 1
     profiled = _rows(text, "observe") + _rows(text, "search")
-    assert [r[0] for r in profiled] == ["| observe"] * 3 + ["| search"] * 3  # the top 3 of each stage
+    # per stage: the total, then its top 3; the observers' own (observe less a plain forward)
+    # include their block Hessians, which a plain forward never computes
+    stages = [r[0] for r in profiled]
+    assert stages == ["| observe"] * 4 + ["| observe less a plain forward"] * 4 + ["| search"] * 4
+    assert all(r[1] == "(all kernels)" for r in profiled[::4])
     assert all(float(r[3]) >= 0 and r[4].endswith("% |") for r in profiled)
+    extra_total, extra_top = float(profiled[4][3]), [float(r[3]) for r in profiled[5:8]]
+    assert extra_total > 0 and extra_top == sorted(extra_top, reverse=True) and sum(extra_top) <= extra_total + 0.1
     # the W4A4 experts forward: all experts at once (installed), the per-expert loop, unquantized
     assert len(_rows(text, "forward, the same with the W4A4 experts as the per-expert loop")) == 1
     module_rows = _rows(text, "one experts module's forward")
