@@ -21,8 +21,9 @@ pre-hook on the experts module reads its inputs and takes each expert's routed r
 (routing.routed_tokens) as the gate_up input; the down_proj input is each expert's intermediate
 activation.
 
-All experts at once (:func:`_observe_stacked`): one stable sort groups the routed rows by expert,
-the activations are the ones transformers' grouped forward computes (seen through the module's
+All experts at once (:func:`_observe_stacked`): one stable sort groups the routed rows by expert
+(the first projection's statistics read them through that index, never a gathered copy), the
+activations are the ones transformers' grouped forward computes (seen through the module's
 ``_apply_gate``) or, where the forward does not compute them all in one call, one grouped GEMM
 (bf16 on the GPU; one GEMM per expert elsewhere) recomputes them; each projection's statistics
 take one :class:`~nvfp4_dist.layout.stats.ExpertStats` update (one kernel launch for all block
