@@ -190,12 +190,14 @@ def _kind_inventory(inventory: Inventory, experts: bool) -> Inventory:
 
 
 def run_breakdown(args, device, model, forward_loop, plain_s: float) -> list[str]:
-    """Stage seconds by kind (dense / experts) for ``args.breakdown_method``, stages by hand."""
+    """Stage seconds by kind (dense / experts) for ``args.breakdown_method``, stages by hand, and
+    both kinds together (their observers in one forward cost more than the sum of each alone:
+    the hooks' launches add up on the host)."""
     config = QuantConfig(**METHODS[args.breakdown_method])
     rows = []
     inventory = discover(model, config, SINGLE_PROCESS)
-    for kind, experts in (("dense", False), ("experts", True)):
-        part = _kind_inventory(inventory, experts)
+    for kind, experts in (("dense", False), ("experts", True), ("both", None)):
+        part = inventory if experts is None else _kind_inventory(inventory, experts)
         observe_s, store = timed(device, lambda: stages.observe(model, part, config, forward_loop))
         with local_shards(model):
             reduce_s, stats = timed(device, lambda: stages.reduce(part, store, True, SINGLE_PROCESS, device))

@@ -51,8 +51,8 @@ def test_bench_e2e_moe_small_on_cpu(tmp_path, monkeypatch):
     # per layer q/k/v/o and, per expert, gate_up and down: (4 + 4 * 2) x 2 layers; routers kept
     assert [(r[1], r[7]) for r in rows] == [("eager", "24"), ("grouped_mm", "24")]
     assert "Qwen3-MoE, 4 experts top-2" in text
-    assert [(r[0], r[1]) for r in _rows(text, "dense") + _rows(text, "experts")] == [("| dense", "8"),
-                                                                                     ("| experts", "16")]
+    kinds = _rows(text, "dense") + _rows(text, "experts") + _rows(text, "both")
+    assert [(r[0], r[1]) for r in kinds] == [("| dense", "8"), ("| experts", "16"), ("| both", "24")]
     fq = _rows(text, "one stacked fake-quant 4x64x64")
     assert len(fq) == 1 and "GPU kernels" in fq[0][0]
     assert len(_rows(text, "forward, fake-quant weights")) == 1
