@@ -207,11 +207,11 @@ def expert_rows(args, device) -> list[tuple[str, str, float]]:
             return ExpertStats([InputStats(cin=cin, with_hessian=True, accum_dtype=torch.float64)
                                 for _ in range(args.experts)])
 
-        old, new, indexed = fresh(), fresh(), fresh()
+        old, new, gathered, indexed = fresh(), fresh(), fresh(), fresh()
         timed("former ExpertStats.update", lambda: old_expert_update(old, x, offsets, row_expert))
         timed("ExpertStats.update (now)", lambda: new.update(x, offsets, row_expert))
         timed("gather + ExpertStats.update (the former observer: x = hidden[rows] first)",
-              lambda: fresh().update(hidden[rows_idx], offsets, row_expert))
+              lambda: gathered.update(hidden[rows_idx], offsets, row_expert))
         timed("ExpertStats.update through the row index (the observer now)",
               lambda: indexed.update(hidden, offsets, row_expert, rows=rows_idx))
         assert torch.equal(old.amax, new.amax), "amax differs from the former computation"
