@@ -19,8 +19,8 @@ picks fewer). Extra modes, each its own table:
 * ``--experts-impl eager,grouped_mm``: the quantize() table once per transformers experts
   implementation (the forward the observers watch; ``default`` keeps transformers' choice);
 * ``--breakdown``: quantize()'s stages run by hand, observe / reduce / search split into dense
-  linears and fused experts (observe: the forward with only that kind's observers, less a plain
-  forward);
+  linears and fused experts and both together (observe: the forward with only that kind's
+  observers, less a plain forward; steady-state medians of 3 passes after an untimed one);
 * ``--qat``: the fake-quant forward (W4A4: weights and inputs fake-quantized in every forward,
   what QAT runs) against the same forward with a plain copy of each weight in its place, the same
   with the fused experts' W4A4 forward as the per-expert loop (the reference) instead of all
@@ -45,6 +45,7 @@ import argparse
 import datetime
 import functools
 import gc
+import statistics
 import time
 
 import torch
@@ -189,25 +190,37 @@ def _kind_inventory(inventory: Inventory, experts: bool) -> Inventory:
     return Inventory(slots=slots, modules=modules, ignored=inventory.ignored)
 
 
-def run_breakdown(args, device, model, forward_loop, plain_s: float) -> list[str]:
+def steady_seconds(device, fn, reps: int = 3):
+    """``(median seconds, last result)`` of ``reps`` timed calls of ``fn`` after an untimed one:
+    the steady state (the allocator's cache grown, Triton's kernels loaded), which a single call
+    after ``free()`` is not (it pays for growing the cache again: ~0.1 plain forwards)."""
+    fn()
+    runs = [timed(device, fn) for _ in range(reps)]
+    return statistics.median(s for s, _ in runs), runs[-1][1]
+
+
+def run_breakdown(args, device, model, forward_loop) -> tuple[list[str], float]:
     """Stage seconds by kind (dense / experts) for ``args.breakdown_method``, stages by hand, and
     both kinds together (their observers in one forward cost more than the sum of each alone:
-    the hooks' launches add up on the host)."""
+    the hooks' launches add up on the host). The observe passes and the plain forward they are
+    compared with are steady-state medians (:func:`steady_seconds`). Returns the rows and that
+    plain forward's seconds."""
     config = QuantConfig(**METHODS[args.breakdown_method])
     rows = []
     inventory = discover(model, config, SINGLE_PROCESS)
+    plain_s, _ = steady_seconds(device, lambda: forward_loop(model))
     for kind, experts in (("dense", False), ("experts", True), ("both", None)):
         part = inventory if experts is None else _kind_inventory(inventory, experts)
-        observe_s, store = timed(device, lambda: stages.observe(model, part, config, forward_loop))
+        observe_s, store = steady_seconds(device, lambda: stages.observe(model, part, config, forward_loop))
         with local_shards(model):
             reduce_s, stats = timed(device, lambda: stages.reduce(part, store, True, SINGLE_PROCESS, device))
             search_s, _ = timed(device, lambda: stages.search(part, stats, config, show_progress=False))
-        rows.append(f"| {kind} | {len(part.slots)} | {observe_s - plain_s:.2f} | "
+        rows.append(f"| {kind} | {len(part.slots)} | {observe_s - plain_s:.3f} | "
                     f"{(observe_s - plain_s) / plain_s:.2f} | {reduce_s:.2f} | {search_s:.2f} |")
         print(rows[-1], flush=True)
         del store, stats
         free(device)
-    return rows
+    return rows, plain_s
 
 
 def run_profile(args, device, model, forward_loop) -> list[str]:
@@ -452,9 +465,10 @@ def main() -> None:
                         "model GiB | weights | dead | 1-layer first call s |\n|---|---|---|---|---|---|---|---|---|---|\n"
                         + "\n".join(rows))
         if args.breakdown:
-            rows = run_breakdown(args, device, model, forward_loop, plain_s)
+            rows, steady_plain_s = run_breakdown(args, device, model, forward_loop)
             sections.append(f"Stages by kind ({args.breakdown_method}, experts impl {impls[-1]}; observe = forward "
-                            "with that kind's observers less a plain forward):\n\n"
+                            "with that kind's observers less a plain forward, medians of 3 after a warm-up; "
+                            f"plain forward {steady_plain_s:.3f} s):\n\n"
                             "| kind | weights | observe s | observe / plain forward | reduce s | search s |\n"
                             "|---|---|---|---|---|---|\n" + "\n".join(rows))
         if args.profile:

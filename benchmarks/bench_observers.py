@@ -17,6 +17,9 @@ tables:
   differs), and the observer's former gather of the routed rows against reading them through
   the row index.
 
+``--host``: instead, the host (CPU) time per call of each observer step on 16 tokens, the former
+beside the current: with a GPU running ahead, a forward with observers waits for their launches.
+
 The former implementations live only here (copies), never as a library switch. ``--device cpu
 --tokens 256 --experts 8`` makes a smoke test (the kernel variants need CUDA).
 """
@@ -240,6 +243,64 @@ def expert_rows(args, device) -> list[tuple[str, str, float]]:
     return rows
 
 
+def host_us(fn, device: torch.device, calls: int = 200) -> float:
+    """Host microseconds per call: ``calls`` back-to-back calls, one synchronize at the end. On
+    inputs this small the GPU finishes each call's kernels before the next is launched, so the
+    figure is the CPU's cost of issuing the call (what a forward waits for once it has no slack)."""
+    import time
+    for _ in range(10):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def former_amax(stats: InputStats, x: torch.Tensor) -> None:
+    """The dense input amax of session 9 (aminmax, two abs, max, cast, running max; a copy)."""
+    low, high = torch.aminmax(x)
+    amax = torch.maximum(low.abs(), high.abs()).float()
+    stats.amax = amax if stats.amax is None else torch.maximum(stats.amax, amax)
+
+
+def host_rows(args, device) -> list[tuple[str, str, float]]:
+    """Host time per call of each observer step on 16 tokens (see :func:`host_us`)."""
+    from nvfp4_dist.kernels import reference
+    from nvfp4_dist.parallel.hf_experts import grouped_rows
+    tokens, rows = 16, []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    top = torch.rand(tokens, args.experts, generator=gen).topk(args.top_k, dim=-1).indices.to(device)
+    shape = f"{tokens} tokens, top-{args.top_k} of {args.experts} experts"
+    rows.append((shape, "former routing: stable sort + search (the torch reference)",
+                 host_us(lambda: reference.grouped_choices(top, args.experts, args.top_k), device)))
+    rows.append((shape, "routing now (grouped_rows: one launch on the GPU)",
+                 host_us(lambda: grouped_rows(top, args.experts), device)))
+    idx, offsets, row_expert = grouped_rows(top, args.experts)
+    for cin in args.expert_cin:
+        hidden = torch.randn(tokens, cin, device=device).to(torch.bfloat16)
+        x = hidden[idx]
+        stats = [ExpertStats([InputStats(cin=cin, with_hessian=True, accum_dtype=torch.float64)
+                              for _ in range(args.experts)]) for _ in range(2)]
+        label = f"{args.experts} experts, {cin} ch, {x.shape[0]} rows"
+        rows.append((label, "former ExpertStats.update",
+                     host_us(lambda: old_expert_update(stats[0], x, offsets, row_expert), device)))
+        rows.append((label, "ExpertStats.update through the row index (now)",
+                     host_us(lambda: stats[1].update(hidden, offsets, row_expert, rows=idx), device)))
+    for cin in args.dense_cin:
+        x = torch.randn(tokens, cin, device=device).to(torch.bfloat16)
+        stats, amax = InputStats(cin=cin, with_hessian=True), InputStats(cin=cin, with_hessian=False)
+        label = f"[{tokens}, {cin}] bf16"
+        rows.append((label, "InputStats.update (now)", host_us(lambda: stats.update(x), device)))
+        rows.append((label, "  part: amax now (vector_norm, running max)", host_us(lambda: amax.update(x), device)))
+        rows.append((label, "  part: former amax (aminmax, abs, abs, max, cast, running max)",
+                     host_us(lambda: former_amax(amax, x), device)))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -254,6 +315,8 @@ def main():
                    help="block-Hessian kernel tiles BBxWARPS (block columns, warps per program) to time (CUDA)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--host", action="store_true",
+                   help="instead: the host time per call of each observer step (16 tokens)")
     p.add_argument("--out", help="also write the tables to this markdown file")
     args = p.parse_args()
     if args.top_k > args.experts:
@@ -262,7 +325,10 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [f"observers, {name}, {datetime.date.today()}, torch {torch.__version__}", "",
              "| input | what | us (median) |", "|---|---|---:|"]
-    for shape, label, value in dense_rows(args, device) + expert_rows(args, device):
+    found = host_rows(args, device) if args.host else dense_rows(args, device) + expert_rows(args, device)
+    if args.host:
+        lines[2] = "| input | what | host us per call |"
+    for shape, label, value in found:
         lines.append(f"| {shape} | {label} | {value:.4g} |")
     text = "\n".join(lines)
     print(text)

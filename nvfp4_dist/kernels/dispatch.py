@@ -193,3 +193,12 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
         _stacked_module().expert_block_hessians(x, offsets, hessian_sum, amax, rows)
     else:
         reference.expert_block_hessians(x, offsets, hessian_sum, amax, rows)
+
+
+def grouped_choices(top_k_index: torch.Tensor, n_experts: int, divisor: int = 1,
+                    kernels: KernelImpl = KernelImpl.AUTO):
+    """The routing choices of ``top_k_index [T, k]`` grouped by expert: ``(positions, offsets,
+    row_expert)``, one launch on the GPU; semantics in :func:`.reference.grouped_choices`."""
+    if _use_triton(top_k_index, kernels):
+        return _stacked_module().grouped_choices(top_k_index, n_experts, divisor)
+    return reference.grouped_choices(top_k_index, n_experts, divisor)

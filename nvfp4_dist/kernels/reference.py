@@ -297,3 +297,19 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
     for t in range(longest):
         xt = padded[:, t]
         hessian_sum += xt[..., :, None] * xt[..., None, :]
+
+
+def grouped_choices(top_k_index: torch.Tensor, n_experts: int, divisor: int = 1):
+    """``(positions [T * k], offsets [E + 1], row_expert [T * k])`` (int64): the routing choices
+    of ``top_k_index [T, k]`` grouped by expert with one stable sort, so expert e's flat
+    positions ``p = token * k + slot`` ascending at ``offsets[e]:offsets[e + 1]`` (the order of
+    ``(top_k_index == e).nonzero()``), ``row_expert`` naming each one's expert; indices outside
+    ``[0, E)`` (expert-parallel sentinels) sort last with ``row_expert = E``. ``positions`` holds
+    ``p // divisor`` (``divisor=k``: the token). Nothing waits for the device."""
+    flat = top_k_index.reshape(-1).long()
+    flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
+    row_expert, order = torch.sort(flat, stable=True)
+    # offsets[e] = the number of choices of experts below e, found in the sorted experts (on CUDA
+    # a bincount would wait for the device: it reads the largest value to size its output)
+    offsets = torch.searchsorted(row_expert, torch.arange(n_experts + 1, device=flat.device))
+    return (order if divisor == 1 else order // divisor), offsets, row_expert

@@ -1,6 +1,7 @@
 """Triton implementation of the stacked-experts entries of :mod:`.dispatch`: the block-scale
-searches of all E experts of one MoE projection in one launch per kernel, and the per-expert
-block Hessians of their inputs in one launch.
+searches of all E experts of one MoE projection in one launch per kernel, the per-expert
+block Hessians of their inputs in one launch, and the grouping of the routing choices by expert
+that feeds them in one launch.
 
 Same results as the per-expert calls of :mod:`.triton_ops` bit for bit (the kernels tile each
 expert's rows exactly as a call of its own would: grid axis ``experts``), and as
@@ -13,7 +14,7 @@ import torch
 
 from ..numerics import nvfp4
 from ..numerics.constants import BLOCK_SIZE, GLOBAL_SCALE_DENOM
-from . import block_hessian_kernel, floor_kernel, hessian_kernel, mse_kernel
+from . import block_hessian_kernel, floor_kernel, grouping_kernel, hessian_kernel, mse_kernel
 from .reference import _check_weight
 from .triton_ops import _fp32, _on_device, _table, _values, sweep_then_dss
 from .types import ScaleChoice
@@ -88,3 +89,9 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
     with _on_device(x):
         block_hessian_kernel.launch_block_hessians(x, offsets.to(device=x.device, dtype=torch.int64).contiguous(),
                                                    hessian_sum, amax, rows=rows)
+
+
+def grouped_choices(top_k_index: torch.Tensor, n_experts: int, divisor: int = 1):
+    """:func:`.reference.grouped_choices` (the same integers) in one launch."""
+    with _on_device(top_k_index):
+        return grouping_kernel.launch_grouped_choices(top_k_index, n_experts, divisor)

@@ -81,12 +81,16 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[-1] != self.cin:
             raise ValueError(f"observed input has {x.shape[-1]} channels, expected {self.cin}")
-        if x.numel():  # max(|min|, |max|) == max |x| exactly (NaN propagates), without an |x| copy
-            low, high = torch.aminmax(x)
-            amax = torch.maximum(low.abs(), high.abs()).float()
-        else:
-            amax = torch.zeros((), device=x.device)
-        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+        if x.numel():
+            # max |x| in one reduction (no |x| copy; a NaN propagates), exact in x's dtype; the
+            # running max promotes it to fp32 in the same launch: two launches per call, as the
+            # hook's host time is what a forward with observers waits for
+            amax = torch.linalg.vector_norm(x, float("inf"))
+            if self.amax is None or amax.dtype == torch.float64:  # (a float64 max would promote)
+                amax = amax.float()
+            self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+        elif self.amax is None:
+            self.amax = torch.zeros((), device=x.device)
         self.tokens += x.shape[0]
         if not self.with_hessian or x.shape[0] == 0:
             return
@@ -211,8 +215,8 @@ class ExpertStats:
     """The statistics of one projection of E fused experts, accumulated together on the device.
 
     Each call of :meth:`update` takes the inputs of all experts at once, their rows grouped by
-    expert: the token counts in a few tensor operations, the block Hessians and the input amaxes
-    in one launch (:func:`~nvfp4_dist.kernels.dispatch.expert_block_hessians`: float64 sums of
+    expert: the token counts in one addition (of the offsets), the block Hessians and the input
+    amaxes in one launch (:func:`~nvfp4_dist.kernels.dispatch.expert_block_hessians`: float64 sums of
     exact products in row order, continued across calls, so an expert's sums do not depend on how
     its tokens were batched; a projection without Hessian takes its amaxes from a few tensor
     operations, the same values). Nothing waits for the device until :meth:`flush` writes the
@@ -227,7 +231,9 @@ class ExpertStats:
         self.members = members
         self.kernels = kernels
         self.hessian_sum: torch.Tensor | None = None
-        self.tokens: torch.Tensor | None = None  # [E] int64
+        # the sum of the calls' offsets [E + 1] (int64): its differences are the token counts (a
+        # sum of differences is the difference of the sums), one launch per call instead of two
+        self.offset_sum: torch.Tensor | None = None
         self.amax: torch.Tensor | None = None  # [E] fp32
 
     def update(self, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor,
@@ -241,9 +247,9 @@ class ExpertStats:
         if x.shape[-1] != cin:
             raise ValueError(f"observed input has {x.shape[-1]} channels, expected {cin}")
         if self.amax is None:
-            self.tokens = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
+            self.offset_sum = torch.zeros(n_experts + 1, dtype=torch.int64, device=x.device)
             self.amax = torch.zeros(n_experts, dtype=torch.float32, device=x.device)
-        self.tokens += (offsets[1:] - offsets[:-1]).to(self.tokens.device)
+        self.offset_sum += offsets.to(self.offset_sum.device)
         if not (x.shape[0] if rows is None else rows.shape[0]):
             return
         if self.members and self.members[0].with_hessian:
@@ -266,7 +272,8 @@ class ExpertStats:
         """Write the totals into ``members`` (one wait for the device); nothing when no call came."""
         if self.amax is None:
             return
-        tokens = self.tokens.tolist()
+        bounds = self.offset_sum.tolist()
+        tokens = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
         # views of one copy (no launch per expert; the Hessian kernel updates self.amax in place)
         amax = self.amax.clone().unbind(0)
         for e, stats in enumerate(self.members):

@@ -21,14 +21,17 @@ pre-hook on the experts module reads its inputs and takes each expert's routed r
 (routing.routed_tokens) as the gate_up input; the down_proj input is each expert's intermediate
 activation.
 
-All experts at once (:func:`_observe_stacked`): one stable sort groups the routed rows by expert
-(the first projection's statistics read them through that index, never a gathered copy), the
+All experts at once (:func:`_observe_stacked`): one grouping of the routed rows by expert (a
+stable order: one Triton launch on the GPU, a sort in torch elsewhere; the first projection's
+statistics read them through that index, never a gathered copy), the
 activations are the ones transformers' grouped forward computes (seen through the module's
 ``_apply_gate``) or, where the forward does not compute them all in one call, one grouped GEMM
 (bf16 on the GPU; one GEMM per expert elsewhere) recomputes them; each projection's statistics
 take one :class:`~nvfp4_dist.layout.stats.ExpertStats` update (one kernel launch for all block
 Hessians); the hooks never wait for the device, the totals reach the store when the handle is
-removed. Full-Hessian statistics (GPTQ) keep the expert-by-expert observer, which recomputes the
+removed. The hooks' host time matters as much as their GPU time: a forward leaves the host less
+than a millisecond per MoE layer and batch before the GPU waits for it (H200, Qwen3-30B-A3B
+shapes), so each hook issues a handful of launches. Full-Hessian statistics (GPTQ) keep the expert-by-expert observer, which recomputes the
 activations.
 """
 
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayoutError
+from ..kernels.dispatch import grouped_choices as expert_grouping
 from ..layout.slots import ExpertInfo, ExportPart, ShardLayout, WeightSlot
 from ..layout.stats import ExpertStats, StatsStore
 from .adapters import LayoutAdapter
@@ -327,7 +331,7 @@ class _FlushingHandle:
 
 def _observe_stacked(module: nn.Module, by_key: dict, n_experts: int, route_all: bool) -> list:
     """Observe all experts of ``module`` at once: per forward, the routed rows grouped by expert
-    with one sort, each projection's statistics in one
+    in one launch (:func:`grouped_rows`), each projection's statistics in one
     :class:`~nvfp4_dist.layout.stats.ExpertStats` update; no wait for the device until the
     handle is removed.
 
@@ -393,9 +397,9 @@ def _sorts_by_expert(module: nn.Module) -> bool:
 
 def grouped_rows(top_k_index: torch.Tensor, n_experts: int, route_all: bool = False):
     """``(rows [N], offsets [E + 1], row_expert [N])``: the token rows every expert computes on
-    (:func:`.routing.routed_tokens`'s rows, ascending per expert), grouped by expert with one
-    stable sort, without waiting for the device. Indices outside ``[0, E)`` (expert-parallel
-    sentinels) sort last with ``row_expert = E``, outside every expert's range."""
+    (:func:`.routing.routed_tokens`'s rows, ascending per expert), grouped by expert
+    (:func:`grouped_choices`), without waiting for the device. Indices outside ``[0, E)``
+    (expert-parallel sentinels) come last with ``row_expert = E``, outside every expert's range."""
     tokens, k = top_k_index.shape
     device = top_k_index.device
     if route_all:
@@ -403,22 +407,17 @@ def grouped_rows(top_k_index: torch.Tensor, n_experts: int, route_all: bool = Fa
         row_expert = torch.arange(n_experts, device=device).repeat_interleave(tokens)
         offsets = torch.arange(n_experts + 1, device=device) * tokens
         return rows, offsets, row_expert
-    choices, offsets, row_expert = grouped_choices(top_k_index, n_experts)
-    return choices // k, offsets, row_expert
+    return expert_grouping(top_k_index, n_experts, divisor=k)
 
 
 def grouped_choices(top_k_index: torch.Tensor, n_experts: int):
     """``(choices [T * k], offsets [E + 1], row_expert [T * k])``: the flat positions
-    ``token * k + slot`` of ``top_k_index [T, k]`` grouped by expert with one stable sort (so
-    ascending per expert, the order of ``(top_k_index == e).nonzero()``), without waiting for the
-    device; indices outside ``[0, E)`` sort last with ``row_expert = E``."""
-    flat = top_k_index.reshape(-1).long()
-    flat = torch.where((flat >= 0) & (flat < n_experts), flat, n_experts)
-    row_expert, order = torch.sort(flat, stable=True)
-    # offsets[e] = the number of choices of experts below e, found in the sorted experts (on CUDA
-    # a bincount would wait for the device: it reads the largest value to size its output)
-    offsets = torch.searchsorted(row_expert, torch.arange(n_experts + 1, device=flat.device))
-    return order, offsets, row_expert
+    ``token * k + slot`` of ``top_k_index [T, k]`` grouped by expert, stably (so ascending per
+    expert, the order of ``(top_k_index == e).nonzero()``), without waiting for the device;
+    indices outside ``[0, E)`` come last with ``row_expert = E``. One Triton launch on the GPU
+    (a sort and a search in torch cost the host ~15 launches per MoE layer and batch);
+    semantics in :func:`nvfp4_dist.kernels.reference.grouped_choices`."""
+    return expert_grouping(top_k_index, n_experts)
 
 
 def _grouped_mm():

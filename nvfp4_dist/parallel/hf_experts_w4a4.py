@@ -16,8 +16,8 @@ This is what the engines' NVFP4 MoE kernels do with the exported per-expert ``in
 FlashInfer backends take the max over the experts instead, a coarser scale). The weights are
 the module's parameters as the fake-quant pre-hook leaves them (their images).
 
-All experts at once, a handful of launches per projection: one stable sort groups the routed
-(token, choice) pairs by expert (:func:`.hf_experts.grouped_choices`, the observers' grouping);
+All experts at once, a handful of launches per projection: one stable grouping (one launch on the
+GPU) orders the routed (token, choice) pairs by expert (:func:`.hf_experts.grouped_choices`, the observers' grouping);
 each projection's input is fake-quantized in ONE call for all experts' rows, every row under its
 expert's scale (``quant_input`` gets the per-row expert indices); the GEMMs are one grouped GEMM
 per projection (bf16 on a Hopper-class GPU, :func:`.hf_experts.grouped_gemm`), else one

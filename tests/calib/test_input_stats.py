@@ -59,17 +59,25 @@ def test_block_grams_of_a_channel_slice_are_the_slice_of_the_block_grams():
         assert torch.equal(block_grams(x[:, 64 * part:64 * (part + 1)].contiguous()), whole[4 * part:4 * (part + 1)])
 
 
-def test_input_stats_amax_without_an_abs_copy():
-    """max(|min|, |max|): a negative extreme, a NaN (kept), no token (0)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_input_stats_amax_without_an_abs_copy(dtype):
+    """max |x| in fp32 whatever the input's dtype: a negative extreme, no token (0), a NaN (kept
+    by every later call), an infinity."""
     stats = InputStats(cin=16, with_hessian=False)
-    x = torch.linspace(-3.5, 2.0, 64).reshape(4, 16).bfloat16()
+    x = torch.linspace(-3.5, 2.0, 64).reshape(4, 16).to(dtype).to(DEVICE)
     stats.update(x)
     assert stats.amax.dtype == torch.float32 and stats.amax == 3.5
-    stats.update(torch.zeros(0, 16))
-    assert stats.amax == 3.5
+    stats.update(torch.zeros(0, 16, dtype=dtype, device=DEVICE))
+    assert stats.amax.dtype == torch.float32 and stats.amax == 3.5
+    stats.update(x / 2)
+    assert stats.amax.dtype == torch.float32 and stats.amax == 3.5
     empty = InputStats(cin=16, with_hessian=False)
-    empty.update(torch.zeros(0, 16))
+    empty.update(torch.zeros(0, 16, device=DEVICE))
     assert empty.amax == 0 and empty.tokens == 0
+    infinite = InputStats(cin=16, with_hessian=False)
+    infinite.update(torch.where(x < -3, float("-inf"), x))
+    assert infinite.amax == float("inf")
     x[1, 3] = float("nan")
     stats.update(x)
-    assert stats.amax.isnan()
+    stats.update(x[:1])
+    assert stats.amax.dtype == torch.float32 and stats.amax.isnan()
