@@ -14,7 +14,8 @@ tables:
   2048 and 768 channels, with Hessian: the former (separate abs/amax/nan_to_num/scatter_reduce
   amax) against the current (amax fused into the block-Hessian kernel), plus the kernel alone
   at the tile choices of ``--tiles`` (block columns x warps: the same bits, only the speed
-  differs), and the observer's former gather of the routed rows against reading them through
+  differs), the grouping of the routing choices by expert (torch sort against the kernel at the
+  tiles of ``--grouping-tiles``), and the observer's former gather of the routed rows against reading them through
   the row index.
 
 ``--host``: instead, the host (CPU) time per call of each observer step on 16 tokens, the former
@@ -195,8 +196,29 @@ def routed(args, device):
     return grouped_rows(top, args.experts)
 
 
+def grouping_rows(args, device) -> list[tuple[str, str, float]]:
+    """The grouping of the routing choices by expert: the torch sort (the reference) against the
+    kernel at the tiles of ``--grouping-tiles`` (CUDA; the same integers at every tile)."""
+    from nvfp4_dist.kernels import grouping_kernel, reference
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    top = torch.rand(args.tokens, args.experts, generator=gen).topk(args.top_k, dim=-1).indices.to(device)
+    shape = f"top-{args.top_k} of {args.experts} experts, {args.tokens} tokens"
+    rows = [(shape, "routing: torch stable sort + search (reference)",
+             time_us(lambda: reference.grouped_choices(top, args.experts, args.top_k), device, args.warmup, args.reps))]
+    if device.type == "cuda":
+        want = reference.grouped_choices(top, args.experts, args.top_k)
+        for tile in args.grouping_tiles:
+            size, warps = (int(v) for v in tile.split("x"))
+            got = grouping_kernel.launch_grouped_choices(top, args.experts, args.top_k, tile=size, num_warps=warps)
+            same = all(torch.equal(a, b) for a, b in zip(got, want))
+            rows.append((shape, f"routing kernel, tile {size} x {warps} warps{'' if same else ' (DIFFERS)'}",
+                         time_us(lambda size=size, w=warps: grouping_kernel.launch_grouped_choices(
+                             top, args.experts, args.top_k, tile=size, num_warps=w), device, args.warmup, args.reps)))
+    return rows
+
+
 def expert_rows(args, device) -> list[tuple[str, str, float]]:
-    rows = []
+    rows = grouping_rows(args, device)
     rows_idx, offsets, row_expert = routed(args, device)
     for cin in args.expert_cin:
         hidden = torch.randn(args.tokens, cin, device=device).to(torch.bfloat16)
@@ -313,6 +335,8 @@ def main():
                    help="tokens per sub-sum of the dense fp32 block Hessians to time")
     p.add_argument("--tiles", nargs="+", default=["4x2", "4x4", "2x2", "1x1", "8x4", "2x1"],
                    help="block-Hessian kernel tiles BBxWARPS (block columns, warps per program) to time (CUDA)")
+    p.add_argument("--grouping-tiles", nargs="+", default=["8192x8", "4096x4", "16384x16", "32768x16", "2048x4"],
+                   help="routing-grouping kernel tiles CHOICESxWARPS to time (CUDA)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--host", action="store_true",

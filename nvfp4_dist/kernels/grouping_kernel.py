@@ -11,8 +11,13 @@ elements), and in a forward the host already has little to spare. Here one progr
 below its own (its offset), then writing its own positions in order, each tile's ranks from a
 prefix sum of its hits. Integer work only, so the results equal the reference exactly.
 
-Cost: ``E + 1`` programs each read the ``T * k`` indices twice (from L2 after the first
-program): ~66 MB of loads at 128 experts and 32768 choices, a few microseconds on an H200.
+Cost: ``E + 1`` programs each read the ``T * k`` indices twice; each program's steps run one
+after the other, so the kernel is bound by their latency, not by memory: ~60-110 us on an H200
+at 128 experts and 32768 choices. The torch sort and search take ~200 us there between CUDA
+events, bound by the host's time for their launches (~200 us per call against ~60 for this
+launch; their kernels alone were ~50 us in a profile). A form in two launches (per-chunk counts, then their
+prefix sums and the writes) would spread the work over chunks; the host's time was the first
+concern here.
 """
 
 from __future__ import annotations
@@ -21,46 +26,53 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 4096  # choices per step (the interpreter pays per step: few, large tiles)
+# choices per step and warps per program on the GPU: 57 us at 32768 choices of 128 experts on an
+# H200 (bench_observers.py, 2026-12-03; 8192 x 8: 79, 4096 x 4: 90, 32768 x 16: 111)
+CUDA_TILE, CUDA_WARPS = 16384, 16
+INTERPRETER_TILE = 4096  # the interpreter pays per step: few, large tiles
 
 
 @triton.jit
 def _group_choices(idx_ptr, pos_ptr, expert_ptr, off_ptr, n, n_experts, divisor, TILE: tl.constexpr):
     e = tl.program_id(0)  # n_experts: the program of the sentinels
-    below = tl.zeros([], dtype=tl.int64)
+    # the experts in int32 (an index outside [0, E) becomes E before the narrowing)
+    below = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, TILE):
         p = start + tl.arange(0, TILE)
         live = p < n
         key = tl.load(idx_ptr + p, mask=live, other=0)
-        key = tl.where((key >= 0) & (key < n_experts), key, n_experts)
-        below += tl.sum((live & (key < e)).to(tl.int64), axis=0)
-    tl.store(off_ptr + e, below)
+        key = tl.where((key >= 0) & (key < n_experts), key, n_experts).to(tl.int32)
+        below += tl.sum((live & (key < e)).to(tl.int32), axis=0)
+    tl.store(off_ptr + e, below.to(tl.int64))
     base = below
     for start in range(0, n, TILE):
         p = start + tl.arange(0, TILE)
         live = p < n
         key = tl.load(idx_ptr + p, mask=live, other=0)
-        key = tl.where((key >= 0) & (key < n_experts), key, n_experts)
+        key = tl.where((key >= 0) & (key < n_experts), key, n_experts).to(tl.int32)
         hit = live & (key == e)
-        dst = base + tl.cumsum(hit.to(tl.int64), axis=0) - 1  # ascending p within the expert
+        dst = base + tl.cumsum(hit.to(tl.int32), axis=0) - 1  # ascending p within the expert
         tl.store(pos_ptr + dst, (p // divisor).to(tl.int64), mask=hit)
         tl.store(expert_ptr + dst, tl.full([TILE], 0, tl.int64) + e, mask=hit)
-        base += tl.sum(hit.to(tl.int64), axis=0)
+        base += tl.sum(hit.to(tl.int32), axis=0)
 
 
-def launch_grouped_choices(top_k_index: torch.Tensor, n_experts: int, divisor: int = 1):
+def launch_grouped_choices(top_k_index: torch.Tensor, n_experts: int, divisor: int = 1,
+                           tile: int | None = None, num_warps: int | None = None):
     """``(positions [T * k], offsets [E + 1], row_expert [T * k])`` (int64) of ``top_k_index
     [T, k]`` (integer) grouped by expert; ``positions`` holds ``p // divisor`` of each choice's
-    flat position ``p`` (``divisor=k``: its token)."""
+    flat position ``p`` (``divisor=k``: its token). ``tile`` (a power of two), ``num_warps``:
+    the program's shape; any choice gives the same integers."""
     flat = top_k_index.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     n = flat.numel()
-    if n >= 2**31:
-        raise ValueError(f"{n} routing choices: more than the kernel's 32-bit positions")
+    if n >= 2**31 or n_experts >= 2**31 - 1:
+        raise ValueError(f"{n} routing choices of {n_experts} experts: more than the kernel's 32-bit positions")
     # one allocation for the three outputs (every element is written below)
     out = torch.empty(2 * n + n_experts + 1, dtype=torch.int64, device=flat.device)
     positions, row_expert, offsets = out[:n], out[n:2 * n], out[2 * n:]
-    _group_choices[(n_experts + 1,)](flat, positions, row_expert, offsets, n, n_experts, divisor, TILE=TILE,
-                                     num_warps=4)
+    tile = tile or (CUDA_TILE if flat.is_cuda else INTERPRETER_TILE)
+    _group_choices[(n_experts + 1,)](flat, positions, row_expert, offsets, n, n_experts, divisor, TILE=tile,
+                                     num_warps=num_warps or CUDA_WARPS)
     return positions, offsets, row_expert
