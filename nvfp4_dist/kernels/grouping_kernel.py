@@ -12,12 +12,12 @@ below its own (its offset), then writing its own positions in order, each tile's
 prefix sum of its hits. Integer work only, so the results equal the reference exactly.
 
 Cost: ``E + 1`` programs each read the ``T * k`` indices twice; each program's steps run one
-after the other, so the kernel is bound by their latency, not by memory: ~60-110 us on an H200
-at 128 experts and 32768 choices. The torch sort and search take ~200 us there between CUDA
-events, bound by the host's time for their launches (~200 us per call against ~60 for this
-launch; their kernels alone were ~50 us in a profile). A form in two launches (per-chunk counts, then their
-prefix sums and the writes) would spread the work over chunks; the host's time was the first
-concern here.
+after the other, so the kernel is bound by their latency, not by memory: <= 57-110 us per call
+on an H200 at 128 experts and 32768 choices, by tile. The torch sort and search take ~200 us
+there between CUDA events, bound by the host's time for their ~15 launches (against ~60 us of
+host time for this launch; their kernels alone were ~50 us in a profile). A form in two
+launches (per-chunk counts, then their prefix sums and the writes) would spread the work over
+chunks; the host's time was the first concern here.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-# choices per step and warps per program on the GPU: 57 us at 32768 choices of 128 experts on an
-# H200 (bench_observers.py, 2026-12-03; 8192 x 8: 79, 4096 x 4: 90, 32768 x 16: 111)
+# choices per step and warps per program on the GPU: at 32768 choices of 128 experts on an H200
+# (bench_observers.py, 2026-12-03) <= 57 us per call (the call's host time bounds that reading),
+# 8192 x 8: 79, 4096 x 4: 90 (105 in a profile), 32768 x 16: 111
 CUDA_TILE, CUDA_WARPS = 16384, 16
 INTERPRETER_TILE = 4096  # the interpreter pays per step: few, large tiles
 
