@@ -276,7 +276,8 @@ class ExpertStats:
         tokens = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
         # views of one copy (no launch per expert; the Hessian kernel updates self.amax in place)
         amax = self.amax.clone().unbind(0)
+        sums = self.hessian_sum.unbind(0) if self.hessian_sum is not None else [None] * len(self.members)
         for e, stats in enumerate(self.members):
             stats.tokens = tokens[e]
             stats.amax = amax[e]
-            stats.hessian_sum = (self.hessian_sum[e] if (self.hessian_sum is not None and tokens[e]) else None)
+            stats.hessian_sum = sums[e] if tokens[e] else None
