@@ -216,10 +216,10 @@ class ExpertStats:
 
     Each call of :meth:`update` takes the inputs of all experts at once, their rows grouped by
     expert: the token counts in one addition (of the offsets), the block Hessians and the input
-    amaxes in one launch (:func:`~nvfp4_dist.kernels.dispatch.expert_block_hessians`: float64 sums of
-    exact products in row order, continued across calls, so an expert's sums do not depend on how
-    its tokens were batched; a projection without Hessian takes its amaxes from a few tensor
-    operations, the same values). Nothing waits for the device until :meth:`flush` writes the
+    amaxes in one launch (:func:`~nvfp4_dist.kernels.dispatch.expert_block_hessians`: float64
+    sums of exact products in row order, continued across calls, so an expert's sums do not
+    depend on how its tokens were batched; a projection without Hessian takes its amaxes from a
+    few tensor operations, the same values). Nothing waits for the device until :meth:`flush` writes the
     totals into the experts' own :class:`InputStats` (``members[e]``), whose Hessian sums are
     then views of the stacked ``[E, cin/16, 16, 16]`` sums: the same values as
     :meth:`InputStats.update` of each expert's rows with ``accum_dtype=torch.float64`` gives, up

@@ -23,16 +23,16 @@ activation.
 
 All experts at once (:func:`_observe_stacked`): one grouping of the routed rows by expert (a
 stable order: one Triton launch on the GPU, a sort in torch elsewhere; the first projection's
-statistics read them through that index, never a gathered copy), the
-activations are the ones transformers' grouped forward computes (seen through the module's
-``_apply_gate``) or, where the forward does not compute them all in one call, one grouped GEMM
-(bf16 on the GPU; one GEMM per expert elsewhere) recomputes them; each projection's statistics
-take one :class:`~nvfp4_dist.layout.stats.ExpertStats` update (one kernel launch for all block
-Hessians); the hooks never wait for the device, the totals reach the store when the handle is
-removed. The hooks' host time matters as much as their GPU time: a forward leaves the host less
-than a millisecond per MoE layer and batch before the GPU waits for it (H200, Qwen3-30B-A3B
-shapes), so each hook issues a handful of launches. Full-Hessian statistics (GPTQ) keep the expert-by-expert observer, which recomputes the
-activations.
+statistics read them through that index, never a gathered copy), the activations are the ones
+transformers' grouped forward computes (seen through the module's ``_apply_gate``) or, where the
+forward does not compute them all in one call, one grouped GEMM (bf16 on the GPU; one GEMM per
+expert elsewhere) recomputes them; each projection's statistics take one
+:class:`~nvfp4_dist.layout.stats.ExpertStats` update (one kernel launch for all block Hessians);
+the hooks never wait for the device, the totals reach the store when the handle is removed. The
+hooks' host time matters as much as their GPU time: a forward leaves the host less than a
+millisecond per MoE layer and batch before the GPU waits for it (H200, Qwen3-30B-A3B shapes), so
+each hook issues a handful of launches. Full-Hessian statistics (GPTQ) keep the expert-by-expert
+observer, which recomputes the activations.
 """
 
 from __future__ import annotations
