@@ -47,7 +47,6 @@ import triton.language as tl
 
 CUDA_BB = 4  # block columns per program on the GPU
 CUDA_WARPS = 2
-TOKENS_PER_STEP = 8  # the split below takes a tile of exactly 8 tokens apart
 INTERPRETER_BB = 16  # the interpreter pays per program: few, large tiles
 
 
@@ -74,7 +73,7 @@ def _block_hessians(x_ptr, rows_ptr, off_ptr, h_ptr, amax_ptr, stride_row, nb, B
     # running max |x| of this tile (masked: +0.0), per position of the step's tile: reduced once
     # after the loop (a reduction over the token axis inside the loop cost the H200 ~25%)
     top = tl.zeros([BB, 16, 8], dtype=tl.float32)
-    for t0 in range(start, end, 8):
+    for t0 in range(start, end, 8):  # 8 tokens per step: the splits below take exactly 8 apart
         pos = t0 + tl.arange(0, 8)
         live = pos < end
         row = tl.load(rows_ptr + pos, mask=live, other=0) if GATHER else pos

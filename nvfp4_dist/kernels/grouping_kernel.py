@@ -34,23 +34,28 @@ INTERPRETER_TILE = 4096  # the interpreter pays per step: few, large tiles
 
 
 @triton.jit
+def _experts_at(idx_ptr, p, live, n_experts):
+    """The experts chosen at positions ``p`` in int32 (an index outside [0, E) becomes E, the
+    sentinels' expert, before the narrowing)."""
+    key = tl.load(idx_ptr + p, mask=live, other=0)
+    return tl.where((key >= 0) & (key < n_experts), key, n_experts).to(tl.int32)
+
+
+@triton.jit
 def _group_choices(idx_ptr, pos_ptr, expert_ptr, off_ptr, n, n_experts, divisor, TILE: tl.constexpr):
     e = tl.program_id(0)  # n_experts: the program of the sentinels
-    # the experts in int32 (an index outside [0, E) becomes E before the narrowing)
     below = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, TILE):
         p = start + tl.arange(0, TILE)
         live = p < n
-        key = tl.load(idx_ptr + p, mask=live, other=0)
-        key = tl.where((key >= 0) & (key < n_experts), key, n_experts).to(tl.int32)
+        key = _experts_at(idx_ptr, p, live, n_experts)
         below += tl.sum((live & (key < e)).to(tl.int32), axis=0)
     tl.store(off_ptr + e, below.to(tl.int64))
     base = below
     for start in range(0, n, TILE):
         p = start + tl.arange(0, TILE)
         live = p < n
-        key = tl.load(idx_ptr + p, mask=live, other=0)
-        key = tl.where((key >= 0) & (key < n_experts), key, n_experts).to(tl.int32)
+        key = _experts_at(idx_ptr, p, live, n_experts)
         hit = live & (key == e)
         dst = base + tl.cumsum(hit.to(tl.int32), axis=0) - 1  # ascending p within the expert
         tl.store(pos_ptr + dst, (p // divisor).to(tl.int64), mask=hit)
