@@ -186,22 +186,25 @@ def dense_rows(args, device) -> list[tuple[str, str, float]]:
     return rows
 
 
-def routed(args, device):
-    """top-k routing of ``args.tokens`` tokens to ``args.experts`` experts, grouped as the
-    stacked observer groups them: (rows, offsets, row_expert)."""
-    from nvfp4_dist.parallel.hf_experts import grouped_rows
+def top_k_index(args, device, tokens: int | None = None) -> torch.Tensor:
+    """``[tokens, top_k]`` expert indices (default ``args.tokens`` tokens) of random scores over
+    ``args.experts`` experts (seed 0): the routing every experts row times."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    scores = torch.rand(args.tokens, args.experts, generator=gen)
-    top = scores.topk(args.top_k, dim=-1).indices.to(device)
-    return grouped_rows(top, args.experts)
+    scores = torch.rand(tokens or args.tokens, args.experts, generator=gen)
+    return scores.topk(args.top_k, dim=-1).indices.to(device)
+
+
+def routed(args, device):
+    """:func:`top_k_index` grouped as the stacked observer groups it: (rows, offsets, row_expert)."""
+    from nvfp4_dist.parallel.hf_experts import grouped_rows
+    return grouped_rows(top_k_index(args, device), args.experts)
 
 
 def grouping_rows(args, device) -> list[tuple[str, str, float]]:
     """The grouping of the routing choices by expert: the torch sort (the reference) against the
     kernel at the tiles of ``--grouping-tiles`` (CUDA; the same integers at every tile)."""
     from nvfp4_dist.kernels import grouping_kernel, reference
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    top = torch.rand(args.tokens, args.experts, generator=gen).topk(args.top_k, dim=-1).indices.to(device)
+    top = top_k_index(args, device)
     shape = f"top-{args.top_k} of {args.experts} experts, {args.tokens} tokens"
     rows = [(shape, "routing: torch stable sort + search (reference)",
              time_us(lambda: reference.grouped_choices(top, args.experts, args.top_k), device, args.warmup, args.reps))]
@@ -294,8 +297,7 @@ def host_rows(args, device) -> list[tuple[str, str, float]]:
     from nvfp4_dist.kernels import reference
     from nvfp4_dist.parallel.hf_experts import grouped_rows
     tokens, rows = 16, []
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    top = torch.rand(tokens, args.experts, generator=gen).topk(args.top_k, dim=-1).indices.to(device)
+    top = top_k_index(args, device, tokens)
     shape = f"{tokens} tokens, top-{args.top_k} of {args.experts} experts"
     rows.append((shape, "former routing: stable sort + search (the torch reference)",
                  host_us(lambda: reference.grouped_choices(top, args.experts, args.top_k), device)))
