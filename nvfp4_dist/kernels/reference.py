@@ -292,7 +292,7 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
     padded = x[index.reshape(-1)].float().double().reshape(n_experts, longest, nb, BLOCK_SIZE)
     padded = torch.where(valid[:, :, None, None], padded, 0.0)  # (not a product: inf * 0 is NaN)
     if amax is not None:  # a max is exact in any order; the padding's +0.0 changes nothing (amax >= 0)
-        top = padded.abs().nan_to_num(nan=float("inf")).amax(dim=(1, 2, 3)).float()
+        top = padded.abs().nan_to_num(nan=float("inf"), posinf=float("inf")).amax(dim=(1, 2, 3)).float()
         torch.maximum(amax, top.to(amax.device), out=amax)
     for t in range(longest):
         xt = padded[:, t]

@@ -260,8 +260,9 @@ class ExpertStats:
             # the fp32-rounded values, NaN as +inf, exactly the value computed below)
             expert_block_hessians(x, offsets, self.hessian_sum, amax=self.amax, kernels=self.kernels, rows=rows)
             return
-        # a NaN row counts as +inf: the MAX keeps it, and non-finite statistics are refused
-        row_amax = torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf"))
+        # a NaN row counts as +inf: the MAX keeps it, and non-finite statistics are refused (an
+        # infinity stays one: nan_to_num's default would make it the largest finite value)
+        row_amax = torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf"), posinf=float("inf"))
         if rows is not None:
             row_amax = row_amax[rows]  # each token's max once, then one value per grouped row
         amax = torch.zeros(n_experts + 1, dtype=torch.float32, device=x.device)

@@ -89,6 +89,7 @@ def test_expert_block_hessians_amax_equals_the_reference_and_counts_nan_as_inf(d
     expert's range are not read."""
     x, offsets = _grouped([13, 0, 30, 1, 9], 48, torch.bfloat16, seed=6)
     x[20, 7] = float("nan")  # expert 2
+    x[5, 3] = float("-inf")  # expert 0: an infinity stays one (not the largest finite value)
     x[43, 40] = -1e30  # expert 3: a negative maximum
     x[-9:] = 1e37  # past offsets[E] (the fifth group): no expert's rows
     offsets = offsets[:5]
@@ -101,10 +102,10 @@ def test_expert_block_hessians_amax_equals_the_reference_and_counts_nan_as_inf(d
     dispatch.expert_block_hessians(x, offsets, h_ref, amax=ref[:4], kernels=KernelImpl.TORCH)
     assert torch.equal(got.cpu(), ref)
     assert torch.allclose(h_got.cpu(), h_ref, rtol=0, atol=0, equal_nan=True)  # (expert 2's sums: NaN)
-    own = [x[a:b].float().abs().nan_to_num(nan=float("inf")).amax() if b > a else torch.tensor(0.0)
+    own = [x[a:b].float().abs().nan_to_num(nan=float("inf"), posinf=float("inf")).amax() if b > a else torch.tensor(0.0)
            for a, b in zip(offsets[:-1], offsets[1:])]
     assert torch.equal(ref, torch.stack([torch.maximum(s, o) for s, o in zip(start[:4], own)] + [start[4]]))
-    assert ref[2] == float("inf") and ref[1] == 7.0 and ref[3] == x[43, 40].float().abs()
+    assert ref[0] == ref[2] == float("inf") and ref[1] == 7.0 and ref[3] == x[43, 40].float().abs()
 
 
 @pytest.mark.parametrize("tile", [(2, 2), (1, 1), (16, 4)], ids=["2-blocks", "1-block", "16-blocks"])
@@ -164,10 +165,12 @@ def test_block_hessians_read_through_a_row_index_as_from_the_gathered_rows(devic
 
 def test_expert_stats_amax_and_tokens_are_those_of_the_separate_computation(device):
     """ExpertStats: the amax fused into the Hessian kernel gives the values the projections
-    without Hessian compute by abs/amax/scatter (two calls, NaN as +inf, an E sentinel row)."""
+    without Hessian compute by abs/amax/scatter (two calls, NaN as +inf, an infinity kept, an E
+    sentinel row)."""
     x1, off1 = _grouped([5, 0, 9], 32, torch.bfloat16, seed=7)
     x2, off2 = _grouped([2, 4, 3], 32, torch.bfloat16, seed=8)
     x2[7, 3] = float("nan")  # expert 2
+    x1[2, 5] = float("-inf")  # expert 0
     calls = []
     for x, off in ((x1, off1), (x2, off2)):
         row_expert = torch.repeat_interleave(torch.arange(3), off[1:] - off[:-1])
@@ -188,7 +191,7 @@ def test_expert_stats_amax_and_tokens_are_those_of_the_separate_computation(devi
     assert tokens == (7, 4, 12)
     expect = [torch.cat([x1[:5], x2[:2]]), torch.cat([x1[5:5], x2[2:6]]), torch.cat([x1[5:], x2[6:]])]
     assert torch.equal(torch.stack(amax[:2]), torch.stack([e.float().abs().amax() for e in expect[:2]]))
-    assert amax[2] == float("inf")
+    assert amax[0] == amax[2] == float("inf")
 
 
 def test_expert_block_hessians_continue_across_calls_and_match_the_former_statistics():
