@@ -7,9 +7,10 @@ Times are CUDA-event medians (after a warm-up) of one call, in microseconds, pri
 tables:
 
 * dense: ``InputStats.update`` of x ``[4096, 2048]`` and ``[4096, 4096]`` bf16 (fp32 block
-  Hessians + amax), the former implementation (one batched product over all tokens, ``.float()``
-  of the batch, ``abs().amax()``) against the current one, its parts, and the current
-  formulation at other sub-sum lengths (``--subsums``);
+  Hessians + amax), two former implementations (session 8: one batched product over all tokens,
+  ``.float()`` of the batch, ``abs().amax()``; session 10: interleaved sub-sums, six launches)
+  against the current one (one Triton launch), the kernel at the tiles of ``--dense-tiles``, the
+  parts of the torch path and its formulation at other sub-sum lengths (``--subsums``);
 * experts: ``ExpertStats.update`` with 128 experts, 32768 routed rows (top-8 of 4096 tokens) of
   2048 and 768 channels, with Hessian: the former (separate abs/amax/nan_to_num/scatter_reduce
   amax) against the current (amax fused into the block-Hessian kernel), plus the kernel alone
@@ -34,6 +35,7 @@ import statistics
 import torch
 
 from nvfp4_dist.kernels import dispatch
+from nvfp4_dist.kernels import reference as R
 from nvfp4_dist.layout import stats as S
 from nvfp4_dist.layout.stats import ExpertStats, InputStats
 
@@ -53,6 +55,19 @@ def old_dense_update(self: InputStats, x: torch.Tensor) -> None:
         xb = x[start:start + S._TOKEN_CHUNK].float().to(self.accum_dtype)
         xb = xb.reshape(-1, self.cin // 16, 16).transpose(0, 1)
         self.hessian_sum += torch.bmm(xb.transpose(1, 2), xb)
+
+
+def session10_dense_update(self: InputStats, x: torch.Tensor) -> None:
+    """InputStats.update of session 10 (six launches: running amax by vector_norm + maximum, an
+    fp32 copy, the sub-sums' batched product, their sum, the addition; a copy, for timing)."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    amax = torch.linalg.vector_norm(x, float("inf"))
+    self.amax = amax.float() if self.amax is None else torch.maximum(self.amax, amax)
+    self.tokens += x.shape[0]
+    if self.hessian_sum is None:
+        self.hessian_sum = self._zeros(x.device)
+    for start in range(0, x.shape[0], R.DENSE_TOKEN_CHUNK):
+        self.hessian_sum += R.block_grams(x[start:start + R.DENSE_TOKEN_CHUNK].float())
 
 
 def old_expert_update(self: ExpertStats, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor) -> None:
@@ -114,6 +129,12 @@ def grams_bf16_tensor_cores(x: torch.Tensor, subsum_tokens: int) -> torch.Tensor
     return out
 
 
+def _dense_kernel_grams(x: torch.Tensor) -> torch.Tensor:
+    h = torch.zeros(x.shape[-1] // 16, 16, 16, device=x.device)
+    dispatch.dense_input_stats(x, torch.zeros((), device=x.device), h)
+    return h
+
+
 # ----------------------------------------------------------------------------- timing
 def time_us(fn, device: torch.device, warmup: int, reps: int) -> float:
     """Median of ``reps`` timings of one call (CUDA events; wall clock on the CPU)."""
@@ -150,25 +171,34 @@ def dense_rows(args, device) -> list[tuple[str, str, float]]:
             except Exception as exc:  # a candidate this torch build lacks: say so, time the rest
                 rows.append((shape, f"{label} (failed: {type(exc).__name__}: {str(exc)[:60]})", float("nan")))
 
-        old, new = InputStats(cin=cin, with_hessian=True), InputStats(cin=cin, with_hessian=True)
-        timed("former InputStats.update", lambda: old_dense_update(old, x))
+        old, s10, new = (InputStats(cin=cin, with_hessian=True) for _ in range(3))
+        timed("former InputStats.update (session 8)", lambda: old_dense_update(old, x))
+        timed("InputStats.update of session 10 (block_grams, six launches)", lambda: session10_dense_update(s10, x))
         timed("InputStats.update (now)", lambda: new.update(x))
         ref = old.hessian_sum.double()
         rel = ((new.hessian_sum.double() - ref).abs().max() / ref.abs().max()).item()
         rows.append((shape, "  max |now - former| / max |H| (fp32 rounding)", rel))
+        if device.type == "cuda":
+            from nvfp4_dist.kernels import dense_stats_kernel as K
+            h, amax = torch.zeros(cin // 16, 16, 16, device=device), torch.zeros((), device=device)
+            for tile in args.dense_tiles:
+                chunk, warps = (int(v) for v in tile.split("x"))
+                timed(f"  dense kernel, {chunk} tokens per step x {warps} warps",
+                      lambda c=chunk, w=warps: K.launch_dense_stats(x, amax, h, chunk=c, num_warps=w))
         timed("  part: x.float()", lambda: x.float())
         timed("  part: abs().amax() (former amax)", lambda: x.abs().amax().float())
-        timed("  part: aminmax (amax now)", lambda: torch.aminmax(x))
+        timed("  part: aminmax (session 9's amax)", lambda: torch.aminmax(x))
         xf = x.float()
         blocks = xf.reshape(-1, cin // 16, 16).transpose(0, 1)
         timed("  part: former bmm (fp32)", lambda: torch.bmm(blocks.transpose(1, 2), blocks))
         exact = xf.double().reshape(-1, cin // 16, 16).transpose(0, 1)
         exact = torch.bmm(exact.transpose(1, 2), exact)
         scale = exact.abs().amax()
-        candidates = [("block_grams fp32 (now)", lambda: S.block_grams(xf)),
+        candidates = [("block_grams fp32 (now)", lambda: R.block_grams(xf)),
                       ("former bmm fp32", lambda: torch.bmm(blocks.transpose(1, 2), blocks))]
         if device.type == "cuda":
-            candidates.append(("bf16 tensor-core grams", lambda: grams_bf16_tensor_cores(x, S.SUBSUM_TOKENS)))
+            candidates.append(("bf16 tensor-core grams", lambda: grams_bf16_tensor_cores(x, R.SUBSUM_TOKENS)))
+            candidates.append(("dense kernel (now)", lambda: _dense_kernel_grams(x)))
         for label, fn in candidates:
             try:
                 err = ((fn().double() - exact).abs().amax() / scale).item()
@@ -177,7 +207,7 @@ def dense_rows(args, device) -> list[tuple[str, str, float]]:
             rows.append((shape, f"  max |{label} - exact| / max |H|", err))
         del exact
         for k in args.subsums:
-            timed(f"  block_grams fp32, {k} tokens per sub-sum", lambda k=k: S.block_grams(xf, k))
+            timed(f"  block_grams fp32, {k} tokens per sub-sum", lambda k=k: R.block_grams(xf, k))
             timed(f"  cast-packed grams, {k} tokens per sub-sum", lambda k=k: grams_packed(x, k))
             timed(f"  paired-block grams fp32, {k} tokens per sub-sum", lambda k=k: grams_paired(xf, k))
             if device.type == "cuda":
@@ -318,8 +348,11 @@ def host_rows(args, device) -> list[tuple[str, str, float]]:
         x = torch.randn(tokens, cin, device=device).to(torch.bfloat16)
         stats, amax = InputStats(cin=cin, with_hessian=True), InputStats(cin=cin, with_hessian=False)
         label = f"[{tokens}, {cin}] bf16"
+        s10 = InputStats(cin=cin, with_hessian=True)
+        rows.append((label, "InputStats.update of session 10 (six launches)",
+                     host_us(lambda: session10_dense_update(s10, x), device)))
         rows.append((label, "InputStats.update (now)", host_us(lambda: stats.update(x), device)))
-        rows.append((label, "  part: amax now (vector_norm, running max)", host_us(lambda: amax.update(x), device)))
+        rows.append((label, "  part: amax alone now", host_us(lambda: amax.update(x), device)))
         rows.append((label, "  part: former amax (aminmax, abs, abs, max, cast, running max)",
                      host_us(lambda: former_amax(amax, x), device)))
     return rows
@@ -335,6 +368,8 @@ def main():
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--subsums", type=int, nargs="+", default=[64, 128, 256, 512, 1024],
                    help="tokens per sub-sum of the dense fp32 block Hessians to time")
+    p.add_argument("--dense-tiles", nargs="+", default=["128x4", "64x4", "256x4", "128x8", "64x2", "256x8"],
+                   help="dense statistics kernel tiles CHUNKxWARPS (tokens per step, warps per program) to time (CUDA)")
     p.add_argument("--tiles", nargs="+", default=["4x2", "4x4", "2x2", "1x1", "8x4", "2x1"],
                    help="block-Hessian kernel tiles BBxWARPS (block columns, warps per program) to time (CUDA)")
     p.add_argument("--grouping-tiles", nargs="+", default=["8192x8", "4096x4", "16384x16", "32768x16", "2048x4"],

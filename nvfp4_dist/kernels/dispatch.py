@@ -195,6 +195,24 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
         reference.expert_block_hessians(x, offsets, hessian_sum, amax, rows)
 
 
+def dense_input_stats(x: torch.Tensor, amax: torch.Tensor, hessian_sum: torch.Tensor | None = None,
+                      kernels: KernelImpl = KernelImpl.AUTO) -> None:
+    """In place: ``amax`` (0-d fp32, contiguous) = max(amax, max |x|) of ``x [N, cin]`` and,
+    when given, ``hessian_sum`` (fp32 ``[cin // 16, 16, 16]``, contiguous) += the batch's
+    block Hessians; one launch on the GPU; semantics in :func:`.reference.dense_input_stats`."""
+    if amax.dtype != torch.float32 or amax.dim() != 0 or amax.device != x.device:
+        raise ValueError("dense_input_stats: amax must be a 0-d fp32 tensor on the input's device")
+    if hessian_sum is not None and (hessian_sum.dtype != torch.float32 or not hessian_sum.is_contiguous()
+                                    or tuple(hessian_sum.shape) != (x.shape[-1] // 16, 16, 16)
+                                    or x.shape[-1] % 16):
+        raise ValueError(f"dense_input_stats: hessian_sum must be a contiguous fp32 [{x.shape[-1] // 16}, 16, 16] "
+                         f"tensor for inputs {tuple(x.shape)}")
+    if x.shape[-1] % 16 == 0 and _use_triton(x, kernels):
+        _triton_module().dense_input_stats(x, amax, hessian_sum)
+    else:
+        reference.dense_input_stats(x, amax, hessian_sum)
+
+
 def grouped_choices(top_k_index: torch.Tensor, n_experts: int, divisor: int = 1,
                     kernels: KernelImpl = KernelImpl.AUTO):
     """The routing choices of ``top_k_index [T, k]`` grouped by expert: ``(positions, offsets,

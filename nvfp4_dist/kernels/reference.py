@@ -313,3 +313,56 @@ def grouped_choices(top_k_index: torch.Tensor, n_experts: int, divisor: int = 1)
     # a bincount would wait for the device: it reads the largest value to size its output)
     offsets = torch.searchsorted(row_expert, torch.arange(n_experts + 1, device=flat.device))
     return (order if divisor == 1 else order // divisor), offsets, row_expert
+
+
+# Tokens per chunk of the torch path's fp32 block Hessians (a ~chunk * cin fp32 temporary).
+DENSE_TOKEN_CHUNK = 4096
+# Tokens per sub-sum of the fp32 block Hessians (see block_grams): cuBLAS runs the token (K)
+# loop of each [16, n] @ [n, 16] product serially in one small tile, so nb products over 4096
+# tokens keep few SMs busy (137 us for 4096 x 4096 on an H200); c interleaved sub-sums make
+# nb * c products of n / c tokens each.
+SUBSUM_TOKENS = 256
+
+
+def dense_input_stats(x: torch.Tensor, amax: torch.Tensor, hessian_sum: torch.Tensor | None = None) -> None:
+    """In place: ``amax`` (0-d fp32, value >= 0) = max(amax, max |x|) over the fp32-rounded
+    values of ``x [N, cin]`` (a NaN counting as +inf, as in :func:`expert_block_hessians`) and,
+    when given, ``hessian_sum`` (fp32 ``[cin // 16, 16, 16]``) += the batch's block Hessians
+    ``sum_t x_tb x_tb^T``, formed in fp32 (:func:`block_grams` of each chunk of
+    ``DENSE_TOKEN_CHUNK`` tokens) and added onto the running sum. The fp32 additions' order is
+    the implementation's (the Triton kernel's is the tensor cores'): every implementation gives
+    the exact Gram blocks where the partial sums are exact in fp32, and a block column's sums
+    never depend on the other columns."""
+    if x.shape[0] == 0:
+        return
+    # max |x| in one reduction (no |x| copy), exact in x's dtype; rounding a max to fp32 is the
+    # max of the rounded values
+    top = torch.linalg.vector_norm(x, float("inf")).float()
+    torch.maximum(amax, top.nan_to_num(nan=float("inf"), posinf=float("inf")), out=amax)
+    if hessian_sum is None:
+        return
+    for start in range(0, x.shape[0], DENSE_TOKEN_CHUNK):
+        hessian_sum += block_grams(x[start:start + DENSE_TOKEN_CHUNK].float())
+
+
+def block_grams(x: torch.Tensor, subsum_tokens: int = SUBSUM_TOKENS) -> torch.Tensor:
+    """``sum_t x_tb x_tb^T`` ``[cin/16, 16, 16]`` of the rows ``x [n, cin]`` (fp32), in fp32.
+
+    Order: the rows go into ``c = max(1, n // subsum_tokens)`` interleaved sub-sums (sub-sum j
+    takes rows j, j + c, j + 2c, ...: a strided view of x, no copy); one batched fp32 GEMM forms
+    the ``c * nb`` partial 16x16 products (cuBLAS's order within each), the ``c`` partials of a
+    block are added in fp32 by one ``sum`` (torch's order), and the ``n % c`` last rows, if any,
+    add one more fp32 product. fp32 accumulation throughout, like one GEMM over all the rows;
+    only the rounding order differs.
+    """
+    n, cin = x.shape
+    nb = cin // BLOCK_SIZE
+    c = max(1, n // subsum_tokens)
+    k = n // c
+    # row kk * c + j, block b -> product j * nb + b, token kk (strides 16, c * cin, 1)
+    v = x[:c * k].reshape(k, c * nb, BLOCK_SIZE).transpose(0, 1)
+    out = torch.bmm(v.transpose(1, 2), v).view(c, nb, BLOCK_SIZE, BLOCK_SIZE).sum(0)
+    if c * k < n:
+        tail = x[c * k:].reshape(-1, nb, BLOCK_SIZE).transpose(0, 1)
+        out += torch.bmm(tail.transpose(1, 2), tail)
+    return out

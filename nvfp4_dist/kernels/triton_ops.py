@@ -17,7 +17,8 @@ import torch
 
 from ..numerics import nvfp4
 from ..numerics.constants import E4M3_MAX, GLOBAL_SCALE_DENOM, e4m3_positive_values
-from . import act_quant_kernel, cast_kernels, dss_kernel, floor_kernel, gptq_kernel, hessian_kernel, mse_kernel
+from . import (act_quant_kernel, cast_kernels, dense_stats_kernel, dss_kernel, floor_kernel, gptq_kernel,
+               hessian_kernel, mse_kernel)
 from .reference import _check_hessian, _check_weight, default_betas
 from .types import ScaleChoice
 
@@ -256,3 +257,12 @@ def fake_quant_input(x: torch.Tensor, input_amax: torch.Tensor,
     with _on_device(x2):
         out = act_quant_kernel.launch_fake_quant_input(x2, amax, row_scale)
     return out.reshape(x.shape)
+
+
+def dense_input_stats(x: torch.Tensor, amax: torch.Tensor, hessian_sum: torch.Tensor | None = None) -> None:
+    """:func:`.reference.dense_input_stats` in one launch (the same values where the fp32 sums
+    are exact; the tensor cores' order of additions otherwise)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        x = x.float()  # the observers' rule: every input rounded to fp32
+    with _on_device(x):
+        dense_stats_kernel.launch_dense_stats(_unit_stride(x), amax, hessian_sum)

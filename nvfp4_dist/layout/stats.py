@@ -2,9 +2,9 @@
 
 ``H_b = sum_tokens x_b x_b^T`` is accumulated unnormalised in fp32 so that data-parallel ranks
 can sum their partial Hessians and token counts; :meth:`InputStats.hessian` normalises by the
-reduced token count afterwards. Each batch's fp32 sum is formed by :func:`block_grams` (fp32
-partial sums over interleaved subsets of the tokens, then added: a fast shape for cuBLAS; the
-order is documented there) and added onto the running sum.
+reduced token count afterwards. Each batch's fp32 sum is formed and added onto the running sum,
+with the input amax, by :func:`~nvfp4_dist.kernels.dispatch.dense_input_stats` (one Triton
+launch on the GPU; torch's batched products elsewhere); a NaN input counts as +inf in the amax.
 
 ``accum_dtype=torch.float64`` accumulates the same fp32 inputs in float64 instead (their
 products are exact there), so the sum hardly depends on the order or the ranks the tokens
@@ -38,17 +38,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.dispatch import expert_block_hessians
+from ..kernels.dispatch import dense_input_stats, expert_block_hessians
 from ..kernels.types import KernelImpl
 from ..numerics.constants import BLOCK_SIZE
 
-# Tokens per chunk when forming x_b x_b^T, bounding the temporary to ~chunk * cin floats.
+# Tokens per chunk when forming a float64 or full Hessian, bounding the temporary to ~chunk * cin values.
 _TOKEN_CHUNK = 4096
-# Tokens per sub-sum of the fp32 block Hessians (see block_grams): cuBLAS runs the token (K)
-# loop of each [16, n] @ [n, 16] product serially in one small tile, so nb products over 4096
-# tokens keep few SMs busy (137 us for 4096 x 4096 on an H200); c interleaved sub-sums make
-# nb * c products of n / c tokens each.
-SUBSUM_TOKENS = 256
 # Columns per step when a full Hessian is normalised (a [cin, 1024] float64 temporary at most).
 _NORMALISE_COLUMNS = 1024
 
@@ -81,18 +76,18 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[-1] != self.cin:
             raise ValueError(f"observed input has {x.shape[-1]} channels, expected {self.cin}")
-        if x.numel():
-            # max |x| in one reduction (no |x| copy; a NaN propagates), exact in x's dtype; the
-            # running max promotes it to fp32 in the same launch: two launches per call, as the
-            # hook's host time is what a forward with observers waits for
-            amax = torch.linalg.vector_norm(x, float("inf"))
-            if self.amax is None or amax.dtype == torch.float64:  # (a float64 max would promote)
-                amax = amax.float()
-            self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
-        elif self.amax is None:
-            self.amax = torch.zeros((), device=x.device)
+        if self.amax is None:
+            self.amax = torch.zeros((), dtype=torch.float32, device=x.device)
         self.tokens += x.shape[0]
-        if not self.with_hessian or x.shape[0] == 0:
+        if x.shape[0] == 0:
+            return
+        # fp32 block Hessians (dense layers): with the amax, one launch on the GPU, as the
+        # observer's launches are host time the forward waits for
+        blocks = self.with_hessian and not self.full and self.accum_dtype == torch.float32
+        if blocks and self.hessian_sum is None:
+            self.hessian_sum = self._zeros(x.device)
+        dense_input_stats(x, self.amax, self.hessian_sum if blocks else None)
+        if not self.with_hessian or blocks:
             return
         if self.hessian_sum is None:
             self.hessian_sum = self._zeros(x.device)
@@ -100,8 +95,6 @@ class InputStats:
             xb = x[start:start + _TOKEN_CHUNK].float().to(self.accum_dtype)
             if self.full:
                 self.hessian_sum.addmm_(xb.T, xb)  # in place: no [cin, cin] product temporary
-            elif self.accum_dtype == torch.float32:
-                self.hessian_sum += block_grams(xb)
             else:  # float64: exact products, one batched product per chunk
                 xb = xb.reshape(-1, self.cin // BLOCK_SIZE, BLOCK_SIZE).transpose(0, 1)
                 self.hessian_sum += torch.bmm(xb.transpose(1, 2), xb)  # [nb, n, 16]^T @ [nb, n, 16]
@@ -170,29 +163,6 @@ class InputStats:
             self.amax = torch.zeros((), dtype=torch.float32, device=device)
         if self.with_hessian and self.hessian_sum is None:
             self.hessian_sum = self._zeros(device)
-
-
-def block_grams(x: torch.Tensor, subsum_tokens: int = SUBSUM_TOKENS) -> torch.Tensor:
-    """``sum_t x_tb x_tb^T`` ``[cin/16, 16, 16]`` of the rows ``x [n, cin]`` (fp32), in fp32.
-
-    Order: the rows go into ``c = max(1, n // subsum_tokens)`` interleaved sub-sums (sub-sum j
-    takes rows j, j + c, j + 2c, ...: a strided view of x, no copy); one batched fp32 GEMM forms
-    the ``c * nb`` partial 16x16 products (cuBLAS's order within each), the ``c`` partials of a
-    block are added in fp32 by one ``sum`` (torch's order), and the ``n % c`` last rows, if any,
-    add one more fp32 product. fp32 accumulation throughout, like one GEMM over all the rows;
-    only the rounding order differs.
-    """
-    n, cin = x.shape
-    nb = cin // BLOCK_SIZE
-    c = max(1, n // subsum_tokens)
-    k = n // c
-    # row kk * c + j, block b -> product j * nb + b, token kk (strides 16, c * cin, 1)
-    v = x[:c * k].reshape(k, c * nb, BLOCK_SIZE).transpose(0, 1)
-    out = torch.bmm(v.transpose(1, 2), v).view(c, nb, BLOCK_SIZE, BLOCK_SIZE).sum(0)
-    if c * k < n:
-        tail = x[c * k:].reshape(-1, nb, BLOCK_SIZE).transpose(0, 1)
-        out += torch.bmm(tail.transpose(1, 2), tail)
-    return out
 
 
 class StatsStore(dict):
