@@ -1,6 +1,7 @@
-"""The dense observers' statistics (layout.stats.InputStats): the fp32 block Hessians formed in
-interleaved sub-sums count every token once, to fp32 rounding; the input amax without an |x|
-copy keeps its values, a NaN counting as +inf."""
+"""The dense observers' statistics (layout.stats.InputStats; on a GPU through the one-launch
+kernel, elsewhere the torch path): the torch path's fp32 block Hessians formed in interleaved
+sub-sums count every token once, to fp32 rounding; InputStats sums every token over chunks and
+calls; the input amax keeps its values, a NaN counting as +inf."""
 
 import pytest
 import torch
