@@ -262,6 +262,13 @@ def search_dss_stacked(w: torch.Tensor, global_amax: torch.Tensor, hessian: torc
     return _stacked(lambda we, ge, he: search_dss(we, ge, he, betas), w, global_amax, hessian)
 
 
+def nan_as_inf(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every NaN as +inf, infinities kept: the observers' amax rule (a NaN input must
+    stay non-finite through the running maxima; ``nan_to_num``'s defaults would turn +inf into
+    the largest finite value)."""
+    return t.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
 def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: torch.Tensor,
                           amax: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
     """In place: ``hessian_sum[e] += sum_t x_t,b x_t,b^T`` over expert e's rows of ``x``; when
@@ -292,7 +299,7 @@ def expert_block_hessians(x: torch.Tensor, offsets: torch.Tensor, hessian_sum: t
     padded = x[index.reshape(-1)].float().double().reshape(n_experts, longest, nb, BLOCK_SIZE)
     padded = torch.where(valid[:, :, None, None], padded, 0.0)  # (not a product: inf * 0 is NaN)
     if amax is not None:  # a max is exact in any order; the padding's +0.0 changes nothing (amax >= 0)
-        top = padded.abs().nan_to_num(nan=float("inf"), posinf=float("inf")).amax(dim=(1, 2, 3)).float()
+        top = nan_as_inf(padded.abs()).amax(dim=(1, 2, 3)).float()
         torch.maximum(amax, top.to(amax.device), out=amax)
     for t in range(longest):
         xt = padded[:, t]
@@ -338,7 +345,7 @@ def dense_input_stats(x: torch.Tensor, amax: torch.Tensor, hessian_sum: torch.Te
     # max |x| in one reduction (no |x| copy), exact in x's dtype; rounding a max to fp32 is the
     # max of the rounded values
     top = torch.linalg.vector_norm(x, float("inf")).float()
-    torch.maximum(amax, top.nan_to_num(nan=float("inf"), posinf=float("inf")), out=amax)
+    torch.maximum(amax, nan_as_inf(top), out=amax)
     if hessian_sum is None:
         return
     for start in range(0, x.shape[0], DENSE_TOKEN_CHUNK):

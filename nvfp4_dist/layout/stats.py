@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.dispatch import dense_input_stats, expert_block_hessians
+from ..kernels.reference import nan_as_inf
 from ..kernels.types import KernelImpl
 from ..numerics.constants import BLOCK_SIZE
 
@@ -230,9 +231,8 @@ class ExpertStats:
             # the fp32-rounded values, NaN as +inf, exactly the value computed below)
             expert_block_hessians(x, offsets, self.hessian_sum, amax=self.amax, kernels=self.kernels, rows=rows)
             return
-        # a NaN row counts as +inf: the MAX keeps it, and non-finite statistics are refused (an
-        # infinity stays one: nan_to_num's default would make it the largest finite value)
-        row_amax = torch.nan_to_num(x.abs().amax(dim=-1).float(), nan=float("inf"), posinf=float("inf"))
+        # a NaN row counts as +inf: the MAX keeps it, and non-finite statistics are refused
+        row_amax = nan_as_inf(x.abs().amax(dim=-1).float())
         if rows is not None:
             row_amax = row_amax[rows]  # each token's max once, then one value per grouped row
         amax = torch.zeros(n_experts + 1, dtype=torch.float32, device=x.device)
