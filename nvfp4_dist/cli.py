@@ -34,7 +34,7 @@ from .export.inspect import inspect_checkpoint
 from .export.outdir import check_output_dir
 from .inputs import UsageError, check_export_args, check_quantize_args
 from .kernels.types import Method
-from .launch import launched_rank
+from .launch import collective_failures, launched_rank, shutdown
 from .models.loading import DTYPES, load_calibration, load_model, make_forward_loop
 from .progress import is_main_rank
 from .runs import Layout, RunSummary, is_launched, run_export, run_quantize
@@ -279,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         debug = getattr(args, "debug", False)
-        if args.command == "quantize":
-            return cmd_quantize(args)
-        if args.command == "export":
-            return cmd_export(args)
-        return cmd_inspect(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        code = cmd_quantize(args) if args.command == "quantize" else cmd_export(args)
+        with collective_failures(args.dist_timeout):
+            shutdown(barrier=True)  # every rank done: leave the process group before the process exits
+        return code
     except NVFP4DistError as exc:
         if debug:
             traceback.print_exc()

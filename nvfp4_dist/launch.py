@@ -190,8 +190,18 @@ def collective_failures(timeout_s: float):
             "(--dist-timeout / init_distributed(timeout_s=...)).") from exc
 
 
-def shutdown() -> None:
-    """Leave the process group (and Megatron's parallel_state) if joined."""
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group (and Megatron's parallel_state) if joined.
+
+    ``barrier``: first wait until every rank has got here (a run that ended well). A run's last
+    collective can return on one rank before another has finished it (a broadcast returns on its
+    root once the data is sent); a rank leaving then tears down connections a peer still reads
+    from, and a process that exits with its group still joined leaves torch's transport threads
+    to the interpreter's teardown, where gloo has been seen to abort the process (SIGABRT,
+    "terminate called without an active exception") after a complete run.
+    """
+    if barrier and dist.is_available() and dist.is_initialized():
+        dist.barrier()
     ps = sys.modules.get("megatron.core.parallel_state")
     if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

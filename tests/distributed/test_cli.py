@@ -77,18 +77,22 @@ def test_torchrun_fsdp2_export_equals_single_process(single, tmp_path):
     _assert_same_checkpoint(out, single)
 
 
-def _hsdp_cli(out: str) -> int:
+def _hsdp_cli(out: str) -> tuple[int, bool]:
+    import torch.distributed as dist
+
     from nvfp4_dist.cli import main
 
-    return main([*ARGS, "--backend", "fsdp2", "--replicas", "2", "--split-calib", "--format", "modelopt",
+    code = main([*ARGS, "--backend", "fsdp2", "--replicas", "2", "--split-calib", "--format", "modelopt",
                  "--out", out])
+    return code, dist.is_initialized()
 
 
 def test_fsdp2_hsdp_replicas_export_equals_single_process(single, tmp_path):
     """--replicas 2 on 4 ranks: a (2 replicas x 2 shards) mesh, each rank its quarter of the data
     (max: bit-identical whatever the split), one copy of every tensor written."""
     out = tmp_path / "hsdp"
-    assert run_ranks(_hsdp_cli, 4, str(out)) == [0, 0, 0, 0]
+    # (exit code, process group still joined): the CLI leaves the group it joined once all are done
+    assert run_ranks(_hsdp_cli, 4, str(out)) == [(0, False)] * 4
     _assert_same_checkpoint(out, single)
 
 
@@ -102,17 +106,21 @@ def test_layout_options_of_another_backend_are_refused(option, message, tmp_path
     assert not (tmp_path / "x").exists()
 
 
-def _megatron_cli(out: str) -> int:
+def _megatron_cli(out: str) -> tuple[int, bool, bool]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
     from nvfp4_dist.cli import main
 
-    return main([*ARGS, "--backend", "megatron", "--tp", "2", "--format", "modelopt", "--out", out])
+    code = main([*ARGS, "--backend", "megatron", "--tp", "2", "--format", "modelopt", "--out", out])
+    return code, dist.is_initialized(), ps.model_parallel_is_initialized()
 
 
 def test_megatron_tp2_export_equals_single_process(single, tmp_path):
     pytest.importorskip("megatron.core")
     out = tmp_path / "megatron"
     codes = run_ranks(_megatron_cli, 2, str(out))
-    assert codes == [0, 0]
+    assert codes == [(0, False, False)] * 2  # exit code; process group, Megatron's state left
     _assert_same_checkpoint(out, single)
 
 
