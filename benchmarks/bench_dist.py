@@ -463,8 +463,10 @@ def run(argv=None) -> Report | None:
 def main() -> None:
     try:
         run()
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown()  # a failed rank: leave without waiting for the others
+        raise
+    shutdown(barrier=True)  # every rank done before any leaves the process group
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def main() -> None:
     if info.rank == 0:
         print(result.table())
         print(f"written to {args.out}")
-    shutdown()
+    shutdown(barrier=True)  # every rank done before any leaves the process group
 
 
 if __name__ == "__main__":
