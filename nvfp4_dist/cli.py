@@ -273,8 +273,10 @@ def _report(message: str) -> None:
         print(f"nvfp4-dist: error (rank {rank}): {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit code (see the module docstring)."""
+def main(argv: list[str] | None = None, leave_group: bool = False) -> int:
+    """The command line; returns the exit code (see the module docstring). ``leave_group``: once
+    a run has ended well on every rank (a barrier), leave the process group it joined, as a
+    process must before it exits (:func:`entry`); in-process callers keep the group."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
@@ -282,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return cmd_inspect(args)
         code = cmd_quantize(args) if args.command == "quantize" else cmd_export(args)
-        with collective_failures(args.dist_timeout):
-            shutdown(barrier=True)  # every rank done: leave the process group before the process exits
+        if leave_group:
+            with collective_failures(args.dist_timeout):
+                shutdown(barrier=True)
         return code
     except NVFP4DistError as exc:
         if debug:
@@ -299,5 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The process entry point (the ``nvfp4-dist`` script, ``python -m nvfp4_dist``, torchrun):
+    the command line, leaving the process group before the process exits. Without that, each
+    rank's exit left gloo's transport to the interpreter's teardown, where CI saw rank 0 of a
+    complete 2-rank run abort (SIGABRT, "terminate called without an active exception")."""
+    sys.exit(main(leave_group=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

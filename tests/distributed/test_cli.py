@@ -83,7 +83,7 @@ def _hsdp_cli(out: str) -> tuple[int, bool]:
     from nvfp4_dist.cli import main
 
     code = main([*ARGS, "--backend", "fsdp2", "--replicas", "2", "--split-calib", "--format", "modelopt",
-                 "--out", out])
+                 "--out", out], leave_group=True)
     return code, dist.is_initialized()
 
 
@@ -91,7 +91,7 @@ def test_fsdp2_hsdp_replicas_export_equals_single_process(single, tmp_path):
     """--replicas 2 on 4 ranks: a (2 replicas x 2 shards) mesh, each rank its quarter of the data
     (max: bit-identical whatever the split), one copy of every tensor written."""
     out = tmp_path / "hsdp"
-    # (exit code, process group still joined): the CLI leaves the group it joined once all are done
+    # (exit code, process group still joined): the CLI's process entry leaves the group once all are done
     assert run_ranks(_hsdp_cli, 4, str(out)) == [(0, False)] * 4
     _assert_same_checkpoint(out, single)
 
@@ -112,7 +112,8 @@ def _megatron_cli(out: str) -> tuple[int, bool, bool]:
 
     from nvfp4_dist.cli import main
 
-    code = main([*ARGS, "--backend", "megatron", "--tp", "2", "--format", "modelopt", "--out", out])
+    code = main([*ARGS, "--backend", "megatron", "--tp", "2", "--format", "modelopt", "--out", out],
+                leave_group=True)
     return code, dist.is_initialized(), ps.model_parallel_is_initialized()
 
 
